@@ -1,0 +1,322 @@
+"""The transition: one branch-free step of the cache, in the fixed order of docs/dynamics.md.
+
+1. actions (in order)  2. schedule: swap-in, then admit  3. decode and tool calls
+4. complete  5. engine preemption  6. queue timeouts  7. arrivals  8. signals and counters
+
+Memory is in fp16-token equivalents (exact in float32); `B` is the scenario's budget in those
+units. Everything is masks and `jnp.where` over fixed-size arrays, so it jits, vmaps and never
+retraces. Slots that become empty are cleared to canonical zeros once, at the end of the step.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from kvjax.scenarios import budget_tokens, gpu_tokens
+from kvjax.types import (
+    COMPRESS,
+    CONTEXT,
+    CPU,
+    EVICT,
+    GPU,
+    SWAP,
+    SYSTEM,
+    EnvConfig,
+    EnvParams,
+    EnvState,
+    Slots,
+    memory_factor,
+)
+
+# Fraction of a token's value kept at each precision, by block type (rows) and tier (columns).
+# int8 is near lossless; int4 costs little on short outputs and a lot on long reasoning
+# (LMDeploy; SGLang FP4 table). The system prompt's quality scales every sequence's tokens.
+QUALITY = jnp.array(
+    [
+        [1.0, 0.98, 0.85],  # system
+        [1.0, 0.98, 0.85],  # context
+        [1.0, 0.99, 0.90],  # generation
+        [1.0, 0.95, 0.50],  # reasoning
+        [1.0, 0.99, 0.92],  # ephemeral
+    ],
+    jnp.float32,
+)
+RISKY_PRIORITY = 70  # evicting a sequence at or above this priority is risky
+RISKY_PROGRESS = 0.7  # ... or one this far through its output
+HEADROOM_LEVELS = (0.8, 0.95, 1.0)  # peak usage thresholds for the headroom score
+HEADROOM_SCORES = (1.0, 0.5, 0.0, -0.5)  # below 0.8 / below 0.95 / at most 1.0 / above
+
+
+def slot_memory(slots: Slots) -> chex.Array:
+    """KV of each slot in fp16-token equivalents (float32 [S]); 0 for empty slots."""
+    return jnp.where(slots.active, slots.tokens * memory_factor(slots.precision), 0.0)
+
+
+def progress(slots: Slots) -> chex.Array:
+    """Fraction of its output a sequence has generated (0 for system blocks)."""
+    done = (slots.output_len - slots.remaining).astype(jnp.float32)
+    return jnp.where(slots.output_len > 0, done / jnp.maximum(slots.output_len, 1), 0.0)
+
+
+def transfer_seconds(mem: chex.Array, params: EnvParams) -> chex.Array:
+    """Seconds to move `mem` fp16-token equivalents over the swap link."""
+    return mem * params.kv_bytes_per_token / params.swap_bandwidth
+
+
+def action_validity(slots: Slots) -> tuple[chex.Array, chex.Array, chex.Array]:
+    """Per-slot validity of evict, compress and swap_to_cpu (bool [S] each)."""
+    on_gpu = slots.active & (slots.location == GPU)
+    return slots.active, on_gpu & (slots.precision < 2), on_gpu
+
+
+def _apply_action(state: EnvState, action: chex.Array, params: EnvParams, S: int) -> EnvState:
+    """Apply one action id; anything that names nothing valid is a counted no-op."""
+    s, c = state.slots, state.counters
+    n_ids = 1 + 3 * S
+    in_range = (action > 0) & (action < n_ids)
+    kind = jnp.where(in_range, (action - 1) // S + 1, 0)
+    hit = in_range & (jnp.arange(S) == (action - 1) % S)  # one-hot [S]
+    can_evict, can_compress, can_swap = action_validity(s)
+    evict = hit & can_evict & (kind == EVICT)
+    compress = hit & can_compress & (kind == COMPRESS)
+    swap = hit & can_swap & (kind == SWAP)
+    did = jnp.any(evict | compress | swap)
+
+    ev = jnp.any(evict)
+    risky = (s.block_type == SYSTEM) | (s.priority >= RISKY_PRIORITY) | (
+        progress(s) >= RISKY_PROGRESS
+    )
+    high_value = (s.block_type == SYSTEM) | (s.block_type == CONTEXT)
+    swapped_mem = jnp.sum(jnp.where(swap, slot_memory(s), 0.0))
+    c = c.replace(
+        evictions=c.evictions + ev,
+        eviction_value_sum=c.eviction_value_sum + jnp.sum(jnp.where(evict, s.eviction_value, 0.0)),
+        high_value_lost=c.high_value_lost + jnp.any(evict & high_value),
+        risky_evictions=c.risky_evictions + jnp.any(evict & risky),
+        compressions=c.compressions + jnp.any(compress),
+        swaps=c.swaps + jnp.any(swap),
+        latency=c.latency + transfer_seconds(swapped_mem, params),
+        invalid_actions=c.invalid_actions + ((action != 0) & ~did),
+    )
+    s = s.replace(
+        active=s.active & ~evict,
+        precision=s.precision + compress,
+        location=jnp.where(swap, CPU, s.location),
+    )
+    return state.replace(slots=s, counters=c)
+
+
+def _schedule(state: EnvState, params: EnvParams, B: chex.Array) -> tuple[EnvState, chex.Array]:
+    """Swap ready CPU sequences back in, then admit pending requests FIFO, both only up to the
+    admit watermark and in order (the first that does not fit blocks the rest)."""
+    s, c, q = state.slots, state.counters, state.pending
+    t = state.time
+    room = params.admit_watermark * B - gpu_tokens(s)
+    mem = slot_memory(s)
+    ready = s.active & (s.tool_wait == 0) & (s.remaining > 0)
+    cand = ready & (s.location == CPU)
+    swap_in = cand & (jnp.cumsum(jnp.where(cand, mem, 0.0)) <= room)
+    swapped = jnp.sum(jnp.where(swap_in, mem, 0.0))
+    room = room - swapped
+    c = c.replace(
+        swap_ins=c.swap_ins + jnp.sum(swap_in),
+        latency=c.latency + transfer_seconds(swapped, params),
+    )
+    s = s.replace(
+        location=jnp.where(swap_in, GPU, s.location),
+        last_access=jnp.where(swap_in, t, s.last_access),
+    )
+
+    # FIFO admission into free slots (k-th admitted request -> k-th free slot).
+    P = q.valid.shape[0]
+    free = ~s.active
+    fits = q.valid & (jnp.cumsum(jnp.where(q.valid, q.tokens, 0)) <= room)
+    admit = fits & (jnp.arange(P) < jnp.sum(free))
+    n_admit = jnp.sum(admit)
+    rank = jnp.cumsum(free) - 1
+    take = free & (rank < n_admit)
+    idx = jnp.clip(rank, 0, P - 1)
+
+    def pull(slot_x, queue_x):
+        return jnp.where(take, queue_x[idx], slot_x)
+
+    s = s.replace(
+        active=s.active | take,
+        seq_id=pull(s.seq_id, q.seq_id),
+        block_type=pull(s.block_type, q.block_type),
+        tokens=pull(s.tokens, q.tokens),
+        precision=jnp.where(take, 0, s.precision),
+        location=jnp.where(take, GPU, s.location),
+        priority=pull(s.priority, q.priority),
+        eviction_value=pull(s.eviction_value, 1.0 - q.priority.astype(jnp.float32) / 100.0),
+        output_len=pull(s.output_len, q.output_len),
+        remaining=pull(s.remaining, q.output_len),
+        last_access=jnp.where(take, t, s.last_access),
+        tool_period=pull(s.tool_period, q.tool_period),
+        tool_wait_len=pull(s.tool_wait_len, q.tool_wait_len),
+        tool_tokens=pull(s.tool_tokens, q.tool_tokens),
+        tool_countdown=pull(s.tool_countdown, q.tool_period),
+        tool_wait=jnp.where(take, 0, s.tool_wait),
+        arrival_step=pull(s.arrival_step, q.arrival_step),
+    )
+    return state.replace(slots=s, counters=c), n_admit
+
+
+def _decode(state: EnvState, params: EnvParams) -> EnvState:
+    """Running GPU sequences generate; tool calls pause and resume agentic sequences; ready
+    sequences stuck on the CPU stall (latency); finished sequences complete and free."""
+    s, c = state.slots, state.counters
+    t = state.time
+    ready = s.active & (s.tool_wait == 0) & (s.remaining > 0)
+    running = ready & (s.location == GPU)
+    stalled = ready & (s.location == CPU)
+    gen = jnp.where(running, jnp.minimum(params.decode_tokens_per_step, s.remaining), 0)
+    quality = QUALITY[s.block_type, s.precision]
+    system_quality = jnp.min(jnp.where(s.active & (s.block_type == SYSTEM), quality, 1.0))
+    remaining = s.remaining - gen
+
+    # Tool calls: a paused sequence counts its wait down (on GPU or CPU); when the tool
+    # returns, its result is appended to the KV. A running agentic sequence calls a tool every
+    # `tool_period` decode steps unless it has just finished.
+    waiting = s.active & (s.tool_wait > 0)
+    tool_wait = s.tool_wait - waiting
+    returned = waiting & (tool_wait == 0)
+    countdown = s.tool_countdown - (running & (s.tool_period > 0))
+    calls = running & (s.tool_period > 0) & (countdown <= 0) & (remaining > 0)
+    tool_wait = jnp.where(calls, s.tool_wait_len, tool_wait)
+    countdown = jnp.where(calls, s.tool_period, countdown)
+
+    done = running & (remaining == 0)
+    c = c.replace(
+        tokens=c.tokens + jnp.sum(gen * quality) * system_quality,
+        raw_tokens=c.raw_tokens + jnp.sum(gen),
+        latency=c.latency + params.step_seconds * jnp.sum(stalled),
+        completed=c.completed + jnp.sum(done),
+    )
+    s = s.replace(
+        active=s.active & ~done,
+        tokens=s.tokens + gen + jnp.where(returned, s.tool_tokens, 0),
+        remaining=remaining,
+        last_access=jnp.where(running | returned, t, s.last_access),
+        tool_wait=tool_wait,
+        tool_countdown=countdown,
+    )
+    return state.replace(slots=s, counters=c)
+
+
+def _preempt(state: EnvState, B: chex.Array) -> tuple[EnvState, chex.Array]:
+    """vLLM-like forced preemption while GPU KV exceeds the budget: victims are GPU residents,
+    non-system before system, newest arrival first (ties: higher slot first). Each is a failure.
+    Returns the state and the peak usage (before preemption)."""
+    s, c = state.slots, state.counters
+    S = s.active.shape[0]
+    mem = jnp.where(s.location == GPU, slot_memory(s), 0.0)
+    used = jnp.sum(mem)
+    elig = s.active & (s.location == GPU)
+    # before[i, j]: j is preempted before i.
+    sys_i, sys_j = (s.block_type == SYSTEM)[:, None], (s.block_type == SYSTEM)[None, :]
+    arr_i, arr_j = s.arrival_step[:, None], s.arrival_step[None, :]
+    idx_i, idx_j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    newer = (arr_j > arr_i) | ((arr_j == arr_i) & (idx_j > idx_i))
+    before = elig[None, :] & ((~sys_j & sys_i) | ((sys_j == sys_i) & newer))
+    freed_before = jnp.sum(jnp.where(before, mem[None, :], 0.0), axis=1)
+    victim = elig & (used - freed_before > B)
+    n = jnp.sum(victim)
+    high_value = (s.block_type == SYSTEM) | (s.block_type == CONTEXT)
+    c = c.replace(
+        preemptions=c.preemptions + n,
+        failures=c.failures + n,
+        high_value_lost=c.high_value_lost + jnp.sum(victim & high_value),
+    )
+    return state.replace(slots=s.replace(active=s.active & ~victim), counters=c), used / B
+
+
+def _advance_queue(
+    state: EnvState, n_admit: chex.Array, params: EnvParams, cfg: EnvConfig
+) -> EnvState:
+    """Drop the admitted prefix and timed-out requests, then append this step's arrivals."""
+    q, c, t = state.pending, state.counters, state.time
+    P, K = cfg.max_pending, cfg.max_arrivals
+    pos = jnp.arange(P)
+    count = jnp.sum(q.valid)
+    left = q.valid & (pos >= n_admit)
+    timeout = left & (t - q.arrival_step >= params.max_wait_steps)
+    n_timeout = jnp.sum(timeout)  # FIFO: the oldest, so a prefix of what is left
+    kept = count - n_admit - n_timeout
+
+    row = jax.tree_util.tree_map(
+        lambda x: x[jnp.minimum(t, cfg.episode_len - 1)], state.arrivals
+    )
+    arriving = row.valid & (t < cfg.episode_len)
+    n_arrive = jnp.sum(arriving)
+    accepted = jnp.minimum(n_arrive, P - kept)
+    overflow = n_arrive - accepted
+
+    src = jnp.where(pos < kept, pos + n_admit + n_timeout, P + pos - kept)
+    src = jnp.clip(src, 0, P + K - 1)
+    valid = pos < kept + accepted
+
+    def shift(old, new):
+        return jnp.where(valid, jnp.concatenate([old, new])[src], jnp.zeros((), old.dtype))
+
+    q = jax.tree_util.tree_map(shift, q, row)
+    q = q.replace(valid=valid, seq_id=jnp.where(valid, q.seq_id, -1))
+    c = c.replace(
+        queue_timeouts=c.queue_timeouts + n_timeout,
+        queue_overflows=c.queue_overflows + overflow,
+        failures=c.failures + n_timeout + overflow,
+    )
+    return state.replace(
+        pending=q, counters=c, pending_queue_growth=(kept + accepted - count).astype(jnp.int32)
+    )
+
+
+def headroom_score(peak_usage: chex.Array) -> chex.Array:
+    """1.0 below 0.8, 0.5 below 0.95, 0.0 up to 1.0, -0.5 above (per step)."""
+    lo, mid, hi = HEADROOM_LEVELS
+    a, b, d, e = HEADROOM_SCORES
+    return jnp.where(
+        peak_usage < lo, a, jnp.where(peak_usage < mid, b, jnp.where(peak_usage <= hi, d, e))
+    )
+
+
+def clear_empty(slots: Slots) -> Slots:
+    """Canonical empty rows: zeros everywhere, seq_id -1 (empty slots are inert)."""
+    empty = ~slots.active
+    cleared = jax.tree_util.tree_map(lambda x: jnp.where(empty, jnp.zeros((), x.dtype), x), slots)
+    return cleared.replace(active=slots.active, seq_id=jnp.where(empty, -1, slots.seq_id))
+
+
+def step_dynamics(
+    state: EnvState, action: chex.Array, params: EnvParams, cfg: EnvConfig
+) -> EnvState:
+    """One full step without auto-reset. `action` is int32 [max_actions]."""
+    B = budget_tokens(state, params)
+    for a in range(cfg.max_actions):  # static unroll: actions apply in order
+        state = _apply_action(state, action[a], params, cfg.max_seqs)
+    state, n_admit = _schedule(state, params, B)
+    state = _decode(state, params)
+    state, peak = _preempt(state, B)
+    state = _advance_queue(state, n_admit, params, cfg)
+    c = state.counters.replace(headroom=state.counters.headroom + headroom_score(peak))
+    return state.replace(
+        slots=clear_empty(state.slots),
+        counters=c,
+        time=state.time + 1,
+        usage_peak=peak.astype(jnp.float32),
+        time_above_0_95=state.time_above_0_95 + (peak > 0.95),
+    )
+
+
+__all__ = [
+    "QUALITY",
+    "action_validity",
+    "clear_empty",
+    "headroom_score",
+    "progress",
+    "slot_memory",
+    "step_dynamics",
+    "transfer_seconds",
+]

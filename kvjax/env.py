@@ -1,0 +1,171 @@
+"""`KVCacheEnv`: the gymnax-1.0-style environment around the pure dynamics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import dynamics, observations, rewards, scenarios, spaces
+from kvjax.types import ACTION_KINDS, DIFFICULTIES, EnvConfig, EnvParams, EnvState
+
+ENV_IDS = ("kv-cache-v0",)
+
+
+class KVCacheEnv:
+    """GPU KV-cache pressure in LLM serving, one scenario per state (vmap for batches).
+
+    Observation: `observations.Observation` - per-slot features [S, 19], global features [12]
+        and `action_mask` [1 + 3S] (see observations.SLOT_FEATURES / GLOBAL_FEATURES).
+    Action: int32 [max_actions]; each entry 0 = keep, 1 + k * S + slot for k in
+        (evict, compress, swap_to_cpu); applied in order within the step. An entry that names
+        nothing valid (empty slot, already int4, already swapped, out of range) is a counted no-op.
+    Reward: the change of the weighted rubric total (rewards.rubric), so an episode's return is
+        its final rubric total.
+    Termination: never; episodes are truncated after `episode_len` steps. `step` auto-resets
+        and keeps the pre-reset observation in `info["final_observation"]`.
+    """
+
+    def __init__(self, config: EnvConfig | None = None, **overrides: int):
+        cfg = config or EnvConfig()
+        if overrides:
+            allowed = {f for f in EnvConfig.__dataclass_fields__}
+            unknown = set(overrides) - allowed
+            if unknown:
+                raise ValueError(f"unknown config {sorted(unknown)}; allowed: {sorted(allowed)}")
+            cfg = EnvConfig(**{**cfg.__dict__, **overrides})
+        for name, value in cfg.__dict__.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if cfg.max_arrivals > cfg.max_pending:
+            raise ValueError("max_arrivals must be <= max_pending")
+        self.config = cfg
+
+    # -- parameters and spaces ---------------------------------------------------------------
+    @property
+    def default_params(self) -> EnvParams:
+        return EnvParams()
+
+    @property
+    def name(self) -> str:
+        return "kv-cache-v0"
+
+    @property
+    def num_actions(self) -> int:
+        return self.config.num_action_ids
+
+    def action_space(self, params: EnvParams | None = None) -> spaces.MultiDiscrete:
+        return spaces.MultiDiscrete(self.num_actions, (self.config.max_actions,))
+
+    def observation_space(self, params: EnvParams | None = None) -> spaces.Dict:
+        S = self.config.max_seqs
+        return spaces.Dict(
+            {
+                "slots": spaces.Box(-np.inf, np.inf, (S, len(observations.SLOT_FEATURES))),
+                "globals": spaces.Box(-np.inf, np.inf, (len(observations.GLOBAL_FEATURES),)),
+                "action_mask": spaces.Box(0, 1, (self.num_actions,), jnp.bool_),
+            }
+        )
+
+    # -- core API ----------------------------------------------------------------------------
+    def reset_env(self, key: chex.PRNGKey, params: EnvParams) -> tuple[Any, EnvState]:
+        state = scenarios.generate(key, params, self.config)
+        return self.get_obs(state, params), state
+
+    def step_env(
+        self, key: chex.PRNGKey, state: EnvState, action: chex.Array, params: EnvParams
+    ) -> tuple[Any, EnvState, chex.Array, chex.Array, chex.Array, dict[str, Any]]:
+        """One step without auto-reset (key unused: the scenario holds its own future)."""
+        action = self._check_action(action)
+        next_state = dynamics.step_dynamics(state, action, params, self.config)
+        reward = rewards.total(next_state, params) - rewards.total(state, params)
+        obs = self.get_obs(next_state, params)
+        truncated = next_state.time >= self.config.episode_len
+        info = {
+            "final_observation": obs,
+            "invalid_actions": next_state.counters.invalid_actions
+            - state.counters.invalid_actions,
+            "failures": next_state.counters.failures - state.counters.failures,
+        }
+        return obs, next_state, reward, jnp.bool_(False), truncated, info
+
+    def reset(self, key: chex.PRNGKey, params: EnvParams | None = None):
+        return self.reset_env(key, self.default_params if params is None else params)
+
+    def step(
+        self, key: chex.PRNGKey, state: EnvState, action: chex.Array,
+        params: EnvParams | None = None,
+    ):
+        """Step with auto-reset on episode end; `info["final_observation"]` is pre-reset."""
+        params = self.default_params if params is None else params
+        obs_st, state_st, reward, terminated, truncated, info = self.step_env(
+            key, state, action, params
+        )
+        obs_re, state_re = self.reset_env(key, params)
+        done = terminated | truncated
+        pick = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(done, x, y), a, b)  # noqa: E731
+        return pick(obs_re, obs_st), pick(state_re, state_st), reward, terminated, truncated, info
+
+    def get_obs(self, state: EnvState, params: EnvParams) -> observations.Observation:
+        return observations.observe(state, params)
+
+    def _check_action(self, action: chex.Array) -> chex.Array:
+        action = jnp.asarray(action)
+        A = self.config.max_actions
+        if action.shape != (A,):
+            raise ValueError(
+                f"action must have shape ({A},) (max_actions entries of "
+                f"0..{self.num_actions - 1}), got shape {tuple(action.shape)}"
+            )
+        if not jnp.issubdtype(action.dtype, jnp.integer):
+            raise ValueError(f"action must be an integer array, got dtype {action.dtype}")
+        return action.astype(jnp.int32)
+
+    # -- action helpers ----------------------------------------------------------------------
+    def encode_action(self, kind: str | int, slot: int = 0) -> int:
+        """('evict', 3) -> action id. kind is one of ACTION_KINDS."""
+        return encode_action(kind, slot, self.config.max_seqs)
+
+    def decode_action(self, action_id: int) -> tuple[str, int]:
+        return decode_action(action_id, self.config.max_seqs)
+
+
+def encode_action(kind: str | int, slot: int, max_seqs: int) -> int:
+    """Action id for (kind, slot): keep -> 0, else 1 + (kind - 1) * max_seqs + slot."""
+    k = ACTION_KINDS.index(kind) if isinstance(kind, str) and kind in ACTION_KINDS else kind
+    if not isinstance(k, int) or not 0 <= k < len(ACTION_KINDS):
+        raise ValueError(f"unknown action kind {kind!r}; allowed: {list(ACTION_KINDS)}")
+    if k == 0:
+        return 0
+    if not 0 <= int(slot) < max_seqs:
+        raise ValueError(f"slot must be in [0, {max_seqs}), got {slot}")
+    return 1 + (k - 1) * max_seqs + int(slot)
+
+
+def decode_action(action_id: int, max_seqs: int) -> tuple[str, int]:
+    """Inverse of encode_action: id -> (kind name, slot); keep -> ('keep', -1)."""
+    n = 1 + 3 * max_seqs
+    if not 0 <= int(action_id) < n:
+        raise ValueError(f"action id must be in [0, {n}), got {action_id}")
+    if action_id == 0:
+        return "keep", -1
+    k, slot = divmod(int(action_id) - 1, max_seqs)
+    return ACTION_KINDS[k + 1], slot
+
+
+def make(env_id: str = "kv-cache-v0", difficulty: str = "all", **config: int):
+    """`env, params = make("kv-cache-v0", difficulty="medium")`."""
+    if env_id not in ENV_IDS:
+        raise ValueError(f"unknown env id {env_id!r}; allowed: {list(ENV_IDS)}")
+    env = KVCacheEnv(**config)
+    return env, env.default_params.replace(difficulty=difficulty_index(difficulty))
+
+
+def difficulty_index(difficulty: str | int) -> int:
+    """'easy'|'medium'|'hard'|'all' -> 0..3."""
+    if isinstance(difficulty, str) and difficulty in DIFFICULTIES:
+        return DIFFICULTIES.index(difficulty)
+    raise ValueError(f"unknown difficulty {difficulty!r}; allowed: {list(DIFFICULTIES)}")
