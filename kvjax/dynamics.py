@@ -289,13 +289,18 @@ def clear_empty(slots: Slots) -> Slots:
     return cleared.replace(active=slots.active, seq_id=jnp.where(empty, -1, slots.seq_id))
 
 
-def step_dynamics(
+def apply_actions(
     state: EnvState, action: chex.Array, params: EnvParams, cfg: EnvConfig
 ) -> EnvState:
-    """One full step without auto-reset. `action` is int32 [max_actions]."""
-    B = budget_tokens(state, params)
-    for a in range(cfg.max_actions):  # static unroll: actions apply in order
+    """Phase 1 alone: apply `action` (int32 [n], any n) in order; time does not advance."""
+    for a in range(action.shape[0]):  # static unroll: later actions see earlier ones
         state = _apply_action(state, action[a], params, cfg.max_seqs)
+    return state
+
+
+def advance(state: EnvState, params: EnvParams, cfg: EnvConfig) -> EnvState:
+    """Phases 2-8: the engine's part of a step, after the agent has acted."""
+    B = budget_tokens(state, params)
     state, n_admit = _schedule(state, params, B)
     state = _decode(state, params)
     state, peak = _preempt(state, B)
@@ -310,9 +315,18 @@ def step_dynamics(
     )
 
 
+def step_dynamics(
+    state: EnvState, action: chex.Array, params: EnvParams, cfg: EnvConfig
+) -> EnvState:
+    """One full step without auto-reset. `action` is int32 [max_actions]."""
+    return advance(apply_actions(state, action, params, cfg), params, cfg)
+
+
 __all__ = [
     "QUALITY",
     "action_validity",
+    "advance",
+    "apply_actions",
     "clear_empty",
     "headroom_score",
     "progress",
