@@ -1,0 +1,198 @@
+"""Batched rollout engine: whole episodes for many scenarios as one jitted program.
+
+    rollout(policy, key, num_scenarios, params, env=None, *, chunk_size=None,
+            return_trajectory=False, progress=True, mesh=None) -> dict[str, np.ndarray]
+
+Each scenario `i` gets its own key `jax.random.fold_in(key, i)` (split into a reset key and a
+policy key; the policy's key at step t is `fold_in(policy_key, t)`), so results do not depend on
+the chunk size or on how many devices share the batch. One chunk runs
+`jit(vmap(reset + lax.scan(step_env over episode_len steps)))`; chunks are padded to a fixed size
+(one compile per policy and config; `params`, including the difficulty, are traced), and a tqdm bar
+tracks them. The chunk's scenario axis is sharded over a 1-D `jax.sharding.Mesh` of all devices
+(`mesh=None`: every device of every process; after `jax.distributed.initialize()` each process
+feeds its own part with `jax.make_array_from_process_local_data` and the results are gathered).
+
+Returns numpy arrays of shape [num_scenarios]: every rubric component, the four metrics and
+`total` (`kvjax.rewards.rubric` of the final state), plus `tier`, `regime`, `invalid_actions`,
+`completed`, `evictions`, `compressions`, `swaps`, `preemptions`. With `return_trajectory=True`
+also `trajectory`: a dict of [num_scenarios, T, ...] arrays - `action` [.., A], `reward`,
+`usage_peak`, `failures`, `pending` (queue length after the step).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from kvjax.env import KVCacheEnv
+from kvjax.rewards import rubric
+from kvjax.types import EnvConfig, EnvParams, EnvState
+
+DEFAULT_CHUNK = 4096
+BATCH_AXIS = "batch"
+EXTRA_FIELDS = ("invalid_actions", "completed", "evictions", "compressions", "swaps",
+                "preemptions", "queue_timeouts", "queue_overflows")
+
+
+def normalize_params(params: EnvParams) -> EnvParams:
+    """Python scalars -> float32 / int32 arrays, so a jitted rollout sees one signature whatever
+    the caller passed (no retracing between tiers)."""
+
+    def conv(x):
+        if isinstance(x, bool | np.bool_):
+            return jnp.asarray(x, jnp.bool_)
+        if isinstance(x, int | np.integer):
+            return jnp.asarray(x, jnp.int32)
+        if isinstance(x, float | np.floating):
+            return jnp.asarray(x, jnp.float32)
+        return jnp.asarray(x)
+
+    return jax.tree_util.tree_map(conv, params)
+
+
+def scenario_keys(key: chex.PRNGKey, index: chex.Array) -> tuple[chex.Array, chex.Array]:
+    """(reset key, policy key) of scenario `index` (independent of batching)."""
+    k = jax.random.fold_in(key, index)
+    k_reset, k_policy = jax.random.split(k)
+    return k_reset, k_policy
+
+
+def episode(
+    policy, env: KVCacheEnv, key: chex.PRNGKey, index: chex.Array, params: EnvParams,
+    return_trajectory: bool = False,
+) -> dict[str, Any]:
+    """One scenario's episode (unbatched): reset, then `episode_len` policy + step_env steps."""
+    k_reset, k_policy = scenario_keys(key, index)
+    _, state = env.reset_env(k_reset, params)
+
+    def step(st: EnvState, t):
+        action = policy(jax.random.fold_in(k_policy, t), st, params)
+        _, nxt, reward, _, _, _ = env.step_env(k_policy, st, action, params)
+        traj = None
+        if return_trajectory:
+            traj = dict(
+                action=action,
+                reward=reward,
+                usage_peak=nxt.usage_peak,
+                failures=nxt.counters.failures,
+                pending=jnp.sum(nxt.pending.valid).astype(jnp.int32),
+            )
+        return nxt, traj
+
+    final, traj = jax.lax.scan(step, state, jnp.arange(env.config.episode_len))
+    out = dict(rubric(final, params))
+    out["tier"] = final.tier
+    out["regime"] = final.regime
+    for f in EXTRA_FIELDS:
+        out[f] = getattr(final.counters, f)
+    if return_trajectory:
+        out["trajectory"] = traj
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(policy, cfg: EnvConfig, return_trajectory: bool, mesh: Mesh | None):
+    """jit(vmap(episode)) for one policy/config; the index batch is sharded over `mesh`."""
+    env = KVCacheEnv(cfg)
+    fn = jax.vmap(
+        lambda key, idx, params: episode(policy, env, key, idx, params, return_trajectory),
+        in_axes=(None, 0, None),
+    )
+    if mesh is None:
+        return jax.jit(fn)
+    batch = NamedSharding(mesh, P(BATCH_AXIS))
+    repl = NamedSharding(mesh, P())
+    return jax.jit(fn, in_shardings=(repl, batch, repl), out_shardings=batch)
+
+
+def default_mesh() -> Mesh:
+    """A 1-D mesh over every device of every process (the batch axis)."""
+    return Mesh(np.array(jax.devices()), (BATCH_AXIS,))
+
+
+def _place(indices: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Global int32 index array sharded over the mesh; each process supplies its own part."""
+    sharding = NamedSharding(mesh, P(BATCH_AXIS))
+    if jax.process_count() == 1:
+        return jax.device_put(indices, sharding)
+    n = jax.process_count()
+    per = indices.shape[0] // n
+    local = indices[jax.process_index() * per:(jax.process_index() + 1) * per]
+    return jax.make_array_from_process_local_data(sharding, local, indices.shape)
+
+
+def _fetch(tree):
+    """Device arrays -> host numpy (gathering across processes when there are several)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def rollout(
+    policy,
+    key: chex.PRNGKey,
+    num_scenarios: int,
+    params: EnvParams,
+    env: KVCacheEnv | None = None,
+    *,
+    chunk_size: int | None = None,
+    return_trajectory: bool = False,
+    progress: bool = True,
+    mesh: Mesh | None = None,
+) -> dict[str, Any]:
+    """Run `num_scenarios` whole episodes of `policy` and return per-scenario results (numpy).
+
+    `policy(key, state, params) -> int32[A]` (see kvjax.policies). `chunk_size` (default 4096,
+    rounded up to a multiple of the device count) bounds memory; the last chunk is padded.
+    `mesh`: a 1-D Mesh over the batch axis (default: all devices). Results are identical for
+    any chunk size and device count."""
+    if int(num_scenarios) < 1:
+        raise ValueError(f"num_scenarios must be >= 1, got {num_scenarios}")
+    env = env or KVCacheEnv()
+    mesh = mesh or default_mesh()
+    n_dev = mesh.devices.size
+    chunk = int(chunk_size or min(DEFAULT_CHUNK, num_scenarios))
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = math.ceil(chunk / n_dev) * n_dev
+    fn = _compiled(policy, env.config, bool(return_trajectory), mesh if n_dev > 1 else None)
+    params = normalize_params(params)
+    key = jnp.asarray(key)
+    parts = []
+    n_chunks = math.ceil(num_scenarios / chunk)
+    for c in tqdm(range(n_chunks), desc=getattr(policy, "__name__", "rollout"),
+                  disable=not progress or n_chunks < 2, leave=False):
+        idx = np.arange(c * chunk, (c + 1) * chunk, dtype=np.int32)
+        idx_dev = _place(idx, mesh) if n_dev > 1 else jnp.asarray(idx)
+        out = _fetch(fn(key, idx_dev, params))
+        take = min(chunk, num_scenarios - c * chunk)
+        parts.append(jax.tree_util.tree_map(lambda x, take=take: x[:take], out))
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
+
+
+def summarize_results(results: dict[str, Any], z: float = 1.96) -> dict[str, dict[str, float]]:
+    """Per field: mean and the half-width of its normal-approximation 95% interval."""
+    out = {}
+    for k, v in results.items():
+        if k == "trajectory" or k in ("tier", "regime"):
+            continue
+        x = np.asarray(v, np.float64)
+        sem = x.std(ddof=1) / math.sqrt(x.size) if x.size > 1 else 0.0
+        out[k] = {"mean": float(x.mean()), "ci95": float(z * sem)}
+    return out
+
+
+__all__ = ["episode", "normalize_params", "rollout", "scenario_keys", "summarize_results"]
