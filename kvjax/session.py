@@ -86,6 +86,7 @@ def compiled(config: EnvConfig) -> Compiled:
             "mask": observations.action_mask(s),
             "active": s.slots.active,
             "seq_id": s.slots.seq_id,
+            "location": s.slots.location,
         }
 
     return Compiled(
@@ -97,9 +98,13 @@ def compiled(config: EnvConfig) -> Compiled:
     )
 
 
-def scenario_key(seed: int, index: int) -> chex.PRNGKey:
-    """The reset key of scenario `index` under `seed` (independent of how many are drawn)."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), index)
+def scenario_keys(seed: int, index: int) -> tuple[chex.PRNGKey, chex.PRNGKey]:
+    """(reset key, policy key) of scenario `index` under `seed`: the scheme of
+    `kvjax.rollout` with `key = PRNGKey(seed)`, so session scenario i is batched-rollout
+    scenario i (and independent of how many are drawn)."""
+    k = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+    k_reset, k_policy = jax.random.split(k)
+    return k_reset, k_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +171,7 @@ class Session:
         self.config = config or EnvConfig()
         self.fns = compiled(self.config)
         self.params = params
-        self.state = state
+        self.state = state  # (the setter also clears the cached rubric)
         self.buffer: list[int] = [int(a) for a in buffer]
         self.actions: list[list[int]] = [list(map(int, a)) for a in actions]
         self.rewards: list[float] = [float(r) for r in step_rewards]
@@ -191,7 +196,7 @@ class Session:
         config = config or EnvConfig()
         base = params if params is not None else EnvParams()
         params = base.replace(difficulty=difficulty_index(difficulty))
-        return cls.from_key(scenario_key(seed, index), params, config)
+        return cls.from_key(scenario_keys(seed, index)[0], params, config)
 
     @classmethod
     def from_key(
@@ -202,6 +207,16 @@ class Session:
         return cls(compiled(config).reset(key, params), params, config)
 
     # -- properties ------------------------------------------------------------------------
+    @property
+    def state(self) -> EnvState:
+        """The scenario's current EnvState (start of the next step)."""
+        return self._state
+
+    @state.setter
+    def state(self, value: EnvState) -> None:
+        self._state = value
+        self._rubric: dict[str, float] | None = None
+
     @property
     def time(self) -> int:
         """Steps played so far."""
@@ -299,7 +314,7 @@ class Session:
         if not pv["mask"][action_id]:
             return ToolResult(
                 False,
-                f"error: {kind}({seq_id}): {self._why_not(kind, slot)}; "
+                f"error: {kind}({seq_id}): {_why_not(kind, int(pv['location'][slot]))}; "
                 f"{kind} accepts seq_id in {allowed}",
             )
         self.buffer.append(action_id)
@@ -321,9 +336,9 @@ class Session:
         A = self.config.max_actions
         action = np.zeros((A,), np.int32)
         action[: len(self.buffer)] = self.buffer
-        before = float(self.fns.rubric(self.state, self.params)["total"])
+        before = self.rubric()["total"]
         self.state = self.fns.step(self.state, jnp.asarray(action), self.params)
-        reward = float(self.fns.rubric(self.state, self.params)["total"]) - before
+        reward = self.rubric()["total"] - before
         self.actions.append(action.tolist())
         self.rewards.append(reward)
         self.buffer = []
@@ -351,7 +366,11 @@ class Session:
     def rubric(self) -> dict[str, float]:
         """`kvjax.rubric` of the current state as Python floats (7 components, `total`,
         4 metrics)."""
-        return {k: float(v) for k, v in self.fns.rubric(self.state, self.params).items()}
+        if self._rubric is None:  # cached per state: the state only changes in end_turn
+            self._rubric = {
+                k: float(v) for k, v in self.fns.rubric(self.state, self.params).items()
+            }
+        return dict(self._rubric)
 
     def summary(self, top_k: int = 5) -> dict[str, Any]:
         """`kvjax.summarize` of the current state (JSON-ready)."""
@@ -417,14 +436,6 @@ class Session:
         sid = np.asarray(self.state.slots.seq_id)
         return {int(sid[(a - 1) % S]) for a in self.buffer if (a - 1) // S == 0}
 
-    def _why_not(self, kind: str, slot: int) -> str:
-        s = self.state.slots
-        if kind == "compress" and int(s.location[slot]) == 1:
-            return "it is on the CPU (only GPU sequences can be compressed)"
-        if kind == "compress":
-            return "it is already int4 (the lowest precision)"
-        return "it is already on the CPU"
-
     def _describe_action(self, action_id: int, detail: bool = False) -> str:
         kind, slot = decode_action(int(action_id), self.config.max_seqs)
         s = self.state.slots
@@ -449,6 +460,15 @@ class Session:
         )
 
 
+def _why_not(kind: str, location: int) -> str:
+    """Why a sequence in the cache cannot take `kind` (given the preview's location)."""
+    if kind == "compress" and location == 1:
+        return "it is on the CPU (only GPU sequences can be compressed)"
+    if kind == "compress":
+        return "it is already int4 (the lowest precision)"
+    return "it is already on the CPU"
+
+
 def _usage(name: str) -> str:
     if name == "keep":
         return "usage: keep() with no arguments"
@@ -471,19 +491,19 @@ def policy_calls(action: Sequence[int], state: EnvState, config: EnvConfig) -> l
     return calls or [("keep", {})]
 
 
-def play_policy(
-    session: Session, policy: Policy, key: chex.PRNGKey, *, split_keys: bool = True
-) -> dict[str, float]:
-    """Play the rest of `session`'s episode with `policy(key, state, params)`, one message of
-    tool calls per step, and return the final rubric. With `split_keys` the step key is
-    `jax.random.split(key)` per step (as in a scan); deterministic policies ignore it."""
-    pol = jax.jit(policy)
+@functools.cache
+def _jit_policy(policy: Policy) -> Callable:
+    return jax.jit(policy)
+
+
+def play_policy(session: Session, policy: Policy, policy_key: chex.PRNGKey) -> dict[str, float]:
+    """Play the rest of `session`'s episode with `policy(key, state, params)` through the tool
+    interface - one message of tool calls per step (`policy_calls`, `play_message`) - and
+    return the final rubric. The step-t key is `fold_in(policy_key, t)`, as in
+    `kvjax.rollout`."""
+    pol = _jit_policy(policy)
     while not session.done:
-        if split_keys:
-            key, sub = jax.random.split(key)
-        else:
-            sub = key
-        action = pol(sub, session.state, session.params)
+        action = pol(jax.random.fold_in(policy_key, session.time), session.state, session.params)
         session.play_message(policy_calls(action, session.state, session.config))
     return session.rubric()
 
@@ -497,5 +517,5 @@ __all__ = [
     "compiled",
     "play_policy",
     "policy_calls",
-    "scenario_key",
+    "scenario_keys",
 ]

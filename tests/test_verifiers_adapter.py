@@ -1,0 +1,205 @@
+"""The verifiers v1 adapter end to end, offline: the documented `vf-eval kv_cache_eviction ...`
+command line, parsed by verifiers' own CLI config and run with its own `run_eval` against a
+stdlib OpenAI-compatible server on 127.0.0.1 that plays scripted assistant turns.
+
+Skips cleanly when the `verifiers` extra is not installed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+
+import pytest
+
+vf = pytest.importorskip("verifiers.v1")
+
+from fake_openai import FakeOpenAI, Turn  # noqa: E402
+
+from kvjax.session import Session  # noqa: E402
+
+N_TASKS = 3
+SEED = 42
+CMD = ["kv_cache_eviction", "-m", "fake-model", "--client.base-url", "{url}",
+       "--client.api-key-var", "KVJAX_FAKE_KEY", "-n", str(N_TASKS), "-r", "1",
+       "--env.taskset.difficulty", "hard", "--no-push"]
+
+
+# -- the scripted model ------------------------------------------------------------------------
+def observation(messages: list[dict]) -> dict:
+    """The latest cache summary in the conversation (the prompt or a tool result)."""
+    for m in reversed(messages):
+        c = m.get("content")
+        if isinstance(c, str) and "Cache state:\n{" in c:
+            return json.loads(c.split("Cache state:\n", 1)[1].splitlines()[0])
+    raise AssertionError("no observation in the conversation")
+
+
+def full_episode(first: dict) -> bool:
+    """Which scenarios the script plays to the end (the others stop early)."""
+    return first["cache_overview"]["sequences"] % 2 == 0
+
+
+def script(n: int, first: dict, obs: dict) -> list[tuple[str, str]]:
+    """The tool calls of assistant message `n` given the first and the latest observation."""
+    safe = [e["seq_id"] for e in obs["top_eviction_candidates"]]
+    big = [e["seq_id"] for e in obs["top_memory_entries"]]
+    if n == 0:  # several calls in one message, with every kind of mistake
+        return [
+            ("evict", json.dumps({"seq_id": safe[0]})),
+            ("evict", '{"seq_id": '),  # malformed JSON
+            ("compress", json.dumps({"seq_id": 99999})),  # unknown seq_id
+            ("swap_to_cpu", json.dumps({"seq_id": safe[1]})),
+            ("keep", "{}"),  # no action
+            ("compress", json.dumps({"seq_id": big[0]})),
+            ("evict", json.dumps({"seq_id": safe[2]})),  # a 4th action
+        ]
+    if n == 1:
+        return [("compress", '{"seq_id": "abc"}'), ("flush", "{}"), ("keep", "{}")]
+    if not full_episode(first) and n == 3:
+        return []  # early stop: the remaining steps are played as keep()
+    if obs["memory_usage"] > 0.95:
+        return [("compress", json.dumps({"seq_id": big[0]}))]
+    return [("keep", "{}")]
+
+
+def reply(messages: list[dict]) -> Turn:
+    n = sum(m["role"] == "assistant" for m in messages)
+    first = observation(messages[:2])
+    calls = script(n, first, observation(messages))
+    return Turn("Acting on the cache." if calls else "Done.", tuple(calls))
+
+
+def replay(index: int) -> tuple[Session, list[list]]:
+    """The same script played directly on a Session: what the evaluation must report."""
+    s = Session.new("hard", SEED, index)
+    first = s.summary()
+    results, n = [], 0
+    while not s.done:
+        calls = script(n, first, s.summary())
+        results.append(s.play_message(calls))
+        if not calls:
+            break
+        n += 1
+    return s, results
+
+
+# -- the run -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Parse the documented command line with vf-eval's own config parser, then run it
+    in-process with `run_eval` against the fake server (offline)."""
+    from pydantic_config import cli
+    from verifiers.v1.cli.eval.runner import run_eval
+    from verifiers.v1.cli.resolve import narrow_config, with_positional_taskset
+    from verifiers.v1.configs.cli.eval import EvalConfig
+    from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
+    from verifiers.v1.runtimes import subprocess as vf_subprocess
+
+    tmp = tmp_path_factory.mktemp("vf")
+    with pytest.MonkeyPatch.context() as mp, FakeOpenAI(reply) as server:
+        # Offline: the null harness would `uv sync` its chat program's dependencies (openai,
+        # mcp, ...) from the package index; they are verifiers' own, so run it with this
+        # interpreter instead (test-only).
+        scripts = tmp / "scripts"
+        scripts.mkdir()
+        mp.setattr(vf_subprocess.SubprocessRuntime, "scripts_dir", str(scripts))
+        path = scripts / f"{hashlib.sha256(CHAT_PROGRAM_SOURCE.encode()).hexdigest()}.py"
+        path.write_text(CHAT_PROGRAM_SOURCE)
+        mp.setitem(vf_subprocess.SubprocessRuntime._interpreters, str(path), sys.executable)
+        mp.setattr(vf_subprocess, "CACHE_DIR", tmp / "cache")
+        mp.setenv("KVJAX_FAKE_KEY", "not-a-secret")
+
+        argv = [a.format(url=server.base_url) for a in CMD]
+        argv = with_positional_taskset(argv + ["--output-dir", str(tmp / "out"), "--no-rich"])
+        config_type = narrow_config(EvalConfig, argv)
+        mp.setattr(sys, "argv", ["vf-eval", *argv])
+        config = cli(config_type)
+        episodes = asyncio.run(run_eval(config))
+        yield config, episodes, server.requests, tmp / "out"
+
+
+def test_documented_command_resolves_to_the_local_kvjax_env(run):
+    from kvjax.adapters.verifiers import KVCacheEnvConfig, KVCacheTasksetConfig
+
+    config, _, _, _ = run
+    assert isinstance(config.env, KVCacheEnvConfig)
+    assert isinstance(config.env.taskset, KVCacheTasksetConfig)
+    assert config.env.taskset.difficulty == "hard" and config.env.taskset.seed == SEED
+    assert config.env.agent.runtime.type == "subprocess"  # not a remote sandbox
+    assert config.env.agent_harnesses()["agent"].id == "kv_cache_eviction"  # the null loop
+    assert config.select.limit == N_TASKS and config.num_rollouts == 1 and not config.push
+
+
+def test_tools_are_the_four_bare_names_with_descriptions(run):
+    _, _, requests, _ = run
+    assert all(body.get("stream") for body in requests)  # relayed as SSE streams
+    tools = {t["function"]["name"]: t["function"] for t in requests[0]["tools"]}
+    assert set(tools) == {"evict", "compress", "swap_to_cpu", "keep"}
+    for name in ("evict", "compress", "swap_to_cpu"):
+        assert tools[name]["parameters"]["properties"]["seq_id"]["type"] == "integer"
+        assert tools[name]["parameters"]["required"] == ["seq_id"]
+        assert "seq_id" in tools[name]["description"]
+    assert "no action" in tools["keep"]["description"].lower()
+
+
+def test_rewards_and_metrics_match_the_session(run):
+    from kvjax.adapters.verifiers import METRIC_NAMES, REWARD_NAMES, WEIGHTS
+
+    _, episodes, _, out = run
+    assert len(episodes) == N_TASKS
+    lengths = set()
+    for ep in episodes:
+        assert ep.ok, ep.errors
+        trace = ep.traces[0]
+        index = trace.task.data.index
+        session, results = replay(index)
+        expect = session.rubric()
+        assert {k: r.weight for k, r in trace.rewards.items()} == WEIGHTS
+        assert set(trace.rewards) == set(REWARD_NAMES) and set(trace.metrics) == set(METRIC_NAMES)
+        for k in REWARD_NAMES:
+            assert trace.rewards[k].score == pytest.approx(expect[k], abs=1e-6), k
+        for k in ("total_tokens_metric", "total_failures_metric", "total_latency_metric",
+                  "pressure_steps_metric"):
+            assert trace.metrics[k] == pytest.approx(expect[k], abs=1e-6), k
+        assert trace.reward == pytest.approx(expect["total"], abs=1e-5)  # weighted sum = total
+        model_steps = sum(1 for r in results if r)
+        assert trace.metrics["model_steps"] == model_steps
+        assert trace.metrics["tool_errors"] == sum(not x.ok for r in results for x in r)
+        assert trace.state.step == 15
+        assert Session.from_json(trace.state.session).actions == session.actions
+        lengths.add(model_steps)
+        stop = "episode_done" if model_steps == 15 else "agent_completed"
+        assert trace.stop_condition == stop
+    assert 15 in lengths and 3 in lengths  # one full episode, one early stop
+    saved = [json.loads(line) for f in out.rglob("traces.jsonl") for line in f.open()]
+    assert len(saved) == N_TASKS  # vf-eval's own results file
+
+
+def test_turn_step_order_and_error_messages(run):
+    _, episodes, requests, _ = run
+    # Every model request sees the observation of step n+1 after n assistant messages:
+    # one message = one step, played before the next request.
+    for body in requests:
+        n = sum(m["role"] == "assistant" for m in body["messages"])
+        assert observation(body["messages"])["step"] == n
+    trace = next(ep.traces[0] for ep in episodes if ep.traces[0].task.data.index == 0)
+    _, results = replay(0)
+    tool_msgs = [m for m in trace.messages if m.role == "tool"]
+    first = tool_msgs[: len(results[0])]
+    texts = [m.content for m in first]
+    assert [t.split("\n")[0] for t in texts] == [r.text for r in results[0]]
+    assert texts[1].startswith("error: evict: arguments are not valid JSON")
+    assert texts[2].startswith("error: compress(99999): no sequence 99999 in the cache")
+    assert "at most 3 actions per step" in texts[6]
+    assert "Step 1 played" in texts[6] and "Step 2 of 15" in texts[6]  # last call ends the step
+    assert all("Step 2 of 15" not in t for t in texts[:6])
+    second = [m.content for m in tool_msgs[len(results[0]): len(results[0]) + 3]]
+    assert second[0].startswith("error: compress: seq_id must be an integer, got str 'abc'")
+    assert second[1].startswith("error: unknown tool 'flush'")
+    # The errors changed nothing: step 1 played exactly the valid actions, in order.
+    actions = Session.from_json(trace.state.session).actions
+    valid = [r for r in results[0] if r.ok and not r.text.startswith("ok: keep")]
+    assert len(valid) == 3 and all(a != 0 for a in actions[0])
+    assert actions[1] == [0, 0, 0]  # message 2: only errors and keep()
