@@ -508,6 +508,58 @@ def play_policy(session: Session, policy: Policy, policy_key: chex.PRNGKey) -> d
     return session.rubric()
 
 
+def evaluate_policy(
+    name: str,
+    difficulty: str = "all",
+    num_examples: int = 20,
+    seed: int = 42,
+    config: EnvConfig | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Play kvjax policy `name` through the tool interface on scenarios 0..num_examples-1 of
+    the `seed` stream (the LLM taskset's tasks) and return each final rubric."""
+    from tqdm.auto import tqdm
+
+    from kvjax.policies import POLICY_NAMES, make_policy
+
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r}; allowed: {list(POLICY_NAMES)}")
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    config = config or EnvConfig()
+    policy = make_policy(name, config)
+    out = []
+    for i in tqdm(range(num_examples), desc=f"{name} via tools", disable=not progress):
+        session = Session.new(difficulty, seed, i, config)
+        out.append(play_policy(session, policy, scenario_keys(seed, i)[1]))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m kvjax.session --policy value_aware --difficulty hard -n 20 [--seed 42]`:
+    play a kvjax policy through the LLM tool interface on the LLM taskset's scenarios and
+    print one JSON line per scenario and the mean total."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m kvjax.session", description=main.__doc__)
+    p.add_argument("--policy", default="value_aware")
+    p.add_argument("--difficulty", default="all", choices=list(DIFFICULTIES))
+    p.add_argument("--num-examples", "-n", type=int, default=20)
+    p.add_argument("--seed", type=int, default=42)
+    a = p.parse_args(argv)
+    try:
+        results = evaluate_policy(a.policy, a.difficulty, a.num_examples, a.seed)
+    except ValueError as e:
+        p.error(str(e))  # exit code 2
+    for i, r in enumerate(results):
+        print(json.dumps({"task": f"{a.difficulty}-{a.seed}-{i}", "policy": a.policy,
+                          "reward": r["total"], "rubric": r}))
+    mean = sum(r["total"] for r in results) / len(results)
+    print(json.dumps({"policy": a.policy, "difficulty": a.difficulty, "mean_reward": mean,
+                      "n": len(results)}))
+    return 0
+
+
 __all__ = [
     "SEQ_TOOLS",
     "TOOL_NAMES",
@@ -515,7 +567,12 @@ __all__ = [
     "Session",
     "ToolResult",
     "compiled",
+    "evaluate_policy",
+    "main",
     "play_policy",
     "policy_calls",
     "scenario_keys",
 ]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
