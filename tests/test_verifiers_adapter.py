@@ -21,9 +21,6 @@ from kvjax.session import Session  # noqa: E402
 
 N_TASKS = 3
 SEED = 42
-CMD = ["kv_cache_eviction", "-m", "fake-model", "--client.base-url", "{url}",
-       "--client.api-key-var", "KVJAX_FAKE_KEY", "-n", str(N_TASKS), "-r", "1",
-       "--env.taskset.difficulty", "hard", "--no-push"]
 
 
 # -- the scripted model ------------------------------------------------------------------------
@@ -90,12 +87,11 @@ def replay(index: int) -> tuple[Session, list[list]]:
 def run(tmp_path_factory):
     """Parse the documented command line with vf-eval's own config parser, then run it
     in-process with `run_eval` against the fake server (offline)."""
-    from pydantic_config import cli
     from verifiers.v1.cli.eval.runner import run_eval
-    from verifiers.v1.cli.resolve import narrow_config, with_positional_taskset
-    from verifiers.v1.configs.cli.eval import EvalConfig
     from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
     from verifiers.v1.runtimes import subprocess as vf_subprocess
+
+    from kvjax.adapters.verifiers import eval_argv, eval_config
 
     tmp = tmp_path_factory.mktemp("vf")
     with pytest.MonkeyPatch.context() as mp, FakeOpenAI(reply) as server:
@@ -111,11 +107,11 @@ def run(tmp_path_factory):
         mp.setattr(vf_subprocess, "CACHE_DIR", tmp / "cache")
         mp.setenv("KVJAX_FAKE_KEY", "not-a-secret")
 
-        argv = [a.format(url=server.base_url) for a in CMD]
-        argv = with_positional_taskset(argv + ["--output-dir", str(tmp / "out"), "--no-rich"])
-        config_type = narrow_config(EvalConfig, argv)
-        mp.setattr(sys, "argv", ["vf-eval", *argv])
-        config = cli(config_type)
+        # vf-eval kv_cache_eviction -m fake-model --client.base-url URL --client.api-key-var
+        #   KVJAX_FAKE_KEY -n 3 -r 1 --env.taskset.difficulty hard ... --no-push
+        argv = eval_argv("fake-model", server.base_url, "KVJAX_FAKE_KEY", "hard", N_TASKS,
+                         SEED, str(tmp / "out"))
+        config = eval_config(argv)
         episodes = asyncio.run(run_eval(config))
         yield config, episodes, server.requests, tmp / "out"
 
@@ -203,3 +199,38 @@ def test_turn_step_order_and_error_messages(run):
     valid = [r for r in results[0] if r.ok and not r.text.startswith("ok: keep")]
     assert len(valid) == 3 and all(a != 0 for a in actions[0])
     assert actions[1] == [0, 0, 0]  # message 2: only errors and keep()
+
+
+def test_package_exports_exactly_one_taskset_env_and_harness():
+    """What verifiers' loaders require of `kv_cache_eviction` (no rollout needed)."""
+    from verifiers.v1.utils import loaders
+
+    import kv_cache_eviction
+    from kvjax.adapters import verifiers as adapter
+
+    exported = [getattr(kv_cache_eviction, n) for n in kv_cache_eviction.__all__]
+    for base, cls in ((vf.Taskset, adapter.KVCacheTaskset), (vf.Env, adapter.KVCacheEnv),
+                      (vf.Harness, adapter.KVCacheHarness)):
+        assert [c for c in exported if isinstance(c, type) and issubclass(c, base)] == [cls]
+    assert loaders.environment_class("kv_cache_eviction") is adapter.KVCacheEnv
+    assert loaders.default_harness_id("kv_cache_eviction") == "kv_cache_eviction"
+    cfg = loaders.taskset_config_type("owner/kv-cache-eviction@1.0")
+    assert cfg is adapter.KVCacheTasksetConfig
+    with pytest.raises(ValueError, match="easy"):
+        cfg(id="kv_cache_eviction", difficulty="extreme")
+    with pytest.raises(ValueError, match="greater than or equal to -1"):
+        cfg(id="kv_cache_eviction", num_examples=-2)
+
+
+def test_taskset_loads_one_task_per_scenario():
+    from kvjax.adapters.verifiers import NUM_SCENARIOS, KVCacheTaskset, KVCacheTasksetConfig
+
+    ts = KVCacheTaskset(KVCacheTasksetConfig(id="kv_cache_eviction", difficulty="easy",
+                                             num_examples=2, seed=7))
+    tasks = list(ts)
+    assert [t.data.index for t in tasks] == [0, 1] and [t.data.idx for t in tasks] == [0, 1]
+    assert tasks[1].data.prompt == Session.new("easy", 7, 1).observation_text()
+    assert tasks[0].data.system_prompt and "at most 3 actions" in tasks[0].data.system_prompt
+    assert len({t.key for t in tasks}) == 2
+    full = KVCacheTaskset(KVCacheTasksetConfig(id="kv_cache_eviction"))
+    assert sum(1 for _ in full.take(NUM_SCENARIOS + 5)) == NUM_SCENARIOS  # -1 = all

@@ -303,17 +303,54 @@ def episode_summary(episode: vf.Episode) -> dict[str, Any]:
     }
 
 
+def eval_config(argv: list[str]) -> Any:
+    """Parse a `vf-eval` command line (without the program name) into verifiers' EvalConfig,
+    exactly as `vf-eval` does (its config narrowing and parser)."""
+    import sys
+
+    from pydantic_config import cli
+    from verifiers.v1.cli.resolve import narrow_config, with_positional_taskset
+    from verifiers.v1.configs.cli.eval import EvalConfig
+
+    argv = with_positional_taskset(list(argv))
+    config_type = narrow_config(EvalConfig, argv)
+    saved = sys.argv
+    sys.argv = ["vf-eval", *argv]  # the parser reads sys.argv, as in vf-eval's main
+    try:
+        return cli(config_type)
+    finally:
+        sys.argv = saved
+
+
+def eval_argv(
+    model: str,
+    base_url: str,
+    api_key_var: str = "OPENAI_API_KEY",
+    difficulty: str = "all",
+    num_examples: int = 5,
+    seed: int = 42,
+    output_dir: str = "outputs",
+) -> list[str]:
+    """The documented `vf-eval kv_cache_eviction ...` command line (local, no push, no
+    console dashboard)."""
+    return ["kv_cache_eviction", "-m", model, "--client.base-url", base_url,
+            "--client.api-key-var", api_key_var, "-n", str(num_examples), "-r", "1",
+            "--env.taskset.difficulty", difficulty, "--env.taskset.seed", str(seed),
+            "--no-push", "--no-rich", "--output-dir", output_dir]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kvjax.adapters.verifiers --model M --base-url URL [--api-key-var VAR]
-    [--difficulty hard] [-n 5]`: run the adapter against an OpenAI-compatible endpoint with
-    verifiers' own `run_eval` (no push) and print one JSON line per episode."""
+    """`python -m kvjax.adapters.verifiers -m MODEL --base-url URL [--api-key-var VAR]
+    [--difficulty hard] [-n 5] [--seed 42]`: run the LLM evaluation against an
+    OpenAI-compatible endpoint through verifiers' own `run_eval` (local, no push) and print
+    one JSON line per episode and the mean reward."""
     import argparse
     import asyncio
 
     from verifiers.v1.cli.eval.runner import run_eval
-    from verifiers.v1.configs.cli.eval import EvalConfig
 
-    p = argparse.ArgumentParser(prog="python -m kvjax.adapters.verifiers", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m kvjax.adapters.verifiers",
+                                description=main.__doc__)
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--base-url", required=True)
     p.add_argument("--api-key-var", default="OPENAI_API_KEY")
@@ -322,19 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", default="outputs")
     a = p.parse_args(argv)
-    if a.num_examples < 1:
-        p.error(f"--num-examples must be >= 1, got {a.num_examples}")
-    config = EvalConfig.model_validate(
-        {
-            "env": {"taskset": {"id": "kv_cache_eviction", "difficulty": a.difficulty,
-                                "num_examples": a.num_examples, "seed": a.seed}},
-            "model": a.model,
-            "client": {"base_url": a.base_url, "api_key_var": a.api_key_var},
-            "push": False,
-            "rich": None,
-            "output_dir": a.output_dir,
-        }
-    )
+    if not 1 <= a.num_examples <= NUM_SCENARIOS:
+        p.error(f"--num-examples must be in [1, {NUM_SCENARIOS}], got {a.num_examples}")
+    config = eval_config(eval_argv(a.model, a.base_url, a.api_key_var, a.difficulty,
+                                   a.num_examples, a.seed, a.output_dir))
     episodes = asyncio.run(run_eval(config))
     for ep in episodes:
         print(json.dumps(episode_summary(ep)))
@@ -360,6 +388,8 @@ __all__ = [
     "SYSTEM_PROMPT",
     "WEIGHTS",
     "episode_summary",
+    "eval_argv",
+    "eval_config",
     "main",
 ]
 
