@@ -5,14 +5,16 @@ Every helper builds a `matplotlib.figure.Figure` with the object API (no pyplot 
 call `fig.savefig(path)` or let Jupyter render it. Inputs are plain arrays / pytrees:
 
 - an episode trajectory: an `EnvState` whose leaves carry a leading time axis [N] (e.g. the
-  initial state prepended to the states a `lax.scan` over `env.step_env` stacks), and optionally
-  the actions int[N_steps, A], where `actions[t]` was chosen at the state whose `time == t`;
+  initial state prepended to the states a `lax.scan` over `env.step_env` stacks; `record` plays
+  a batch of them), and optionally the actions int[N_steps, A], where `actions[t]` was chosen at
+  the state whose `time == t`;
 - rollout results: `{policy: {metric: float[num_scenarios]}}` (the per-scenario rubric dicts);
 - training metrics: a JSON-lines file, one object per line with a step counter and metric keys.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
@@ -53,6 +56,55 @@ AGENT_KINDS = ACTION_KINDS[1:]  # evict, compress, swap_to_cpu
 PRECISION_FADE = (0.0, 0.45, 0.7)  # fraction of white mixed into a slot's colour per precision
 STEP_KEYS = ("step", "env_steps", "global_step", "timesteps", "num_env_steps", "update",
              "iteration")
+
+
+# -- recording trajectories -------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def _recorder(policy: Any, cfg: Any) -> Any:
+    from kvjax.env import KVCacheEnv
+    from kvjax.rollout import scenario_keys
+
+    env = KVCacheEnv(cfg)
+
+    def one(key, index, params):
+        k_reset, k_policy = scenario_keys(key, index)
+        _, state = env.reset_env(k_reset, params)
+
+        def step(st, t):
+            action = policy(jax.random.fold_in(k_policy, t), st, params)
+            _, nxt, *_ = env.step_env(k_policy, st, action, params)
+            return nxt, (nxt, action)
+
+        _, (states, actions) = jax.lax.scan(step, state, jnp.arange(cfg.episode_len))
+        states = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), state, states)
+        return states, actions
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
+
+
+def record(
+    policy: Any, key: Any, num_scenarios: int, params: EnvParams, env: Any = None
+) -> tuple[EnvState, np.ndarray]:
+    """Play `num_scenarios` episodes like `kvjax.rollout.rollout` (same scenario and policy keys,
+    so scenario i is rollout's scenario i) and keep every state: returns (states with leaves
+    [num_scenarios, T + 1, ...], the initial state first, and actions int [num_scenarios, T, A]),
+    as numpy. Memory grows with T x the state size (~5 KB at the default config): keep it to a
+    few thousand scenarios."""
+    from kvjax.env import KVCacheEnv
+    from kvjax.rollout import normalize_params
+
+    if int(num_scenarios) < 1:
+        raise ValueError(f"num_scenarios must be >= 1, got {num_scenarios}")
+    env = env or KVCacheEnv()
+    fn = _recorder(policy, env.config)
+    states, actions = fn(jnp.asarray(key), jnp.arange(int(num_scenarios), dtype=jnp.int32),
+                         normalize_params(params))
+    return _np(states), np.asarray(actions)
+
+
+def episode_at(states: EnvState, i: int) -> EnvState:
+    """Scenario i's trajectory out of a batch from `record` (leaves [T + 1, ...])."""
+    return jax.tree_util.tree_map(lambda x: x[i], states)
 
 
 # -- small numeric helpers ---------------------------------------------------------------------
@@ -619,6 +671,7 @@ __all__ = [
     "action_mix",
     "action_timing",
     "effective_actions",
+    "episode_at",
     "inferred_preemptions",
     "leaderboard",
     "leaderboard_markdown",
@@ -633,4 +686,5 @@ __all__ = [
     "plot_policy_comparison",
     "plot_policy_violins",
     "read_metrics",
+    "record",
 ]

@@ -3,10 +3,10 @@ labels, marker positions), plus the numeric helpers on hand-built cases."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import math
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,36 +18,35 @@ from matplotlib.image import AxesImage
 import kvjax
 from kvjax import viz
 
-# A small config keeps the one jit compile short; all 8 slots are occupied at reset.
+# A small config keeps the jit compiles short; all 8 slots are occupied at reset.
 SMALL = dict(max_seqs=8, max_pending=4, max_arrivals=2, episode_len=6)
+KEY = jax.random.PRNGKey(2)  # scenario 0: slot 1 paused in a tool call, slots 2, 3, 7 long
 
 
 def _ids(env, *pairs):
-    return jnp.array([env.encode_action(k, s) if k != "keep" else 0 for k, s in pairs], jnp.int32)
+    return [env.encode_action(k, s) if k != "keep" else 0 for k, s in pairs]
 
 
 @pytest.fixture(scope="module")
 def episode():
-    """One hard-tier episode with scripted actions (slots 1, 2, 7 are long sequences, slot 5
-    is paused in a tool call at reset): states [T+1] (initial state first),
-    actions [T, A], and the env/params."""
+    """One hard-tier episode (rollout's scenario 0 of KEY) played by a scripted policy through
+    `viz.record`: (env, params, states [T + 1] with the initial state first, actions [T, A])."""
     env, params = kvjax.make("kv-cache-v0", difficulty="hard", **SMALL)
-    _, state = env.reset_env(jax.random.PRNGKey(3), params)
-    step = jax.jit(env.step_env)
-    script = [
-        _ids(env, ("evict", 1), ("evict", 1), ("keep", 0)),  # 2nd evict: slot already empty
+    script = jnp.array([
+        _ids(env, ("evict", 3), ("evict", 3), ("keep", 0)),  # 2nd evict: slot already empty
         _ids(env, ("compress", 2), ("compress", 2), ("compress", 2)),  # 3rd: already int4
-        _ids(env, ("swap_to_cpu", 5), ("swap_to_cpu", 5), ("keep", 0)),  # 2nd: already on CPU
+        _ids(env, ("swap_to_cpu", 1), ("swap_to_cpu", 1), ("keep", 0)),  # 2nd: already on CPU
         _ids(env, ("evict", 0), ("keep", 0), ("keep", 0)),  # the system prompt
         _ids(env, ("keep", 0), ("keep", 0), ("keep", 0)),
         _ids(env, ("compress", 7), ("keep", 0), ("keep", 0)),
-    ]
-    states = [state]
-    for a in script:
-        _, state, *_ = step(jax.random.PRNGKey(0), state, a, params)
-        states.append(state)
-    traj = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
-    return env, params, traj, np.stack([np.asarray(a) for a in script])
+    ], jnp.int32)
+
+    def scripted(key, state, params):
+        return script[state.time]
+
+    states, actions = viz.record(scripted, KEY, 1, params, env)
+    np.testing.assert_array_equal(actions[0], script)
+    return env, params, viz.episode_at(states, 0), actions[0]
 
 
 def _hlines(ax):
@@ -67,13 +66,20 @@ def _saved(fig, tmp_path, name):
     return path
 
 
-def test_import_does_not_load_pyplot():
-    code = "import sys, kvjax.viz; assert 'matplotlib.pyplot' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_viz_is_headless():
+    """No pyplot (global figure state, GUI backends) and no show() in the library."""
+    tree = ast.parse(inspect.getsource(viz))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
+                for a in n.names} | {n.module for n in ast.walk(tree)
+                                     if isinstance(n, ast.ImportFrom)}
+    assert not any("pyplot" in (m or "") for m in imported)
+    calls = {n.func.attr for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert "show" not in calls
 
 
 def test_memory_by_type_sums_to_env_usage(episode):
-    env, params, traj, _ = episode
+    env, params, traj, *_ = episode
     per_type = viz.memory_by_type(traj, params)
     assert per_type.shape == (traj.time.shape[0], len(kvjax.BLOCK_TYPES))
     for t in range(per_type.shape[0]):
@@ -85,7 +91,7 @@ def test_memory_by_type_sums_to_env_usage(episode):
 
 
 def test_plot_memory(episode, tmp_path):
-    _, params, traj, _ = episode
+    _, params, traj, *_ = episode
     fig = viz.plot_memory(traj, params, title="one episode")
     _saved(fig, tmp_path, "memory.png")
     (ax,) = fig.axes
@@ -102,13 +108,13 @@ def test_plot_memory(episode, tmp_path):
 
 
 def test_effective_actions_replay_in_order(episode):
-    env, _, traj, actions = episode
+    env, _, traj, actions, *_ = episode
     ev = viz.effective_actions(jax.tree_util.tree_map(lambda x: x[:-1], traj), actions)
     E, C, W = 1, 2, 3
     np.testing.assert_array_equal(
         ev["kind"], [[E, 0, 0], [C, C, 0], [W, 0, 0], [E, 0, 0], [0, 0, 0], [C, 0, 0]]
     )
-    np.testing.assert_array_equal(ev["slot"][:, 0], [1, 2, 5, 0, 0, 7])
+    np.testing.assert_array_equal(ev["slot"][:, 0], [3, 2, 1, 0, 0, 7])
     assert ev["block_type"][3, 0] == 0  # the system prompt
     # Same counts as the env's own counters, step by step.
     c = traj.counters
@@ -121,12 +127,12 @@ def test_effective_actions_replay_in_order(episode):
 
 
 def test_action_mix_counts(episode):
-    _, _, traj, actions = episode
+    _, _, traj, actions, *_ = episode
     states = jax.tree_util.tree_map(lambda x: x[:-1], traj)
     mix = viz.action_mix(states, actions)
     assert mix.shape == (3, 5) and mix.sum() == 6
     bt = traj.slots.block_type
-    assert mix[0, bt[0, 1]] >= 1 and mix[0, 0] == 1  # evicted slot 1's type and the system
+    assert mix[0, bt[0, 3]] >= 1 and mix[0, 0] == 1  # evicted slot 3's type and the system
     assert mix[1].sum() == 3 and mix[2].sum() == 1
     # Batched leading axes give the sum of the parts.
     both = jax.tree_util.tree_map(lambda x: np.stack([x, x]), states)
@@ -134,23 +140,23 @@ def test_action_mix_counts(episode):
 
 
 def test_plot_cache_map_marks_actions(episode, tmp_path):
-    _, params, traj, actions = episode
+    _, params, traj, actions, *_ = episode
     fig = viz.plot_cache_map(traj, params, actions)
     _saved(fig, tmp_path, "map.png")
     (ax,) = fig.axes
     (img,) = [im for im in ax.get_children() if isinstance(im, AxesImage)]
     rgb = np.asarray(img.get_array())
     assert rgb.shape == (SMALL["max_seqs"], 7, 3)  # slots x time
-    np.testing.assert_allclose(rgb[1, 1], 1.0)  # slot 1 evicted at step 0: white afterwards
-    assert not np.allclose(rgb[1, 0], 1.0)
+    np.testing.assert_allclose(rgb[3, 1], 1.0)  # slot 3 evicted at step 0: white afterwards
+    assert not np.allclose(rgb[3, 0], 1.0)
     # int4 slot 2 is paler than the fp16 slot 2 it was.
     assert rgb[2, 2].mean() > rgb[2, 0].mean()
     marks = {c.get_label(): c.get_offsets() for c in ax.collections
              if isinstance(c, PathCollection)}
-    np.testing.assert_array_equal(marks["evict"], [[0.5, 1], [3.5, 0]])
+    np.testing.assert_array_equal(marks["evict"], [[0.5, 3], [3.5, 0]])
     np.testing.assert_array_equal(marks["compress"], [[1.5, 2], [1.5, 2], [5.5, 7]])
-    np.testing.assert_array_equal(marks["swap_to_cpu"], [[2.5, 5]])
-    assert traj.slots.location[3, 5] == 1  # slot 5 is paused in a tool call: stays on CPU
+    np.testing.assert_array_equal(marks["swap_to_cpu"], [[2.5, 1]])
+    assert traj.slots.location[3, 1] == 1  # slot 1 is paused in a tool call: stays on CPU
     on_cpu = {(int(x), int(y)) for x, y in marks["on CPU"]}
     cpu = traj.slots.active & (traj.slots.location == 1)
     assert on_cpu == {(int(t), int(s)) for t, s in zip(*np.nonzero(cpu), strict=True)}
@@ -158,15 +164,15 @@ def test_plot_cache_map_marks_actions(episode, tmp_path):
 
 
 def test_inferred_preemptions_agree_with_counters(episode):
-    _, params, traj, actions = episode
+    _, params, traj, actions, *_ = episode
     pre = viz.inferred_preemptions(traj, params, actions)
     per_step = pre.sum(1)
     assert np.all(per_step <= np.diff(traj.counters.preemptions))
-    assert not pre[0, 1] and not pre[3, 0]  # agent evictions are not preemptions
+    assert not pre[0, 3] and not pre[3, 0]  # agent evictions are not preemptions
 
 
 def test_plot_episode(episode, tmp_path):
-    _, params, traj, actions = episode
+    _, params, traj, actions, *_ = episode
     fig = viz.plot_episode(traj, params, actions, title="episode")
     _saved(fig, tmp_path, "episode.png")
     top, bottom = fig.axes
@@ -196,7 +202,7 @@ def test_plot_action_mix(tmp_path):
 
 
 def test_action_timing_and_plot(episode, tmp_path):
-    _, params, traj, actions = episode
+    _, params, traj, actions, *_ = episode
     states = jax.tree_util.tree_map(lambda x: x[:-1], traj)
     edges = (0.0, 0.5, 1.0, 10.0)
     tm = viz.action_timing(states, actions, params, bins=edges)
@@ -322,7 +328,40 @@ def test_plot_learning_curves(tmp_path):
 
 
 def test_bad_trajectory_shape(episode):
-    _, params, traj, _ = episode
+    _, params, traj, *_ = episode
     batched = jax.tree_util.tree_map(lambda x: np.stack([x, x]), traj)
     with pytest.raises(ValueError, match="leading time axis"):
         viz.plot_memory(batched, params)
+
+
+def test_record_replays_the_env(episode, tmp_path):
+    """`record` plays rollout's scenarios (same keys) and its states follow step_env."""
+    from kvjax.policies import make_policy
+    from kvjax.rollout import scenario_keys
+
+    env, params, *_ = episode
+    key = jax.random.PRNGKey(7)
+    reset, step = jax.jit(env.reset_env), jax.jit(env.step_env)  # eager reset is far slower
+    states, actions = viz.record(make_policy("keep", env), key, 2, params, env)
+    T = SMALL["episode_len"]
+    assert actions.shape == (2, T, env.config.max_actions) and not actions.any()
+    np.testing.assert_array_equal(states.time, np.broadcast_to(np.arange(T + 1), (2, T + 1)))
+    for i in range(2):
+        traj = viz.episode_at(states, i)
+        _, first = reset(scenario_keys(key, i)[0], params)
+        chex_equal(jax.tree_util.tree_map(lambda x: x[0], traj), first)
+        for t in range(T):
+            at = lambda x, t=t: x[t]  # noqa: E731
+            _, nxt, *_ = step(jax.random.PRNGKey(0), jax.tree_util.tree_map(at, traj),
+                              jnp.asarray(actions[i, t]), params)
+            chex_equal(jax.tree_util.tree_map(lambda x, t=t: x[t + 1], traj), nxt)
+    fig = viz.plot_episode(viz.episode_at(states, 0), params, actions[0])
+    _saved(fig, tmp_path, "recorded.png")
+    with pytest.raises(ValueError, match="num_scenarios"):
+        viz.record(make_policy("keep", env), key, 0, params, env)
+
+
+def chex_equal(a, b):
+    """Trees equal: ints exactly, floats to float32 rounding (XLA fuses differently in a scan)."""
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
