@@ -136,7 +136,8 @@ def _ready(slot: dict) -> bool:
     return slot["tool_wait"] == 0 and slot["remaining"] > 0
 
 
-def _copy(state: RefState) -> RefState:
+def copy_state(state: RefState) -> RefState:
+    """A copy that shares nothing mutable with `state` (the arrival schedule is read-only)."""
     out = dict(state)
     out["slots"] = [None if s is None else dict(s) for s in state["slots"]]
     out["pending"] = [dict(r) for r in state["pending"]]
@@ -203,7 +204,7 @@ def apply_actions(
 ) -> RefState:
     """Phase 1 alone: apply the action ids in order (any number); time does not advance."""
     S = _check_seqs(state, max_seqs)
-    state = _copy(state)
+    state = copy_state(state)
     for a in action:
         _apply_one(state, a, params, S)
     return state
@@ -342,7 +343,7 @@ def headroom_score(peak: float) -> float:
 
 def advance(state: RefState, params: RefParams) -> RefState:
     """Phases 2-8 (the engine's part of a step, after the agent has acted); time advances."""
-    state = _copy(state)
+    state = copy_state(state)
     B = budget_tokens(state, params)
     n_admit = _schedule(state, params, B)
     _decode(state, params)
@@ -493,19 +494,31 @@ def _state_from_lists(t: dict[str, Any]) -> RefState:
     }
 
 
-def state_arrays(state: Any) -> dict[str, Any]:
+def state_arrays(state: Any, canonical: bool = True) -> dict[str, Any]:
     """A (possibly batched) JAX EnvState -> nested dict of NumPy arrays with the same field names
-    as `to_arrays` (for comparisons)."""
+    and dtypes as `to_arrays` (for comparisons).
+
+    With `canonical`, empty slot rows and empty pending rows are zeroed (seq_id -1): the JAX step
+    leaves them inert but not necessarily cleared (every rule masks by `active` / `valid`)."""
     import jax
     import numpy as np
 
     host = jax.device_get(state)
 
-    def table(x: Any) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v) for k, v in vars(x).items()}
+    def table(x: Any, live: str | None = None) -> dict[str, np.ndarray]:
+        out = {k: np.asarray(v) for k, v in vars(x).items()}
+        if canonical and live is not None:
+            keep = out[live]
+            for k, v in out.items():
+                if k != live:
+                    out[k] = np.where(keep, v, -1 if k == "seq_id" else 0).astype(v.dtype)
+        return out
 
     out: dict[str, Any] = {
-        k: table(getattr(host, k)) for k in ("slots", "pending", "arrivals", "counters")
+        "slots": table(host.slots, "active"),
+        "pending": table(host.pending, "valid"),
+        "arrivals": table(host.arrivals),
+        "counters": table(host.counters),
     }
     for k in ("time", "usage_peak", "time_above_0_95", "pending_queue_growth", "tier", "regime",
               "memory_budget"):
@@ -607,13 +620,10 @@ def to_arrays_batch(states: Sequence[RefState]) -> dict[str, Any]:
     return _to_numpy(stack(trees))
 
 
-def to_jax(state: RefState) -> Any:
-    """Reference state -> JAX EnvState (so a hand-built reference state can be stepped by JAX)."""
+def _jax_state(a: dict[str, Any]) -> Any:
     import jax.numpy as jnp
 
     from kvjax.types import Counters, EnvState, Requests, Slots
-
-    a = to_arrays(state)
 
     def conv(d: dict[str, Any]) -> dict[str, Any]:
         return {k: jnp.asarray(v) for k, v in d.items()}
@@ -628,11 +638,22 @@ def to_jax(state: RefState) -> Any:
     )
 
 
+def to_jax(state: RefState) -> Any:
+    """Reference state -> JAX EnvState (so a hand-built reference state can be stepped by JAX)."""
+    return _jax_state(to_arrays(state))
+
+
+def to_jax_batch(states: Sequence[RefState]) -> Any:
+    """Many reference states -> one batched JAX EnvState (leading axis)."""
+    return _jax_state(to_arrays_batch(states))
+
+
 __all__ = [
     "COMPONENTS",
     "action_mask",
     "advance",
     "apply_actions",
+    "copy_state",
     "f32",
     "from_jax",
     "from_jax_batch",
@@ -645,6 +666,7 @@ __all__ = [
     "to_arrays",
     "to_arrays_batch",
     "to_jax",
+    "to_jax_batch",
     "total",
     "usage",
 ]
