@@ -6,11 +6,12 @@
 Each scenario `i` gets its own key `jax.random.fold_in(key, i)` (split into a reset key and a
 policy key; the policy's key at step t is `fold_in(policy_key, t)`), so results do not depend on
 the chunk size or on how many devices share the batch. One chunk runs
-`jit(vmap(reset + lax.scan(step_env over episode_len steps)))`; chunks are padded to a fixed size
-(one compile per policy and config; `params`, including the difficulty, are traced), and a tqdm bar
-tracks them. The chunk's scenario axis is sharded over a 1-D `jax.sharding.Mesh` of all devices
-(`mesh=None`: every device of every process; after `jax.distributed.initialize()` each process
-feeds its own part with `jax.make_array_from_process_local_data` and the results are gathered).
+`jit(lax.map over micro-batches of vmap(reset + lax.scan(step_env over episode_len steps)))`;
+chunks are padded to a fixed size (one compile per policy, config and size; `params`, including
+the difficulty, are traced), and a tqdm bar tracks them. A chunk's micro-batches are sharded
+over a 1-D `jax.sharding.Mesh` of all devices (`mesh=None`: every device of every process;
+after `jax.distributed.initialize()` each process feeds its own part with
+`jax.make_array_from_process_local_data` and the results are gathered).
 
 Returns numpy arrays of shape [num_scenarios]: every rubric component, the four metrics and
 `total` (`kvjax.rewards.rubric` of the final state), plus `tier`, `regime`, `invalid_actions`,
@@ -38,6 +39,7 @@ from kvjax.rewards import rubric
 from kvjax.types import EnvConfig, EnvParams, EnvState
 
 DEFAULT_CHUNK = 4096
+DEFAULT_MICRO, DEFAULT_MICRO_ACCEL = 1024, 16384
 BATCH_AXIS = "batch"
 EXTRA_FIELDS = ("invalid_actions", "completed", "evictions", "compressions", "swaps",
                 "preemptions", "queue_timeouts", "queue_overflows")
@@ -101,17 +103,37 @@ def episode(
 
 @functools.lru_cache(maxsize=64)
 def _compiled(policy, cfg: EnvConfig, return_trajectory: bool, mesh: Mesh | None):
-    """jit(vmap(episode)) for one policy/config; the index batch is sharded over `mesh`."""
+    """jit of: indices [n, micro] -> lax.map over the n micro-batches of vmap(episode).
+
+    Every micro-batch runs the same [micro]-shaped program whatever the chunk size and device
+    count, so results are bit-identical across them (XLA may otherwise vectorise float sums
+    differently for different batch shapes). With a mesh, `shard_map` gives each device its
+    own micro-batches (a 1-D mesh over the batch axis)."""
     env = KVCacheEnv(cfg)
-    fn = jax.vmap(
+    one = jax.vmap(
         lambda key, idx, params: episode(policy, env, key, idx, params, return_trajectory),
         in_axes=(None, 0, None),
     )
+
+    def local(key, idx, params):
+        return jax.lax.map(lambda i: one(key, i, params), idx)
+
     if mesh is None:
-        return jax.jit(fn)
-    batch = NamedSharding(mesh, P(BATCH_AXIS))
-    repl = NamedSharding(mesh, P())
-    return jax.jit(fn, in_shardings=(repl, batch, repl), out_shardings=batch)
+        return jax.jit(local)
+    spec = P(BATCH_AXIS)
+    # check_vma=False: the env's internal scans start from replicated constants (the check
+    # would ask for pcasts inside the core); every output is per-scenario, hence sharded.
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec, P()), out_specs=spec,
+                            check_vma=False)
+    return jax.jit(sharded)
+
+
+def default_micro_batch(num_scenarios: int) -> int:
+    """Scenarios vectorised together: the next power of two >= num_scenarios, capped at
+    DEFAULT_MICRO (1,024 on CPU, 16,384 on accelerators). Depends on nothing else, so results
+    do not depend on the device count."""
+    cap = DEFAULT_MICRO if jax.default_backend() == "cpu" else DEFAULT_MICRO_ACCEL
+    return int(min(cap, 2 ** math.ceil(math.log2(max(int(num_scenarios), 1)))))
 
 
 def default_mesh() -> Mesh:
@@ -125,7 +147,7 @@ def _place(indices: np.ndarray, mesh: Mesh) -> jax.Array:
     if jax.process_count() == 1:
         return jax.device_put(indices, sharding)
     n = jax.process_count()
-    per = indices.shape[0] // n
+    per = indices.shape[0] // n  # micro-batches per process (a multiple of its devices)
     local = indices[jax.process_index() * per:(jax.process_index() + 1) * per]
     return jax.make_array_from_process_local_data(sharding, local, indices.shape)
 
@@ -150,22 +172,28 @@ def rollout(
     return_trajectory: bool = False,
     progress: bool = True,
     mesh: Mesh | None = None,
+    micro_batch: int | None = None,
 ) -> dict[str, Any]:
     """Run `num_scenarios` whole episodes of `policy` and return per-scenario results (numpy).
 
-    `policy(key, state, params) -> int32[A]` (see kvjax.policies). `chunk_size` (default 4096,
-    rounded up to a multiple of the device count) bounds memory; the last chunk is padded.
-    `mesh`: a 1-D Mesh over the batch axis (default: all devices). Results are identical for
-    any chunk size and device count."""
+    `policy(key, state, params) -> int32[A]` (see kvjax.policies). Scenarios run in
+    micro-batches of `micro_batch` (default: `default_micro_batch(num_scenarios)`), the unit of
+    vectorisation; a chunk (default 4096 scenarios, rounded up to a whole number of
+    micro-batches per device) is one device call, which bounds memory; the last is padded.
+    `mesh`: a 1-D Mesh over the batch axis (default: all devices). For a given micro-batch size,
+    results are bit-identical for any chunk size and device count."""
     if int(num_scenarios) < 1:
         raise ValueError(f"num_scenarios must be >= 1, got {num_scenarios}")
     env = env or KVCacheEnv()
     mesh = mesh or default_mesh()
     n_dev = mesh.devices.size
-    chunk = int(chunk_size or min(DEFAULT_CHUNK, num_scenarios))
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk = math.ceil(chunk / n_dev) * n_dev
+    micro = int(micro_batch or default_micro_batch(num_scenarios))
+    chunk = int(chunk_size or max(micro, min(DEFAULT_CHUNK, int(num_scenarios))))
+    if chunk < 1 or micro < 1:
+        raise ValueError(f"chunk_size and micro_batch must be >= 1, got {chunk_size}, "
+                         f"{micro_batch}")
+    per_chunk = math.ceil(math.ceil(chunk / micro) / n_dev) * n_dev  # micro-batches per call
+    chunk = per_chunk * micro
     fn = _compiled(policy, env.config, bool(return_trajectory), mesh if n_dev > 1 else None)
     params = normalize_params(params)
     key = jnp.asarray(key)
@@ -173,9 +201,11 @@ def rollout(
     n_chunks = math.ceil(num_scenarios / chunk)
     for c in tqdm(range(n_chunks), desc=getattr(policy, "__name__", "rollout"),
                   disable=not progress or n_chunks < 2, leave=False):
-        idx = np.arange(c * chunk, (c + 1) * chunk, dtype=np.int32)
+        idx = np.arange(c * chunk, (c + 1) * chunk, dtype=np.int32).reshape(per_chunk, micro)
         idx_dev = _place(idx, mesh) if n_dev > 1 else jnp.asarray(idx)
-        out = _fetch(fn(key, idx_dev, params))
+        out = jax.tree_util.tree_map(
+            lambda x: x.reshape((chunk,) + x.shape[2:]), _fetch(fn(key, idx_dev, params))
+        )
         take = min(chunk, num_scenarios - c * chunk)
         parts.append(jax.tree_util.tree_map(lambda x, take=take: x[:take], out))
     if len(parts) == 1:
@@ -195,4 +225,12 @@ def summarize_results(results: dict[str, Any], z: float = 1.96) -> dict[str, dic
     return out
 
 
-__all__ = ["episode", "normalize_params", "rollout", "scenario_keys", "summarize_results"]
+__all__ = [
+    "default_mesh",
+    "default_micro_batch",
+    "episode",
+    "normalize_params",
+    "rollout",
+    "scenario_keys",
+    "summarize_results",
+]
