@@ -559,6 +559,45 @@ def plot_policy_violins(
     return fig
 
 
+def plot_metric_vs(
+    results: Mapping[str, Mapping[str, Any]],
+    x: str,
+    metric: str = "total",
+    *,
+    bins: Sequence[float] | None = None,
+    ax: Any = None,
+    title: str | None = None,
+) -> Figure:
+    """Mean of `metric` (95% CI error bars) against a per-scenario quantity `x` (a key in every
+    results dict, e.g. a memory budget or a swept `arrival_scale`), a line per policy. Without
+    `bins` each distinct value of `x` is a point; with `bins` (edges) scenarios are grouped into
+    bins plotted at their centres (empty bins are skipped)."""
+    if not results:
+        raise ValueError("results must name at least one policy")
+    fig, ax = _fig_ax(ax, figsize=(6.5, 3.8))
+    for name, res in results.items():
+        if x not in res:
+            raise ValueError(f"results[{name!r}] has no {x!r}; keys: {sorted(res)}")
+        xs = np.asarray(res[x], np.float64).ravel()
+        ys = _select(res, metric, None, None)
+        if bins is None:
+            pos = np.unique(xs)
+            groups = [ys[xs == v] for v in pos]
+        else:
+            edges = np.asarray(bins, np.float64)
+            idx = np.digitize(xs, edges) - 1
+            pos = (edges[:-1] + edges[1:]) / 2
+            groups = [ys[idx == b] for b in range(len(pos))]
+        keep = [i for i, g in enumerate(groups) if g.size]
+        stats = np.array([mean_ci(groups[i]) for i in keep]).reshape(-1, 2)
+        ax.errorbar(pos[keep], stats[:, 0], yerr=stats[:, 1], marker="o", capsize=3, label=name)
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"mean {metric} (95% CI)")
+    ax.set_title(title or f"{metric} against {x}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return fig
+
+
 # -- training ----------------------------------------------------------------------------------
 def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a JSON-lines metrics file into column arrays.
@@ -683,6 +722,7 @@ __all__ = [
     "plot_episode",
     "plot_learning_curves",
     "plot_memory",
+    "plot_metric_vs",
     "plot_policy_comparison",
     "plot_policy_violins",
     "read_metrics",

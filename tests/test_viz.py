@@ -276,6 +276,25 @@ def test_plot_policy_violins(results, tmp_path):
     assert fig.get_suptitle() == "spread"
 
 
+def test_plot_metric_vs(results, tmp_path):
+    scale = np.array([0.5, 0.5, 1.0, 1.0, 2.0, 2.0])
+    res = {k: {**v, "arrival_scale": scale} for k, v in results.items()}
+    fig = viz.plot_metric_vs(res, "arrival_scale", "total")
+    _saved(fig, tmp_path, "sweep.png")
+    (ax,) = fig.axes
+    keep_line, va_line = (c.lines[0] for c in ax.containers)  # errorbar data lines
+    np.testing.assert_array_equal(keep_line.get_xdata(), [0.5, 1.0, 2.0])
+    np.testing.assert_allclose(keep_line.get_ydata(), [0.15, -0.1, -0.35])
+    np.testing.assert_allclose(va_line.get_ydata(), [0.45, 0.3, 0.15])
+    assert ax.get_xlabel() == "arrival_scale" and ax.get_ylabel() == "mean total (95% CI)"
+    binned = viz.plot_metric_vs(res, "arrival_scale", bins=(0.0, 0.75, 1.5, 3.0, 4.0))
+    line = binned.axes[0].containers[0].lines[0]
+    np.testing.assert_allclose(line.get_xdata(), [0.375, 1.125, 2.25])  # empty 4th bin skipped
+    np.testing.assert_allclose(line.get_ydata(), [0.15, -0.1, -0.35])
+    with pytest.raises(ValueError, match="has no 'budget'"):
+        viz.plot_metric_vs(res, "budget")
+
+
 def _write_metrics(path):
     lines = [
         json.dumps({"step": 0, "total": 0.1, "entropy": 2.0, "eval": {"total": 0.0},
