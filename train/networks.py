@@ -1,0 +1,152 @@
+"""Flax actor-critic for kvjax: a permutation-equivariant slot encoder, autoregressive masked
+action heads (one `distrax.Categorical` per entry of the action vector) and a value head.
+
+Action ids follow the env: 0 = keep, 1 + k * S + slot for k in (evict, compress, swap_to_cpu).
+Each of the `max_actions` heads scores keep (from the pooled context) and the three kinds for
+every slot (a shared per-slot 3-logit layer), i.e. 1 + 3S logits, in that id order.
+
+Sequential validity: the env applies the actions of one step in order, so head h is masked with
+what is still valid after heads 0..h-1 (evict clears the slot, swap moves it off the GPU,
+compress raises its precision; keep is always valid). The update is computed exactly from the
+observation and the chosen prefix (`next_mask`), so a policy never wastes an action on a counted
+no-op. Later heads also see, per slot, which kinds earlier heads chose there.
+"""
+
+from __future__ import annotations
+
+import chex
+import distrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvjax.observations import GLOBAL_FEATURES, SLOT_FEATURES, Observation
+
+NEG = -1e9  # masked logit: probability exactly 0, entropy and log-probs stay finite
+_ACTIVE = SLOT_FEATURES.index("active")
+_INT8 = SLOT_FEATURES.index("int8")
+_INT4 = SLOT_FEATURES.index("int4")
+_REMAINING = GLOBAL_FEATURES.index("episode_remaining")
+
+
+def next_mask(mask: chex.Array, precision: chex.Array, action: chex.Array, S: int):
+    """Validity after applying `action` (scalar id) to a state whose mask is `mask` [1 + 3S] and
+    per-slot precision is `precision` [S] (int32). Returns (mask, precision)."""
+    kind = jnp.where(action > 0, (action - 1) // S, -1)  # 0 evict, 1 compress, 2 swap, -1 keep
+    hit = (action > 0) & (jnp.arange(S) == (action - 1) % S)
+    ev, co, sw = mask[1 : 1 + S], mask[1 + S : 1 + 2 * S], mask[1 + 2 * S :]
+    precision = precision + (hit & (kind == 1))
+    gone = hit & (kind == 0)  # evicted: nothing is valid on the slot any more
+    off_gpu = hit & (kind == 2)  # swapped: no compress / swap until it is back
+    ev = ev & ~gone
+    co = co & ~gone & ~off_gpu & (precision < 2)
+    sw = sw & ~gone & ~off_gpu
+    return jnp.concatenate([mask[:1], ev, co, sw]), precision
+
+
+def _precision(slots: chex.Array) -> chex.Array:
+    return (slots[..., _INT8] + 2.0 * slots[..., _INT4]).astype(jnp.int32)
+
+
+class ActorCritic(nn.Module):
+    """Slot encoder (a shared per-slot MLP over slot + global features, optional
+    self-attention, masked mean/max pooling into a context); `max_actions` autoregressive
+    heads; value head.
+
+    `__call__(obs, actions)` scores the given actions (teacher forcing) and returns
+    (logits [..., A, 1 + 3S] masked, value [...]). `sample` draws actions head by head.
+    Both work on unbatched observations; vmap for batches.
+    """
+
+    max_actions: int = 3
+    hidden: int = 32
+    attention: bool = False
+    num_heads: int = 2
+    keep_bias: float = 4.5  # ~ log(3 * 32): P(keep) ~ 1/2 at initialisation
+
+    def setup(self):
+        h = self.hidden
+        self.slot_mlp = [nn.Dense(h), nn.Dense(h)]
+        self.ctx = nn.Dense(h)
+        if self.attention:
+            self.attn = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=h)
+        # Per head: 3 logits per slot from the slot embedding plus which kinds earlier heads
+        # chose there; keep from the context plus how many earlier heads acted.
+        self.slot_heads = [nn.Dense(3) for _ in range(self.max_actions)]
+        # Keep starts as likely as all 3S slot actions together: an untrained policy then
+        # mostly leaves the cache alone instead of evicting at random, which learns faster.
+        keep_bias = nn.initializers.constant(self.keep_bias)
+        self.keep_heads = [nn.Dense(1, bias_init=keep_bias) for _ in range(self.max_actions)]
+        self.value_mlp = nn.Dense(h)
+        self.value_out = nn.Dense(1)
+
+    def encode(self, obs: Observation):
+        """-> per-slot embeddings [S, h], context [h], value (0 when no steps remain).
+
+        Every slot sees its own features next to the global ones (memory pressure, queue), so
+        one shared per-slot MLP already ranks slots in context; pooling gives the context."""
+        S = obs.slots.shape[0]
+        active = obs.slots[:, _ACTIVE] > 0.5
+        x = jnp.concatenate(
+            [obs.slots, jnp.broadcast_to(obs.globals, (S, obs.globals.shape[-1]))], axis=-1)
+        for layer in self.slot_mlp:
+            x = nn.relu(layer(x))
+        if self.attention:
+            x = x + self.attn(x, mask=active[None, None, :] | ~jnp.any(active))
+        n = jnp.maximum(jnp.sum(active), 1)
+        mean = jnp.sum(jnp.where(active[:, None], x, 0.0), axis=0) / n
+        mx = jnp.max(jnp.where(active[:, None], x, -1.0), axis=0)  # relu >= 0; -1 if none
+        ctx = nn.relu(self.ctx(jnp.concatenate([mean, mx, obs.globals])))
+        v = self.value_out(nn.relu(self.value_mlp(ctx)))[0]
+        # An episode with no steps left earns nothing more: this makes bootstrapping truncated
+        # episodes from info["final_observation"] exact (and not an untrained extrapolation).
+        v = jnp.where(obs.globals[_REMAINING] > 0, v, 0.0)
+        return x, ctx, v
+
+    def head_logits(self, h: int, e, ctx, chosen, mask):
+        """Masked logits [1 + 3S] of head h; `chosen` [S, 3] marks kinds earlier heads chose."""
+        per_slot = self.slot_heads[h](jnp.concatenate([e, chosen], axis=-1))  # [S, 3]
+        keep = self.keep_heads[h](jnp.concatenate([ctx, jnp.sum(chosen, axis=0)]))
+        logits = jnp.concatenate([keep, per_slot.T.reshape(-1)])  # id order: kind-major
+        return jnp.where(mask, logits, NEG)
+
+    def _chosen(self, chosen, action, S):
+        kind = jnp.where(action > 0, (action - 1) // S, -1)
+        hit = (action > 0) & (jnp.arange(S) == (action - 1) % S)
+        return chosen + (hit[:, None] & (jnp.arange(3)[None, :] == kind)).astype(jnp.float32)
+
+    def __call__(self, obs: Observation, actions: chex.Array):
+        """Teacher-forced logits of every head for `actions` [A], and the value."""
+        e, ctx, v = self.encode(obs)
+        S = e.shape[0]
+        mask, prec = obs.action_mask, _precision(obs.slots)
+        chosen = jnp.zeros((S, 3), jnp.float32)
+        out = []
+        for h in range(self.max_actions):  # static unroll over the (few) heads
+            out.append(self.head_logits(h, e, ctx, chosen, mask))
+            mask, prec = next_mask(mask, prec, actions[h], S)
+            chosen = self._chosen(chosen, actions[h], S)
+        return jnp.stack(out), v
+
+    def sample(self, obs: Observation, key: chex.PRNGKey, greedy: bool = False):
+        """Draw actions head by head -> (actions int32 [A], log_prob, entropy, value)."""
+        e, ctx, v = self.encode(obs)
+        S = e.shape[0]
+        mask, prec = obs.action_mask, _precision(obs.slots)
+        chosen = jnp.zeros((S, 3), jnp.float32)
+        acts, logp, ent = [], 0.0, 0.0
+        for h, k in enumerate(jax.random.split(key, self.max_actions)):
+            dist = distrax.Categorical(logits=self.head_logits(h, e, ctx, chosen, mask))
+            a = dist.mode() if greedy else dist.sample(seed=k)
+            a = a.astype(jnp.int32)
+            logp = logp + dist.log_prob(a)
+            ent = ent + dist.entropy()
+            acts.append(a)
+            mask, prec = next_mask(mask, prec, a, S)
+            chosen = self._chosen(chosen, a, S)
+        return jnp.stack(acts), logp, ent, v
+
+
+def dists(logits: chex.Array) -> distrax.Categorical:
+    """The per-head categorical distributions of masked logits [..., A, n]."""
+    return distrax.Categorical(logits=logits)
