@@ -13,6 +13,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.scenarios import budget_tokens, gpu_tokens
 from kvjax.types import (
@@ -26,6 +27,7 @@ from kvjax.types import (
     EnvConfig,
     EnvParams,
     EnvState,
+    Requests,
     Slots,
     memory_factor,
 )
@@ -33,7 +35,7 @@ from kvjax.types import (
 # Fraction of a token's value kept at each precision, by block type (rows) and tier (columns).
 # int8 is near lossless; int4 costs little on short outputs and a lot on long reasoning
 # (LMDeploy; SGLang FP4 table). The system prompt's quality scales every sequence's tokens.
-QUALITY = jnp.array(
+QUALITY = np.array(
     [
         [1.0, 0.98, 0.85],  # system
         [1.0, 0.98, 0.85],  # context
@@ -41,12 +43,31 @@ QUALITY = jnp.array(
         [1.0, 0.95, 0.50],  # reasoning
         [1.0, 0.99, 0.92],  # ephemeral
     ],
-    jnp.float32,
+    np.float32,
 )
 RISKY_PRIORITY = 70  # evicting a sequence at or above this priority is risky
 RISKY_PROGRESS = 0.7  # ... or one this far through its output
 HEADROOM_LEVELS = (0.8, 0.95, 1.0)  # peak usage thresholds for the headroom score
 HEADROOM_SCORES = (1.0, 0.5, 0.0, -0.5)  # below 0.8 / below 0.95 / at most 1.0 / above
+
+
+def quality_of(block_type: chex.Array, precision: chex.Array) -> chex.Array:
+    """QUALITY[block_type, precision] as selects (a 2-D gather is slow under vmap on CPU)."""
+    q = jnp.ones(block_type.shape, jnp.float32)
+    for b in range(QUALITY.shape[0]):
+        row = jnp.where(
+            precision == 1, QUALITY[b, 1], jnp.where(precision == 2, QUALITY[b, 2], 1.0)
+        )
+        q = jnp.where(block_type == b, row, q)
+    return q
+
+
+def prefix_sum(x: chex.Array) -> chex.Array:
+    """Inclusive cumulative sum along the last axis, in float32 (exact for the integer-valued
+    token counts used here). A triangular matmul: `jnp.cumsum` under vmap is ~3x slower on CPU."""
+    n = x.shape[-1]
+    tri = jnp.triu(jnp.ones((n, n), jnp.float32))
+    return x.astype(jnp.float32) @ tri
 
 
 def slot_memory(slots: Slots) -> chex.Array:
@@ -71,41 +92,75 @@ def action_validity(slots: Slots) -> tuple[chex.Array, chex.Array, chex.Array]:
     return slots.active, on_gpu & (slots.precision < 2), on_gpu
 
 
-def _apply_action(state: EnvState, action: chex.Array, params: EnvParams, S: int) -> EnvState:
-    """Apply one action id; anything that names nothing valid is a counted no-op."""
-    s, c = state.slots, state.counters
-    n_ids = 1 + 3 * S
-    in_range = (action > 0) & (action < n_ids)
-    kind = jnp.where(in_range, (action - 1) // S + 1, 0)
-    hit = in_range & (jnp.arange(S) == (action - 1) % S)  # one-hot [S]
-    can_evict, can_compress, can_swap = action_validity(s)
-    evict = hit & can_evict & (kind == EVICT)
-    compress = hit & can_compress & (kind == COMPRESS)
-    swap = hit & can_swap & (kind == SWAP)
-    did = jnp.any(evict | compress | swap)
+def apply_actions(
+    state: EnvState, action: chex.Array, params: EnvParams, cfg: EnvConfig
+) -> EnvState:
+    """Phase 1 alone: apply `action` (int32 [n], any n) in order; time does not advance.
 
-    ev = jnp.any(evict)
-    risky = (s.block_type == SYSTEM) | (s.priority >= RISKY_PRIORITY) | (
-        progress(s) >= RISKY_PROGRESS
+    Each action is checked against the slots as left by the earlier ones (a slot is evicted
+    or swapped at most once; compress twice goes fp16 -> int4). An action that names nothing
+    valid (keep excepted) is a counted no-op. Counters are summed once at the end: every
+    per-slot quantity they read (value, type, priority, progress) is unchanged by actions.
+    """
+    s, c = state.slots, state.counters
+    S = cfg.max_seqs
+    slot = jnp.arange(S)
+    active, precision, location = s.active, s.precision, s.location
+    evicted = jnp.zeros((S,), bool)
+    swapped = jnp.zeros((S,), bool)
+    n_compress = jnp.int32(0)
+    n_invalid = jnp.int32(0)
+    for a in range(action.shape[0]):  # static unroll: later actions see earlier ones
+        act = action[a]
+        in_range = (act > 0) & (act < 1 + 3 * S)
+        kind = jnp.where(in_range, (act - 1) // S + 1, 0)
+        hit = in_range & (slot == (act - 1) % S)
+        on_gpu = active & (location == GPU)
+        evict = hit & active & (kind == EVICT)
+        compress = hit & on_gpu & (precision < 2) & (kind == COMPRESS)
+        swap = hit & on_gpu & (kind == SWAP)
+        did = jnp.any(evict | compress | swap)
+        active = active & ~evict
+        precision = precision + compress
+        location = jnp.where(swap, CPU, location)
+        evicted = evicted | evict
+        swapped = swapped | swap
+        n_compress = n_compress + did * (kind == COMPRESS)
+        n_invalid = n_invalid + ((act != 0) & ~did)
+
+    risky = (
+        (s.block_type == SYSTEM) | (s.priority >= RISKY_PRIORITY) | (progress(s) >= RISKY_PROGRESS)
     )
     high_value = (s.block_type == SYSTEM) | (s.block_type == CONTEXT)
-    swapped_mem = jnp.sum(jnp.where(swap, slot_memory(s), 0.0))
+    # A swapped slot cannot be compressed afterwards, so it left at its final precision.
+    swapped_mem = jnp.sum(jnp.where(swapped, s.tokens * memory_factor(precision), 0.0))
     c = c.replace(
-        evictions=c.evictions + ev,
-        eviction_value_sum=c.eviction_value_sum + jnp.sum(jnp.where(evict, s.eviction_value, 0.0)),
-        high_value_lost=c.high_value_lost + jnp.any(evict & high_value),
-        risky_evictions=c.risky_evictions + jnp.any(evict & risky),
-        compressions=c.compressions + jnp.any(compress),
-        swaps=c.swaps + jnp.any(swap),
+        evictions=c.evictions + jnp.sum(evicted),
+        eviction_value_sum=c.eviction_value_sum
+        + jnp.sum(jnp.where(evicted, s.eviction_value, 0.0)),
+        high_value_lost=c.high_value_lost + jnp.sum(evicted & high_value),
+        risky_evictions=c.risky_evictions + jnp.sum(evicted & risky),
+        compressions=c.compressions + n_compress,
+        swaps=c.swaps + jnp.sum(swapped),
         latency=c.latency + transfer_seconds(swapped_mem, params),
-        invalid_actions=c.invalid_actions + ((action != 0) & ~did),
+        invalid_actions=c.invalid_actions + n_invalid,
     )
-    s = s.replace(
-        active=s.active & ~evict,
-        precision=s.precision + compress,
-        location=jnp.where(swap, CPU, s.location),
-    )
+    s = s.replace(active=active, precision=precision, location=location)
     return state.replace(slots=s, counters=c)
+
+
+# Request fields copied into a slot on admission (all int32).
+_ADMIT_FIELDS = (
+    "seq_id",
+    "block_type",
+    "tokens",
+    "priority",
+    "output_len",
+    "tool_period",
+    "tool_wait_len",
+    "tool_tokens",
+    "arrival_step",
+)
 
 
 def _schedule(state: EnvState, params: EnvParams, B: chex.Array) -> tuple[EnvState, chex.Array]:
@@ -117,7 +172,7 @@ def _schedule(state: EnvState, params: EnvParams, B: chex.Array) -> tuple[EnvSta
     mem = slot_memory(s)
     ready = s.active & (s.tool_wait == 0) & (s.remaining > 0)
     cand = ready & (s.location == CPU)
-    swap_in = cand & (jnp.cumsum(jnp.where(cand, mem, 0.0)) <= room)
+    swap_in = cand & (prefix_sum(jnp.where(cand, mem, 0.0)) <= room)
     swapped = jnp.sum(jnp.where(swap_in, mem, 0.0))
     room = room - swapped
     c = c.replace(
@@ -129,37 +184,29 @@ def _schedule(state: EnvState, params: EnvParams, B: chex.Array) -> tuple[EnvSta
         last_access=jnp.where(swap_in, t, s.last_access),
     )
 
-    # FIFO admission into free slots (k-th admitted request -> k-th free slot).
+    # FIFO admission into free slots (k-th admitted request -> k-th free slot). The request
+    # fields are packed into one [P, F] table so that admission is a single row gather.
     P = q.valid.shape[0]
     free = ~s.active
-    fits = q.valid & (jnp.cumsum(jnp.where(q.valid, q.tokens, 0)) <= room)
+    fits = q.valid & (prefix_sum(jnp.where(q.valid, q.tokens, 0)) <= room)
     admit = fits & (jnp.arange(P) < jnp.sum(free))
     n_admit = jnp.sum(admit)
-    rank = jnp.cumsum(free) - 1
+    rank = prefix_sum(free).astype(jnp.int32) - 1
     take = free & (rank < n_admit)
-    idx = jnp.clip(rank, 0, P - 1)
-
-    def pull(slot_x, queue_x):
-        return jnp.where(take, queue_x[idx], slot_x)
-
+    rows = jnp.stack([getattr(q, f) for f in _ADMIT_FIELDS], axis=-1)[jnp.clip(rank, 0, P - 1)]
+    new = {f: jnp.where(take, rows[:, i], getattr(s, f)) for i, f in enumerate(_ADMIT_FIELDS)}
     s = s.replace(
+        **new,
         active=s.active | take,
-        seq_id=pull(s.seq_id, q.seq_id),
-        block_type=pull(s.block_type, q.block_type),
-        tokens=pull(s.tokens, q.tokens),
         precision=jnp.where(take, 0, s.precision),
         location=jnp.where(take, GPU, s.location),
-        priority=pull(s.priority, q.priority),
-        eviction_value=pull(s.eviction_value, 1.0 - q.priority.astype(jnp.float32) / 100.0),
-        output_len=pull(s.output_len, q.output_len),
-        remaining=pull(s.remaining, q.output_len),
+        eviction_value=jnp.where(
+            take, 1.0 - new["priority"].astype(jnp.float32) / 100.0, s.eviction_value
+        ),
+        remaining=jnp.where(take, new["output_len"], s.remaining),
         last_access=jnp.where(take, t, s.last_access),
-        tool_period=pull(s.tool_period, q.tool_period),
-        tool_wait_len=pull(s.tool_wait_len, q.tool_wait_len),
-        tool_tokens=pull(s.tool_tokens, q.tool_tokens),
-        tool_countdown=pull(s.tool_countdown, q.tool_period),
+        tool_countdown=jnp.where(take, new["tool_period"], s.tool_countdown),
         tool_wait=jnp.where(take, 0, s.tool_wait),
-        arrival_step=pull(s.arrival_step, q.arrival_step),
     )
     return state.replace(slots=s, counters=c), n_admit
 
@@ -173,7 +220,7 @@ def _decode(state: EnvState, params: EnvParams) -> EnvState:
     running = ready & (s.location == GPU)
     stalled = ready & (s.location == CPU)
     gen = jnp.where(running, jnp.minimum(params.decode_tokens_per_step, s.remaining), 0)
-    quality = QUALITY[s.block_type, s.precision]
+    quality = quality_of(s.block_type, s.precision)
     system_quality = jnp.min(jnp.where(s.active & (s.block_type == SYSTEM), quality, 1.0))
     remaining = s.remaining - gen
 
@@ -215,12 +262,14 @@ def _preempt(state: EnvState, B: chex.Array) -> tuple[EnvState, chex.Array]:
     mem = jnp.where(s.location == GPU, slot_memory(s), 0.0)
     used = jnp.sum(mem)
     elig = s.active & (s.location == GPU)
-    # before[i, j]: j is preempted before i.
-    sys_i, sys_j = (s.block_type == SYSTEM)[:, None], (s.block_type == SYSTEM)[None, :]
-    arr_i, arr_j = s.arrival_step[:, None], s.arrival_step[None, :]
-    idx_i, idx_j = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
-    newer = (arr_j > arr_i) | ((arr_j == arr_i) & (idx_j > idx_i))
-    before = elig[None, :] & ((~sys_j & sys_i) | ((sys_j == sys_i) & newer))
+    # Victim order as one integer key (larger = preempted earlier): non-system first, then
+    # newest arrival, then higher slot. Arrival steps are > -4S and < episode_len.
+    order = (
+        jnp.where(s.block_type == SYSTEM, 0, 1) * (1 << 24)
+        + (s.arrival_step + 4 * S) * S
+        + jnp.arange(S)
+    )
+    before = elig[None, :] & (order[None, :] > order[:, None])  # [i, j]: j goes before i
     freed_before = jnp.sum(jnp.where(before, mem[None, :], 0.0), axis=1)
     victim = elig & (used - freed_before > B)
     n = jnp.sum(victim)
@@ -246,9 +295,7 @@ def _advance_queue(
     n_timeout = jnp.sum(timeout)  # FIFO: the oldest, so a prefix of what is left
     kept = count - n_admit - n_timeout
 
-    row = jax.tree_util.tree_map(
-        lambda x: x[jnp.minimum(t, cfg.episode_len - 1)], state.arrivals
-    )
+    row = jax.tree_util.tree_map(lambda x: x[jnp.minimum(t, cfg.episode_len - 1)], state.arrivals)
     arriving = row.valid & (t < cfg.episode_len)
     n_arrive = jnp.sum(arriving)
     accepted = jnp.minimum(n_arrive, P - kept)
@@ -258,11 +305,16 @@ def _advance_queue(
     src = jnp.clip(src, 0, P + K - 1)
     valid = pos < kept + accepted
 
-    def shift(old, new):
-        return jnp.where(valid, jnp.concatenate([old, new])[src], jnp.zeros((), old.dtype))
-
-    q = jax.tree_util.tree_map(shift, q, row)
-    q = q.replace(valid=valid, seq_id=jnp.where(valid, q.seq_id, -1))
+    fields = [f for f in vars(q) if f != "valid"]
+    table = jnp.concatenate(
+        [
+            jnp.stack([getattr(q, f) for f in fields], -1),
+            jnp.stack([getattr(row, f) for f in fields], -1),
+        ]
+    )[src]  # one row gather: [P, F]
+    table = jnp.where(valid[:, None], table, 0)
+    q = Requests(valid=valid, **{f: table[:, i] for i, f in enumerate(fields)})
+    q = q.replace(seq_id=jnp.where(valid, q.seq_id, -1))
     c = c.replace(
         queue_timeouts=c.queue_timeouts + n_timeout,
         queue_overflows=c.queue_overflows + overflow,
@@ -283,19 +335,12 @@ def headroom_score(peak_usage: chex.Array) -> chex.Array:
 
 
 def clear_empty(slots: Slots) -> Slots:
-    """Canonical empty rows: zeros everywhere, seq_id -1 (empty slots are inert)."""
+    """Canonical empty rows: zeros everywhere, seq_id -1. The step itself only resets seq_id:
+    every rule masks by `active`, so stale fields of empty rows are inert (and clearing all 17
+    fields every step costs ~20% of the step). Use this to compare states field by field."""
     empty = ~slots.active
     cleared = jax.tree_util.tree_map(lambda x: jnp.where(empty, jnp.zeros((), x.dtype), x), slots)
     return cleared.replace(active=slots.active, seq_id=jnp.where(empty, -1, slots.seq_id))
-
-
-def apply_actions(
-    state: EnvState, action: chex.Array, params: EnvParams, cfg: EnvConfig
-) -> EnvState:
-    """Phase 1 alone: apply `action` (int32 [n], any n) in order; time does not advance."""
-    for a in range(action.shape[0]):  # static unroll: later actions see earlier ones
-        state = _apply_action(state, action[a], params, cfg.max_seqs)
-    return state
 
 
 def advance(state: EnvState, params: EnvParams, cfg: EnvConfig) -> EnvState:
@@ -307,7 +352,7 @@ def advance(state: EnvState, params: EnvParams, cfg: EnvConfig) -> EnvState:
     state = _advance_queue(state, n_admit, params, cfg)
     c = state.counters.replace(headroom=state.counters.headroom + headroom_score(peak))
     return state.replace(
-        slots=clear_empty(state.slots),
+        slots=state.slots.replace(seq_id=jnp.where(state.slots.active, state.slots.seq_id, -1)),
         counters=c,
         time=state.time + 1,
         usage_peak=peak.astype(jnp.float32),

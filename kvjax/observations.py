@@ -84,6 +84,7 @@ def observe(state: EnvState, params: EnvParams) -> Observation:
         ],
         axis=-1,
     )
+    slot_feats = slot_feats * act[..., None]  # empty rows are all zeros (stale fields inert)
     pend_tokens = jnp.sum(jnp.where(q.valid, q.tokens, 0))
     oldest = jnp.max(jnp.where(q.valid, state.time - q.arrival_step, 0))
     cpu_mem = jnp.sum(jnp.where(s.location == CPU, mem, 0.0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.types import (
     CONTEXT,
@@ -27,31 +28,34 @@ from kvjax.types import (
 
 # Tier tables (easy, medium, hard): memory budget range and the two arrival regimes a tier
 # draws from with equal probability (seed: easy low/medium, medium medium/high, hard high/bursty).
-BUDGET_LO = jnp.array([0.90, 0.75, 0.65], jnp.float32)
-BUDGET_HI = jnp.array([1.00, 0.90, 0.80], jnp.float32)
-TIER_REGIMES = jnp.array([[0, 1], [1, 2], [2, 3]], jnp.int32)
+BUDGET_LO = (0.90, 0.75, 0.65)
+BUDGET_HI = (1.00, 0.90, 0.80)
+TIER_REGIMES = ((0, 1), (1, 2), (2, 3))
 
-# Regime tables (low, medium, high, bursty): mean arrivals per step in the calm state, in the
-# burst state, and the Gamma shape of the per-step rate (0 = plain Poisson-like).
-RATE_CALM = jnp.array([0.6, 1.0, 1.6, 0.5], jnp.float32)
-RATE_BURST = jnp.array([0.6, 1.0, 1.6, 3.5], jnp.float32)
-GAMMA_SHAPE = jnp.array([0.0, 0.0, 0.5, 0.0], jnp.float32)
-BURST_ENTER, BURST_EXIT = 0.25, 0.4  # 2-state Markov-modulated arrivals (bursty regime only)
+# Regime tables (low, medium, high, bursty): mean arrivals per step in the calm state and in the
+# burst state; the high regime multiplies each step's rate by Gamma(1/2, 2) (mean 1, CV 1.4 -
+# BurstGPT's Gamma shape 0.5), the bursty one is a 2-state Markov-modulated process.
+RATE_CALM = (0.6, 1.0, 1.6, 0.5)
+RATE_BURST = (0.6, 1.0, 1.6, 3.5)
+GAMMA_REGIME = 2
+BURSTY_REGIME = 3
+BURST_ENTER, BURST_EXIT = 0.25, 0.4  # per-step switch probabilities of the bursty chain
 
-# Block-type tables (system, context, generation, reasoning, ephemeral).
-INIT_MIX = jnp.array([0.0, 0.30, 0.30, 0.25, 0.15], jnp.float32)  # initial residents
-ARRIVAL_MIX = jnp.array([0.0, 0.25, 0.35, 0.25, 0.15], jnp.float32)
-PROMPT_MEDIAN = jnp.array([4096.0, 4000.0, 1200.0, 1500.0, 800.0], jnp.float32)  # tokens
-OUTPUT_MEDIAN = jnp.array([0.0, 60.0, 40.0, 120.0, 16.0], jnp.float32)  # tokens
+# Block-type tables (system, context, generation, reasoning, ephemeral). Mixes are in 20ths.
+INIT_MIX = (0, 6, 6, 5, 3)  # initial residents: 30% context, 30% generation, ...
+ARRIVAL_MIX = (0, 5, 7, 5, 3)  # arrivals: 25% context, 35% generation, 25% reasoning, ...
+PROMPT_MEDIAN = (4096.0, 4000.0, 1200.0, 1500.0, 800.0)  # tokens
+OUTPUT_MEDIAN = (0.0, 60.0, 40.0, 120.0, 16.0)  # tokens
 LENGTH_SIGMA = 0.6  # lognormal sigma for prompt and output lengths
-PRIORITY_LO = jnp.array([100, 45, 25, 1, 0], jnp.int32)
-PRIORITY_HI = jnp.array([100, 80, 45, 10, 5], jnp.int32)
+PRIORITY_LO = (100, 45, 25, 1, 0)
+PRIORITY_HI = (100, 80, 45, 10, 5)
 SYSTEM_TOKENS = (2048, 8192)  # one shared system prompt (Mooncake: one per trace)
 INITIAL_RESIDENTS = (8, 17)  # non-system sequences at reset, [lo, hi)
 INITIAL_OCCUPANCY = (0.60, 0.90)  # KV at reset as a fraction of kv_cache_bytes
 TOOL_PERIOD = (2, 6)  # decode steps between tool calls, [lo, hi)
 TOOL_WAIT = (1, 5)  # steps a tool call lasts, [lo, hi)
 TOOL_TOKENS_MEDIAN = 600.0  # tokens a tool result appends to the context
+IN_TOOL_AT_RESET = 0.3  # fraction of agentic residents paused in a tool call at reset
 
 
 def capacity_tokens(params: EnvParams) -> chex.Array:
@@ -61,28 +65,86 @@ def capacity_tokens(params: EnvParams) -> chex.Array:
     )
 
 
-def _lognormal(key: chex.PRNGKey, median: chex.Array, shape) -> chex.Array:
-    return median * jnp.exp(LENGTH_SIGMA * jax.random.normal(key, shape))
+def _lookup(table: tuple, index: chex.Array) -> chex.Array:
+    """table[index] for a small static table, as selects (gathers are slow under vmap on CPU)."""
+    out = jnp.full(index.shape, table[0], jnp.asarray(table[0]).dtype)
+    for i, v in enumerate(table[1:], start=1):
+        out = jnp.where(index == i, v, out)
+    return out
 
 
-def _request_fields(key: chex.PRNGKey, block_type: chex.Array) -> dict[str, chex.Array]:
-    """Per-request draws that depend only on the block type (any shape)."""
-    k_len, k_out, k_pri, k_per, k_wait, k_tool = jax.random.split(key, 6)
-    shape = block_type.shape
-    tokens = jnp.maximum(jnp.round(_lognormal(k_len, PROMPT_MEDIAN[block_type], shape)), 16.0)
-    output_len = jnp.maximum(jnp.round(_lognormal(k_out, OUTPUT_MEDIAN[block_type], shape)), 1.0)
-    output_len = jnp.where(block_type == SYSTEM, 0.0, output_len)
-    priority = jax.random.randint(
-        k_pri, shape, PRIORITY_LO[block_type], PRIORITY_HI[block_type] + 1
-    )
+class _Digits:
+    """Draws several small uniform integers from one uint32 word by mixed-radix digits.
+
+    Threefry bits are the dominant cost of a reset, so each slot / arrival uses one word for
+    all its discrete draws (exactly uniform up to a bias below n / 2^32)."""
+
+    def __init__(self, word: chex.Array):
+        self.x = word
+
+    def take(self, n) -> chex.Array:
+        n = jnp.asarray(n, jnp.uint32)
+        d = self.x % n
+        self.x = self.x // n
+        return d.astype(jnp.int32)
+
+
+def _fmix32(x: chex.Array) -> chex.Array:
+    """MurmurHash3's 32-bit finaliser (a bijective avalanche mix)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def random_words(key: chex.PRNGKey, shape: tuple[int, ...]) -> chex.Array:
+    """uint32 words for a scenario's draws: a counter hashed with a 64-bit seed from `key`.
+
+    Threefry costs ~17 ns per word on CPU and would be over half of a reset; one threefry
+    call seeds a counter-based hash instead (deterministic, vmap-invariant, a pure function
+    of the key)."""
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    n = int(np.prod(shape))
+    counter = jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
+    return _fmix32(_fmix32(counter ^ seed[0]) + seed[1]).reshape(shape)
+
+
+def _uniform(word: chex.Array) -> chex.Array:
+    """uint32 -> float32 uniform in the open interval (0, 1)."""
+    return ((word >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _lognormal(word: chex.Array, median: chex.Array) -> chex.Array:
+    return median * jnp.exp(LENGTH_SIGMA * jax.scipy.special.ndtri(_uniform(word)))
+
+
+def _block_type(digits: _Digits, mix: tuple) -> chex.Array:
+    """Categorical over block types from a mix in 20ths (inverse CDF)."""
+    d = digits.take(20)
+    edges = [sum(mix[: i + 1]) for i in range(len(mix))]
+    return sum(jnp.where(d >= e, 1, 0) for e in edges[:-1]).astype(jnp.int32)
+
+
+def _request_fields(words: chex.Array, digits: _Digits, block_type: chex.Array) -> dict:
+    """Per-request draws that depend only on the block type. `words` is uint32 [..., 3]."""
+    lo = _lookup(PRIORITY_LO, block_type)
+    priority = lo + digits.take(_lookup(PRIORITY_HI, block_type) - lo + 1)
     agentic = block_type == CONTEXT
-    tool_period = jnp.where(agentic, jax.random.randint(k_per, shape, *TOOL_PERIOD), 0)
-    tool_wait_len = jnp.where(agentic, jax.random.randint(k_wait, shape, *TOOL_WAIT), 0)
-    tool_tokens = jnp.where(
-        agentic, jnp.round(_lognormal(k_tool, jnp.float32(TOOL_TOKENS_MEDIAN), shape)), 0.0
+    tool_period = jnp.where(
+        agentic, TOOL_PERIOD[0] + digits.take(TOOL_PERIOD[1] - TOOL_PERIOD[0]), 0
     )
+    tool_wait_len = jnp.where(agentic, TOOL_WAIT[0] + digits.take(TOOL_WAIT[1] - TOOL_WAIT[0]), 0)
+    tokens = jnp.maximum(
+        jnp.round(_lognormal(words[..., 0], _lookup(PROMPT_MEDIAN, block_type))), 16.0
+    )
+    output_len = jnp.maximum(
+        jnp.round(_lognormal(words[..., 1], _lookup(OUTPUT_MEDIAN, block_type))), 1.0
+    )
+    output_len = jnp.where(block_type == SYSTEM, 0.0, output_len)
+    tool_tokens = jnp.where(agentic, jnp.round(_lognormal(words[..., 2], TOOL_TOKENS_MEDIAN)), 0.0)
     return dict(
-        block_type=block_type.astype(jnp.int32),
+        block_type=block_type,
         tokens=tokens.astype(jnp.int32),
         output_len=output_len.astype(jnp.int32),
         priority=priority.astype(jnp.int32),
@@ -92,65 +154,73 @@ def _request_fields(key: chex.PRNGKey, block_type: chex.Array) -> dict[str, chex
     )
 
 
-def _arrival_counts(key: chex.PRNGKey, regime: chex.Array, params: EnvParams, cfg: EnvConfig):
-    """Arrivals per step for T + 1 rows (row 0 is the queue at reset), each in [0, K]."""
-    k_burst, k_gamma, k_count = jax.random.split(key, 3)
-    rows = cfg.episode_len + 1
-    # 2-state Markov chain (only used by the bursty regime; start in the calm state).
-    u = jax.random.uniform(k_burst, (rows,))
+def _arrival_counts(words: chex.Array, regime: chex.Array, params: EnvParams, cfg: EnvConfig):
+    """Arrivals per step for T + 1 rows (row 0 is the queue at reset), each in [0, K].
+
+    `words` is uint32 [T + 1, 2 + K]: the chain's switch draw, the Gamma draw, K hit draws."""
+    u_switch = _uniform(words[:, 0])
 
     def chain(burst, u_t):
         nxt = jnp.where(burst, u_t >= BURST_EXIT, u_t < BURST_ENTER)
         return nxt, burst
 
-    _, burst = jax.lax.scan(chain, jnp.bool_(False), u)
-    rate = jnp.where(burst, RATE_BURST[regime], RATE_CALM[regime])
-    # Overdispersed regime: rate x Gamma(k, 1/k) per step (mean 1, CV 1/sqrt(k)).
-    shape = jnp.maximum(GAMMA_SHAPE[regime], 1e-3)
-    mult = jax.random.gamma(k_gamma, shape, (rows,)) / shape
-    rate = rate * jnp.where(GAMMA_SHAPE[regime] > 0, mult, 1.0)
+    _, burst = jax.lax.scan(chain, jnp.bool_(False), u_switch)
+    burst = burst & (regime == BURSTY_REGIME)
+    rate = jnp.where(burst, _lookup(RATE_BURST, regime), _lookup(RATE_CALM, regime))
+    # Gamma(1/2, scale 2) = Z^2 for a standard normal Z: exact, and no rejection loop.
+    z = jax.scipy.special.ndtri(_uniform(words[:, 1]))
+    rate = rate * jnp.where(regime == GAMMA_REGIME, z * z, 1.0)
     rate = rate * jnp.asarray(params.arrival_scale, jnp.float32)
     p = jnp.minimum(rate / cfg.max_arrivals, 1.0)
-    hits = jax.random.uniform(k_count, (rows, cfg.max_arrivals)) < p[:, None]
+    hits = _uniform(words[:, 2:]) < p[:, None]
     return hits.sum(axis=1).astype(jnp.int32)
 
 
 def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
     """Draw one scenario: tier, budget, arrival regime, initial cache, queue and schedule."""
     S, P, K, T = cfg.max_seqs, cfg.max_pending, cfg.max_arrivals, cfg.episode_len
-    keys = jax.random.split(key, 12)
+    sizes = (S * 5, (T + 1) * K * 4, (T + 1) * (2 + K), 6)
+    words = random_words(key, (sum(sizes),))
+    cuts = np.cumsum(sizes)[:-1]
+    w_slot, w_arr, w_count, w_misc = jnp.split(words, cuts)
+    w_slot = w_slot.reshape(S, 5)  # digits, 3 lengths, done fraction
+    w_arr = w_arr.reshape(T + 1, K, 4)  # digits, 3 lengths
+    w_count = w_count.reshape(T + 1, 2 + K)  # chain switch, Gamma draw, K hit draws
+
+    misc = _Digits(w_misc[0])
     difficulty = jnp.asarray(params.difficulty, jnp.int32)
-    tier = jnp.where(difficulty == 3, jax.random.randint(keys[0], (), 0, 3), difficulty)
-    regime = TIER_REGIMES[tier, jax.random.randint(keys[1], (), 0, 2)]
-    budget = jax.random.uniform(keys[2], (), minval=BUDGET_LO[tier], maxval=BUDGET_HI[tier])
+    tier = jnp.where(difficulty == 3, misc.take(3), difficulty)
+    regime = _lookup(tuple(r[0] for r in TIER_REGIMES), tier) + misc.take(2)
+    n_res = INITIAL_RESIDENTS[0] + misc.take(INITIAL_RESIDENTS[1] - INITIAL_RESIDENTS[0])
+    sys_tokens = SYSTEM_TOKENS[0] + _Digits(w_misc[1]).take(SYSTEM_TOKENS[1] - SYSTEM_TOKENS[0])
+    lo, hi = _lookup(BUDGET_LO, tier), _lookup(BUDGET_HI, tier)
+    budget = lo + (hi - lo) * _uniform(w_misc[2])
+    occupancy = INITIAL_OCCUPANCY[0] + (INITIAL_OCCUPANCY[1] - INITIAL_OCCUPANCY[0]) * _uniform(
+        w_misc[3]
+    )
 
     # Initial residents: slot 0 the shared system prompt, slots 1..n the sequences in flight.
-    n_res = jax.random.randint(keys[3], (), *INITIAL_RESIDENTS)
     slot = jnp.arange(S)
-    btype = jax.random.categorical(keys[4], jnp.log(INIT_MIX), shape=(S,))
-    btype = jnp.where(slot == 0, SYSTEM, btype)
-    f = _request_fields(keys[5], btype)
+    digits = _Digits(w_slot[:, 0])
+    btype = jnp.where(slot == 0, SYSTEM, _block_type(digits, INIT_MIX))
+    f = _request_fields(w_slot[:, 1:4], digits, btype)
     active = slot <= n_res
     # Scale resident lengths so the cache starts at the drawn occupancy (independent of the
     # tier: a tight budget then starts under pressure, as in the seed's hard tier).
     cap = capacity_tokens(params)
-    sys_tokens = jax.random.randint(keys[6], (), *SYSTEM_TOKENS).astype(jnp.float32)
-    occupancy = jax.random.uniform(keys[7], (), minval=INITIAL_OCCUPANCY[0],
-                                   maxval=INITIAL_OCCUPANCY[1])
     others = jnp.where(active & (slot > 0), f["tokens"], 0).astype(jnp.float32)
     scale = jnp.maximum(occupancy * cap - sys_tokens, 0.0) / jnp.maximum(others.sum(), 1.0)
     tokens = jnp.where(slot == 0, sys_tokens, jnp.maximum(jnp.round(others * scale), 16.0))
     tokens = jnp.where(active, tokens, 0.0).astype(jnp.int32)
-    # In-flight sequences have generated part of their output already.
-    done_frac = jax.random.uniform(keys[8], (S,), maxval=0.8)
+    # In-flight sequences have generated part of their output already (up to 80%).
+    done_frac = 0.8 * _uniform(w_slot[:, 4])
     remaining = jnp.maximum(jnp.round(f["output_len"] * (1.0 - done_frac)), 1).astype(jnp.int32)
     remaining = jnp.where(btype == SYSTEM, 0, remaining)
-    kc, kw, ks = jax.random.split(keys[9], 3)
     agentic = f["tool_period"] > 0
-    countdown = jnp.where(agentic, jax.random.randint(kc, (S,), 1, TOOL_PERIOD[1]), 0)
-    in_tool = agentic & (jax.random.uniform(ks, (S,)) < 0.3)
-    tool_wait = jnp.where(in_tool, jax.random.randint(kw, (S,), 1, TOOL_WAIT[1]), 0)
-    zi = jnp.zeros((S,), jnp.int32)
+    countdown = jnp.where(agentic, 1 + digits.take(TOOL_PERIOD[1] - 1), 0)
+    in_tool = agentic & (digits.take(10) < int(IN_TOOL_AT_RESET * 10))
+    tool_wait = jnp.where(in_tool, 1 + digits.take(TOOL_WAIT[1] - 1), 0)
+    last_access = -1 - digits.take(8)
 
     def act(x, empty=0):
         return jnp.where(active, x, jnp.asarray(empty, x.dtype))
@@ -160,13 +230,13 @@ def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
         seq_id=act(slot.astype(jnp.int32), -1),
         block_type=act(f["block_type"]),
         tokens=tokens,
-        precision=zi,
-        location=zi,
+        precision=jnp.zeros((S,), jnp.int32),
+        location=jnp.zeros((S,), jnp.int32),
         priority=act(f["priority"]),
         eviction_value=act(1.0 - f["priority"].astype(jnp.float32) / 100.0),
         output_len=act(f["output_len"]),
         remaining=act(remaining),
-        last_access=act(jax.random.randint(jax.random.fold_in(keys[9], 7), (S,), -8, 0)),
+        last_access=act(last_access.astype(jnp.int32)),
         tool_period=act(f["tool_period"]),
         tool_wait_len=act(f["tool_wait_len"]),
         tool_tokens=act(f["tool_tokens"]),
@@ -176,11 +246,12 @@ def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
     )
 
     # Arrival schedule: row 0 is the queue at reset, rows 1..T arrive at the end of steps 0..T-1.
-    counts = _arrival_counts(keys[10], regime, params, cfg)
+    counts = _arrival_counts(w_count, regime, params, cfg)
     k_idx = jnp.arange(K)
     valid = k_idx[None, :] < counts[:, None]  # [T+1, K], FIFO prefix within a step
-    abtype = jax.random.categorical(keys[11], jnp.log(ARRIVAL_MIX), shape=(T + 1, K))
-    af = _request_fields(jax.random.fold_in(keys[11], 1), abtype)
+    adigits = _Digits(w_arr[..., 0])
+    abtype = _block_type(adigits, ARRIVAL_MIX)
+    af = _request_fields(w_arr[..., 1:4], adigits, abtype)
     row = jnp.arange(T + 1, dtype=jnp.int32)[:, None]
     seq_id = S + row * K + k_idx[None, :].astype(jnp.int32)
     schedule = Requests(
@@ -201,7 +272,7 @@ def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
         queue_timeouts=zn, completed=zn, latency=zf, headroom=zf, evictions=zn,
         eviction_value_sum=zf, high_value_lost=zn, risky_evictions=zn, compressions=zn,
         swaps=zn, swap_ins=zn, invalid_actions=zn,
-    )
+    )  # fmt: skip
     state = EnvState(
         slots=slots,
         pending=pending,

@@ -157,4 +157,4 @@ class EnvParams:
 
 def memory_factor(precision: chex.Array) -> chex.Array:
     """fp16 -> 1.0, int8 -> 0.5, int4 -> 0.25 (float32)."""
-    return jnp.exp2(-precision.astype(jnp.float32))
+    return jnp.where(precision == 0, 1.0, jnp.where(precision == 1, 0.5, 0.25)).astype(jnp.float32)
