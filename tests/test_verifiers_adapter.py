@@ -7,6 +7,7 @@ Skips cleanly when the `verifiers` extra is not installed."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import sys
@@ -33,9 +34,17 @@ def observation(messages: list[dict]) -> dict:
     raise AssertionError("no observation in the conversation")
 
 
+FULL_INDEX = 1  # the task the script plays to the end; the others stop early
+
+
+@functools.cache
+def _full_first() -> str:
+    return json.dumps(Session.new("hard", SEED, FULL_INDEX).summary(), sort_keys=True)
+
+
 def full_episode(first: dict) -> bool:
-    """Which scenarios the script plays to the end (the others stop early)."""
-    return first["cache_overview"]["sequences"] % 2 == 0
+    """Whether the conversation is task FULL_INDEX (recognised by its first observation)."""
+    return json.dumps(first, sort_keys=True) == _full_first()
 
 
 def script(n: int, first: dict, obs: dict) -> list[tuple[str, str]]:
@@ -166,9 +175,10 @@ def test_rewards_and_metrics_match_the_session(run):
         assert trace.state.step == 15
         assert Session.from_json(trace.state.session).actions == session.actions
         lengths.add(model_steps)
+        assert (model_steps == 15) == (index == FULL_INDEX)
         stop = "episode_done" if model_steps == 15 else "agent_completed"
         assert trace.stop_condition == stop
-    assert 15 in lengths and 3 in lengths  # one full episode, one early stop
+    assert sorted(lengths) == [3, 15]  # task FULL_INDEX played 15 messages, the others 3
     saved = [json.loads(line) for f in out.rglob("traces.jsonl") for line in f.open()]
     assert len(saved) == N_TASKS  # vf-eval's own results file
 
