@@ -191,8 +191,10 @@ class Session:
         """Scenario `index` of the `seed` stream at `difficulty` (easy/medium/hard/all)."""
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"unknown difficulty {difficulty!r}; allowed: {list(DIFFICULTIES)}")
-        if not isinstance(index, int) or index < 0:
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"index must be a non-negative int, got {index!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         config = config or EnvConfig()
         base = params if params is not None else EnvParams()
         params = base.replace(difficulty=difficulty_index(difficulty))

@@ -68,6 +68,8 @@ def test_bad_difficulty_and_index_raise_value_error():
         Session.new("extreme")
     with pytest.raises(ValueError, match="non-negative"):
         Session.new("easy", index=-1)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        Session.new("easy", seed="42")
 
 
 def test_valid_calls_buffer_action_ids_in_order(fresh):
