@@ -20,33 +20,39 @@ from kvjax import viz
 
 # A small config keeps the jit compiles short; all 8 slots are occupied at reset.
 SMALL = dict(max_seqs=8, max_pending=4, max_arrivals=2, episode_len=6)
-KEY = jax.random.PRNGKey(2)  # scenario 0: slot 1 paused in a tool call, slots 2, 3, 7 long
-
-
-def _ids(env, *pairs):
-    return [env.encode_action(k, s) if k != "keep" else 0 for k, s in pairs]
+KEY = jax.random.PRNGKey(2)
 
 
 @pytest.fixture(scope="module")
 def episode():
-    """One hard-tier episode (rollout's scenario 0 of KEY) played by a scripted policy through
-    `viz.record`: (env, params, states [T + 1] with the initial state first, actions [T, A])."""
+    """One hard-tier episode (rollout's scenario 0 of KEY) played through `viz.record` by a
+    scripted policy that picks its targets from the state it sees (so the script stays valid
+    whatever the scenario): (env, params, states [T + 1], initial state first, actions [T, A]).
+
+    step 0: evict X, evict X again (a no-op: X is gone)   X = longest fp16 GPU sequence
+    step 1: compress Y three times (fp16 -> int8 -> int4, then a no-op)
+    step 2: swap Z to CPU twice (the 2nd a no-op)          Z = preferably paused in a tool call
+    step 3: evict the system prompt (slot 0); step 4: keep; step 5: compress the longest."""
     env, params = kvjax.make("kv-cache-v0", difficulty="hard", **SMALL)
-    script = jnp.array([
-        _ids(env, ("evict", 3), ("evict", 3), ("keep", 0)),  # 2nd evict: slot already empty
-        _ids(env, ("compress", 2), ("compress", 2), ("compress", 2)),  # 3rd: already int4
-        _ids(env, ("swap_to_cpu", 1), ("swap_to_cpu", 1), ("keep", 0)),  # 2nd: already on CPU
-        _ids(env, ("evict", 0), ("keep", 0), ("keep", 0)),  # the system prompt
-        _ids(env, ("keep", 0), ("keep", 0), ("keep", 0)),
-        _ids(env, ("compress", 7), ("keep", 0), ("keep", 0)),
-    ], jnp.int32)
+    ev, cp, sw = (env.encode_action(k, 0) for k in ("evict", "compress", "swap_to_cpu"))
+    rows = jnp.array([[ev, ev, 0], [cp, cp, cp], [sw, sw, 0], [ev, 0, 0], [0, 0, 0], [cp, 0, 0]])
 
     def scripted(key, state, params):
-        return script[state.time]
+        s = state.slots
+        movable = s.active & (s.block_type != 0) & (s.location == 0)
+        longest = jnp.argmax(jnp.where(movable & (s.precision == 0), s.remaining, -1))
+        paused = jnp.argmax(jnp.where(movable, s.tool_wait * 10_000 + s.remaining, -1))
+        target = jnp.stack([longest, longest, paused, 0, 0, longest])[state.time]
+        row = rows[state.time]
+        return jnp.where(row > 0, row + target, 0).astype(jnp.int32)
 
     states, actions = viz.record(scripted, KEY, 1, params, env)
-    np.testing.assert_array_equal(actions[0], script)
     return env, params, viz.episode_at(states, 0), actions[0]
+
+
+def _targets(actions):
+    """Slot each step's first action names."""
+    return (actions[:, 0] - 1) % SMALL["max_seqs"]
 
 
 def _hlines(ax):
@@ -114,7 +120,8 @@ def test_effective_actions_replay_in_order(episode):
     np.testing.assert_array_equal(
         ev["kind"], [[E, 0, 0], [C, C, 0], [W, 0, 0], [E, 0, 0], [0, 0, 0], [C, 0, 0]]
     )
-    np.testing.assert_array_equal(ev["slot"][:, 0], [3, 2, 1, 0, 0, 7])
+    np.testing.assert_array_equal(ev["slot"][:, 0], _targets(actions) * (ev["kind"][:, 0] > 0))
+    assert _targets(actions)[3] == 0
     assert ev["block_type"][3, 0] == 0  # the system prompt
     # Same counts as the env's own counters, step by step.
     c = traj.counters
@@ -132,7 +139,8 @@ def test_action_mix_counts(episode):
     mix = viz.action_mix(states, actions)
     assert mix.shape == (3, 5) and mix.sum() == 6
     bt = traj.slots.block_type
-    assert mix[0, bt[0, 3]] >= 1 and mix[0, 0] == 1  # evicted slot 3's type and the system
+    x = _targets(actions)[0]
+    assert mix[0, bt[0, x]] >= 1 and mix[0, 0] == 1  # evicted slot x's type and the system
     assert mix[1].sum() == 3 and mix[2].sum() == 1
     # Batched leading axes give the sum of the parts.
     both = jax.tree_util.tree_map(lambda x: np.stack([x, x]), states)
@@ -147,16 +155,20 @@ def test_plot_cache_map_marks_actions(episode, tmp_path):
     (img,) = [im for im in ax.get_children() if isinstance(im, AxesImage)]
     rgb = np.asarray(img.get_array())
     assert rgb.shape == (SMALL["max_seqs"], 7, 3)  # slots x time
-    np.testing.assert_allclose(rgb[3, 1], 1.0)  # slot 3 evicted at step 0: white afterwards
-    assert not np.allclose(rgb[3, 0], 1.0)
+    x, y, z, _, _, w = _targets(actions)
+    sl = traj.slots
+    assert not np.allclose(rgb[x, 0], 1.0)
+    if not sl.active[1, x]:  # x was evicted at step 0 (unless a new arrival took the slot)
+        np.testing.assert_allclose(rgb[x, 1], 1.0)
+    assert sl.seq_id[1, x] != sl.seq_id[0, x]
     # int4 slot 2 is paler than the fp16 slot 2 it was.
-    assert rgb[2, 2].mean() > rgb[2, 0].mean()
+    if sl.seq_id[2, y] == sl.seq_id[1, y]:
+        assert sl.precision[2, y] == 2 and rgb[y, 2].mean() > rgb[y, 1].mean()
     marks = {c.get_label(): c.get_offsets() for c in ax.collections
              if isinstance(c, PathCollection)}
-    np.testing.assert_array_equal(marks["evict"], [[0.5, 3], [3.5, 0]])
-    np.testing.assert_array_equal(marks["compress"], [[1.5, 2], [1.5, 2], [5.5, 7]])
-    np.testing.assert_array_equal(marks["swap_to_cpu"], [[2.5, 1]])
-    assert traj.slots.location[3, 1] == 1  # slot 1 is paused in a tool call: stays on CPU
+    np.testing.assert_array_equal(marks["evict"], [[0.5, x], [3.5, 0]])
+    np.testing.assert_array_equal(marks["compress"], [[1.5, y], [1.5, y], [5.5, w]])
+    np.testing.assert_array_equal(marks["swap_to_cpu"], [[2.5, z]])
     on_cpu = {(int(x), int(y)) for x, y in marks["on CPU"]}
     cpu = traj.slots.active & (traj.slots.location == 1)
     assert on_cpu == {(int(t), int(s)) for t, s in zip(*np.nonzero(cpu), strict=True)}
@@ -168,7 +180,7 @@ def test_inferred_preemptions_agree_with_counters(episode):
     pre = viz.inferred_preemptions(traj, params, actions)
     per_step = pre.sum(1)
     assert np.all(per_step <= np.diff(traj.counters.preemptions))
-    assert not pre[0, 3] and not pre[3, 0]  # agent evictions are not preemptions
+    assert not pre[0, _targets(actions)[0]] and not pre[3, 0]  # agent evictions are not
 
 
 def test_plot_episode(episode, tmp_path):
