@@ -149,7 +149,11 @@ def test_end_turn_plays_the_padded_buffer_like_the_reference_oracle(fresh):
         assert got[k] == pytest.approx(expect[k], abs=1e-5), k
     assert reward == pytest.approx(expect["total"] - reference.total(ref_state, ref_params),
                                    abs=1e-5)
-    assert not s.state.slots.active[3] and int(s.state.counters.evictions) == 1
+    live = np.asarray(s.state.slots.seq_id)[np.asarray(s.state.slots.active)]
+    assert 3 not in live.tolist() and int(s.state.counters.evictions) == 1
+    got_c = reference.state_arrays(s.state)["counters"]
+    for k, v in reference.to_arrays(after)["counters"].items():
+        assert np.allclose(got_c[k], v, rtol=1e-6, atol=1e-6), k
 
 
 def test_message_without_tool_calls_plays_the_rest_as_keep(fresh):
