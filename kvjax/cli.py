@@ -1,0 +1,190 @@
+"""`kvjax` command line: demo, eval, bench, leaderboard.
+
+    kvjax demo [--num-scenarios 4096] [--seed 0] [--out-dir runs]
+    kvjax eval --policy NAME --difficulty TIER [--num-scenarios N] [--seed S] [--json]
+    kvjax bench [--json] [--batch-sizes 1 1024 4096] [--repeats R] [--write PATH]
+    kvjax leaderboard [--num-scenarios 4096] [--seed 0] [--output docs/leaderboard.md]
+
+Unknown policy / tier names exit with code 2 and list the allowed values (argparse choices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kvjax.policies import POLICY_NAMES
+from kvjax.types import DIFFICULTIES
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvjax", description="Batched KV-cache pressure simulator: baselines and benchmark."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="every baseline on every tier: leaderboard, plot, speed")
+    demo.add_argument("--num-scenarios", type=_positive, default=4096)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out-dir", default="runs", help="where the plot is saved")
+    demo.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=list(POLICY_NAMES))
+
+    ev = sub.add_parser("eval", help="one policy on one tier: rubric means and 95%% intervals")
+    ev.add_argument("--policy", required=True, choices=POLICY_NAMES)
+    ev.add_argument("--difficulty", default="medium", choices=DIFFICULTIES)
+    ev.add_argument("--num-scenarios", type=_positive, default=1024)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", action="store_true", help="print one JSON record")
+
+    be = sub.add_parser("bench", help="env-steps/s per policy and batch size vs the reference")
+    be.add_argument("--json", action="store_true", help="print one JSON record")
+    be.add_argument("--batch-sizes", type=_positive, nargs="+", default=None)
+    be.add_argument("--repeats", type=_positive, default=5)
+    be.add_argument("--policies", nargs="+", choices=POLICY_NAMES,
+                    default=["keep", "random", "value_aware"])
+    be.add_argument("--write", default=None, metavar="PATH",
+                    help="also write the markdown report (e.g. docs/benchmarks.md)")
+
+    lb = sub.add_parser("leaderboard", help="regenerate docs/leaderboard.md")
+    lb.add_argument("--num-scenarios", type=_positive, default=4096)
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("--output", default="docs/leaderboard.md")
+    lb.add_argument("--note", default="", help="a line added under the header (e.g. load)")
+    return parser
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import jax
+
+    import kvjax
+    from kvjax.leaderboard import label
+    from kvjax.policies import make_policy
+    from kvjax.rollout import rollout, summarize_results
+
+    env, params = kvjax.make("kv-cache-v0", difficulty=args.difficulty)
+    t0 = time.perf_counter()
+    res = rollout(make_policy(args.policy, env), jax.random.PRNGKey(args.seed),
+                  args.num_scenarios, params, env, progress=not args.json)
+    summary = summarize_results(res)
+    record = {"policy": args.policy, "difficulty": args.difficulty,
+              "num_scenarios": args.num_scenarios, "seed": args.seed,
+              "seconds": round(time.perf_counter() - t0, 3), "results": summary}
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(f"{label(args.policy)} on {args.difficulty}, {args.num_scenarios:,} scenarios "
+          f"(seed {args.seed}, {record['seconds']:.1f} s incl. compile)")
+    for k, v in summary.items():
+        print(f"  {k:<26} {v['mean']:+.4f} ± {v['ci95']:.4f}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from kvjax import leaderboard
+    from kvjax.viz import plot_policy_comparison
+
+    t0 = time.perf_counter()
+    results, speed = leaderboard.evaluate(args.policies, leaderboard.TIERS, args.num_scenarios,
+                                          args.seed)
+    print(leaderboard.console_table(results))
+    flat = {
+        leaderboard.label(name): {k: np.concatenate([per_tier[t][k] for t in per_tier])
+                                  for k in ("total", "tier")}
+        for name, per_tier in results.items()
+    }
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = plot_policy_comparison(flat, "total", by="tier",
+                                 title=f"kvjax baselines, {args.num_scenarios:,} scenarios/tier")
+    path = out / "demo_leaderboard.png"
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+    episodes = len(results) * len(leaderboard.TIERS) * args.num_scenarios
+    fast = "value_aware" if "value_aware" in speed else next(iter(speed))
+    print(f"throughput: {fast} {speed[fast]:,.0f} env-steps/s (batched rollout, after compile); "
+          f"{episodes:,} episodes in {time.perf_counter() - t0:.1f} s total incl. compiles")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kvjax import bench
+
+    record = bench.run_benchmark(args.batch_sizes, args.policies, args.repeats,
+                                 progress=not args.json)
+    table = bench.markdown_table(record)
+    if args.write:
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(benchmarks_document(record, table))
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(table)
+        print(bench.summary_line(record))
+    return 0
+
+
+def benchmarks_document(record: dict, table: str) -> str:
+    """The docs/benchmarks.md text for one benchmark record."""
+    from kvjax import bench
+
+    m = record["machine"]
+    cfg = record["config"]
+    return "\n".join([
+        "# Benchmarks",
+        "",
+        "Regenerate with `kvjax bench --write docs/benchmarks.md` (GPU: "
+        "`scripts/gpu_bench.sh`). Env-steps/s of whole batched episodes: one jitted call resets "
+        f"`batch` scenarios and plays their {cfg['episode_len']} steps with the policy "
+        f"({cfg['max_seqs']} slots, {cfg['max_actions']} actions per step, difficulty "
+        f"{cfg['difficulty']}); median of {cfg['repeats']} calls after a warm-up, compile time "
+        "reported apart.",
+        "",
+        f"Machine: {m['backend']} / {m['device']} x{m['device_count']}, {m['cpu_count']} CPU "
+        f"cores ({m['processor']}), Python {m['python']}, jax {m['jax']}; 1-minute load "
+        f"average at the end of the run {m['load_avg_1m']} (a shared machine: other jobs ran "
+        "at the same time, so these are lower bounds).",
+        "",
+        table,
+        "",
+        f"Headline: {bench.summary_line(record)}.",
+        "",
+    ])
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from kvjax import leaderboard
+
+    results, speed = leaderboard.evaluate(POLICY_NAMES, leaderboard.TIERS, args.num_scenarios,
+                                          args.seed)
+    text = leaderboard.document(results, args.num_scenarios, args.seed, speed, args.note)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text)
+    print(leaderboard.console_table(results))
+    print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "eval": _cmd_eval, "bench": _cmd_bench,
+            "leaderboard": _cmd_leaderboard}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kvjax` console script."""
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
