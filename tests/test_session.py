@@ -240,3 +240,33 @@ def test_policy_through_the_tool_interface_matches_the_batched_rollout(difficult
         assert int(c.invalid_actions) == int(batch["invalid_actions"][i]) == 0
         acted += sum(a != 0 for step in s.actions for a in step)
     assert acted > 0  # the policy did act through the tools
+
+
+def _eval_llm(argv: list[str]) -> int:
+    import argparse
+
+    from kvjax.adapters import add_eval_llm_parser, cmd_eval_llm
+
+    parser = argparse.ArgumentParser(prog="kvjax")
+    add_eval_llm_parser(parser.add_subparsers(dest="command", required=True))
+    return cmd_eval_llm(parser.parse_args(["eval-llm", *argv]))
+
+
+def test_eval_llm_policy_path_prints_the_session_scores(capsys, fresh):
+    assert _eval_llm(["--policy", "keep", "--difficulty", "hard", "-n", "1"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    s = clone(fresh)  # hard scenario 0 of seed 42, played as keep() throughout
+    s.finish()
+    assert lines[0]["task"] == "hard-42-0" and lines[0]["reward"] == s.rubric()["total"]
+    assert lines[-1] == {"policy": "keep", "difficulty": "hard",
+                         "mean_reward": s.rubric()["total"], "n": 1}
+
+
+def test_eval_llm_bad_input_exits_2(capsys):
+    assert _eval_llm(["--difficulty", "hard"]) == 2
+    assert "--model and --base-url are required" in capsys.readouterr().err
+    assert _eval_llm(["--policy", "keep", "-m", "x", "--base-url", "http://h/v1"]) == 2
+    assert _eval_llm(["--policy", "keep", "-n", "0"]) == 2
+    with pytest.raises(SystemExit) as e:
+        _eval_llm(["--policy", "nope"])
+    assert e.value.code == 2 and "allowed: ['keep'" in capsys.readouterr().err

@@ -6,7 +6,6 @@ Skips cleanly when the `verifiers` extra is not installed."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import json
@@ -96,11 +95,10 @@ def replay(index: int) -> tuple[Session, list[list]]:
 def run(tmp_path_factory):
     """Parse the documented command line with vf-eval's own config parser, then run it
     in-process with `run_eval` against the fake server (offline)."""
-    from verifiers.v1.cli.eval.runner import run_eval
     from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
     from verifiers.v1.runtimes import subprocess as vf_subprocess
 
-    from kvjax.adapters.verifiers import eval_argv, eval_config
+    from kvjax.adapters.verifiers import eval_argv, eval_config, evaluate
 
     tmp = tmp_path_factory.mktemp("vf")
     with pytest.MonkeyPatch.context() as mp, FakeOpenAI(reply) as server:
@@ -116,12 +114,16 @@ def run(tmp_path_factory):
         mp.setattr(vf_subprocess, "CACHE_DIR", tmp / "cache")
         mp.setenv("KVJAX_FAKE_KEY", "not-a-secret")
 
+        # python -m kvjax.adapters.verifiers (= kvjax eval-llm) builds the documented command
         # vf-eval kv_cache_eviction -m fake-model --client.base-url URL --client.api-key-var
         #   KVJAX_FAKE_KEY -n 3 -r 1 --env.taskset.difficulty hard ... --no-push
-        argv = eval_argv("fake-model", server.base_url, "KVJAX_FAKE_KEY", "hard", N_TASKS,
-                         SEED, str(tmp / "out"))
-        config = eval_config(argv)
-        episodes = asyncio.run(run_eval(config))
+        # and runs it with verifiers' run_eval.
+        args = ["-m", "fake-model", "--base-url", server.base_url, "--api-key-var",
+                "KVJAX_FAKE_KEY", "--difficulty", "hard", "-n", str(N_TASKS),
+                "--seed", str(SEED), "--output-dir", str(tmp / "out")]
+        episodes = evaluate(args)
+        config = eval_config(eval_argv("fake-model", server.base_url, "KVJAX_FAKE_KEY", "hard",
+                                       N_TASKS, SEED, str(tmp / "out")))
         yield config, episodes, server.requests, tmp / "out"
 
 

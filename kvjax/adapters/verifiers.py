@@ -339,18 +339,18 @@ def eval_argv(
             "--no-push", "--no-rich", "--output-dir", output_dir]
 
 
-def main(argv: list[str] | None = None) -> int:
+def evaluate(argv: list[str] | None = None) -> list[vf.Episode]:
     """`python -m kvjax.adapters.verifiers -m MODEL --base-url URL [--api-key-var VAR]
-    [--difficulty hard] [-n 5] [--seed 42]`: run the LLM evaluation against an
-    OpenAI-compatible endpoint through verifiers' own `run_eval` (local, no push) and print
-    one JSON line per episode and the mean reward."""
+    [--difficulty hard] [-n 5] [--seed 42] [--output-dir outputs]`: run the LLM evaluation
+    against an OpenAI-compatible endpoint through verifiers' own `run_eval` (the documented
+    vf-eval command line: local, no push) and return the episodes."""
     import argparse
     import asyncio
 
     from verifiers.v1.cli.eval.runner import run_eval
 
     p = argparse.ArgumentParser(prog="python -m kvjax.adapters.verifiers",
-                                description=main.__doc__)
+                                description=evaluate.__doc__)
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--base-url", required=True)
     p.add_argument("--api-key-var", default="OPENAI_API_KEY")
@@ -363,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--num-examples must be in [1, {NUM_SCENARIOS}], got {a.num_examples}")
     config = eval_config(eval_argv(a.model, a.base_url, a.api_key_var, a.difficulty,
                                    a.num_examples, a.seed, a.output_dir))
-    episodes = asyncio.run(run_eval(config))
+    return asyncio.run(run_eval(config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`evaluate`, then print one JSON line per episode and the mean reward."""
+    episodes = evaluate(argv)
     for ep in episodes:
         print(json.dumps(episode_summary(ep)))
     rewards = [ep.traces[0].reward for ep in episodes if ep.traces]
@@ -389,6 +394,7 @@ __all__ = [
     "WEIGHTS",
     "episode_summary",
     "eval_argv",
+    "evaluate",
     "eval_config",
     "main",
 ]
