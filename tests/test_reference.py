@@ -29,16 +29,19 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def batched_params(rng: np.random.Generator, n: int) -> EnvParams:
-    """Every EnvParams leaf batched; difficulty cycles over all tiers (and 'all'), and a few
-    engine parameters vary so queues fill, the watermark binds and decoding finishes early."""
+def batched_params(rng: np.random.Generator | None, n: int, **fixed: float) -> EnvParams:
+    """Every EnvParams leaf batched (same dtypes, so one compile serves all). With `rng`,
+    difficulty cycles over all tiers (and 'all') and a few engine parameters vary so queues fill,
+    the watermark binds and decoding finishes early; `fixed` overrides leaves."""
     base = EnvParams()
     leaves = {k: np.full(n, v) for k, v in vars(base).items()}
-    leaves["difficulty"] = np.arange(n) % 4
-    leaves["arrival_scale"] = rng.choice([0.5, 1.0, 1.0, 2.0, 4.0], n)
-    leaves["max_wait_steps"] = rng.choice([2, 4, 4, 8], n)
-    leaves["admit_watermark"] = rng.choice([0.8, 0.9, 0.9, 1.0], n)
-    leaves["decode_tokens_per_step"] = rng.choice([1, 3, 3, 8], n)
+    if rng is not None:
+        leaves["difficulty"] = np.arange(n) % 4
+        leaves["arrival_scale"] = rng.choice([0.5, 1.0, 1.0, 2.0, 4.0], n)
+        leaves["max_wait_steps"] = rng.choice([2, 4, 4, 8], n)
+        leaves["admit_watermark"] = rng.choice([0.8, 0.9, 0.9, 1.0], n)
+        leaves["decode_tokens_per_step"] = rng.choice([1, 3, 3, 8], n)
+    leaves.update({k: np.full(n, v) for k, v in fixed.items()})
     out = {}
     for k, v in leaves.items():
         is_float = isinstance(getattr(base, k), float)
@@ -285,6 +288,70 @@ def test_admission_limited_by_free_slots(env, fns, world, ref_world):
     assert slot_bound >= 10
 
 
+def blank(template: dict, budget_tokens: float) -> dict:
+    """`template` with every slot empty, no pending request and the given budget (a float32
+    value: budget_tokens / 65536 must be exact)."""
+    state = ref.copy_state(template)
+    state["slots"] = [None] * len(state["slots"])
+    state["pending"] = []
+    state["memory_budget"] = budget_tokens / 65536.0
+    assert ref.f32(state["memory_budget"]) == state["memory_budget"]
+    return state
+
+
+def test_float32_boundaries(env, fns, ref_world):
+    """Hand-built states on the float32 thresholds, with exact expected outcomes.
+
+    Admission: with admit_watermark 0.95 and a budget of 34511.578125 tokens, float32 puts the
+    watermark at 32786.0 while float64 puts it at 32785.99922 - a 32,786-token request is
+    admitted (as JAX does), and a float64 reference would refuse it. Headroom, pressure and
+    efficiency: a lone paused sequence of X tokens under a 50,000-token budget sits exactly on
+    usage 0.8 / 0.85 / 0.95 / 1.0."""
+    template = ref_world[0][0]
+    t = template["time"]
+    B1 = 34511.578125
+    assert 0.95 * B1 < 32786 <= ref.f32(ref.f32(0.95) * B1)
+    cases = []  # (state, expected admitted, expected headroom score, pressure, efficiency)
+    for d in range(-4, 4):
+        state = blank(template, B1)
+        state["pending"] = [dict(
+            seq_id=999, block_type=ref.GENERATION, tokens=32786 + d, output_len=5,
+            priority=30, tool_period=0, tool_wait_len=0, tool_tokens=0, arrival_step=t - 1,
+        )]
+        cases.append((state, d <= 0, None, None, None))
+    grid = [
+        (39999, 1.0, 0, 0.2), (40000, 0.5, 0, 0.2), (42499, 0.5, 0, 0.2), (42500, 0.5, 0, 0.0),
+        (47499, 0.5, 0, 0.0), (47500, 0.0, 0, 0.0), (47501, 0.0, 1, 0.0), (50000, 0.0, 1, 0.0),
+        (50001, -0.5, 1, -0.2),
+    ]
+    for x, score, pressure, efficiency in grid:
+        state = blank(template, 50000.0)
+        state["slots"][0] = dict(
+            seq_id=7, block_type=ref.CONTEXT, tokens=x, precision=0, location=ref.GPU,
+            priority=50, eviction_value=0.5, output_len=10, remaining=5, last_access=t,
+            tool_period=3, tool_wait_len=2, tool_tokens=16, tool_countdown=2, tool_wait=3,
+            arrival_step=-5,
+        )
+        cases.append((state, None, score, pressure, efficiency))
+    states = [c[0] for c in cases]
+    states += [states[-1]] * (N - len(states))  # pad to the compiled batch size
+    params = batched_params(None, N, admit_watermark=0.95)
+    jstates = ref.to_jax_batch(states)
+    p = ref.from_jax_batch(take(jstates, 1), take(params, 1))[0][1]
+    _, nstate, *_ = fns["step"](jax.random.PRNGKey(0), jstates, jnp.zeros((N, 3), jnp.int32),
+                                params)
+    nexts = [ref.step(s, [0, 0, 0], p) for s in states]
+    compare(ref.to_arrays_batch(nexts), ref.state_arrays(nstate), "boundaries")
+    for (s0, admitted, score, pressure, efficiency), s1 in zip(cases, nexts, strict=False):
+        if admitted is not None:
+            assert (s1["slots"][0] is not None and s1["slots"][0]["seq_id"] == 999) == admitted
+        else:
+            assert s1["counters"]["headroom"] - s0["counters"]["headroom"] == score
+            assert s1["time_above_0_95"] - s0["time_above_0_95"] == pressure
+            assert ref.rubric(s1, p)["memory_efficiency"] == pytest.approx(efficiency)
+            assert s1["counters"]["preemptions"] - s0["counters"]["preemptions"] == (score < 0)
+
+
 def test_apply_actions_parity(env, fns, world, ref_world):
     """Phase 1 alone (time does not advance) matches the reference's apply_actions."""
     rng = np.random.default_rng(5)
@@ -377,17 +444,29 @@ action_id = st.one_of(
 )
 
 
+class Case(dict):
+    """Fixture bundle with a short repr (hypothesis prints the arguments of a failing example)."""
+
+    def __repr__(self) -> str:
+        return f"Case(states {self['idx'].tolist()})"
+
+
+@pytest.fixture(scope="module")
+def case(fns, world, ref_world, fixed_states):
+    return Case(step=fns["step"], world=world, refs=[ref_world[i] for i in fixed_states],
+                idx=np.array(fixed_states))
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(seq=st.lists(st.lists(action_id, min_size=3, max_size=3), min_size=1, max_size=3))
-def test_hypothesis_action_sequences(env, fns, world, ref_world, fixed_states, seq):
+def test_hypothesis_action_sequences(case, seq):
     """Drawn action sequences, applied to eight fixed diverse states, agree step by step."""
-    state, params = world["states"], world["params"]
-    refs = [ref_world[i] for i in fixed_states]
+    state, params = case["world"]["states"], case["world"]["params"]
+    refs, idx = case["refs"], case["idx"]
     states = [s for s, _ in refs]
-    idx = np.array(fixed_states)
     for action in seq:
         acts = jnp.broadcast_to(jnp.asarray(action, jnp.int32), (N, 3))
-        _, state, reward, *_ = fns["step"](jax.random.PRNGKey(0), state, acts, params)
+        _, state, reward, *_ = case["step"](jax.random.PRNGKey(0), state, acts, params)
         nexts = [ref.step(s, action, p) for s, (_, p) in zip(states, refs, strict=True)]
         sel = jax.tree_util.tree_map(lambda x: x[idx], ref.state_arrays(state))
         compare(ref.to_arrays_batch(nexts), sel, f"hypothesis {action}")
