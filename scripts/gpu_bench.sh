@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run the kvjax benchmark on a GPU machine in one call and write its table to a file.
+#   scripts/gpu_bench.sh            # -> $OUT/benchmarks_gpu.md (or runs/ when OUT is unset)
+# Needs a Python with jax[cuda] and kvjax installed (PY=..., default: .venv/bin/python, else
+# python3). Batch sizes go up to 2^20 on an accelerator; override with BATCHES="1 4096 ...".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+DEST="${OUT:-runs}"
+mkdir -p "$DEST"
+"$PY" -c "import jax; print('backend:', jax.default_backend(), jax.devices())"
+# shellcheck disable=SC2086
+"$PY" -m kvjax.cli bench --repeats "${REPEATS:-5}" \
+  ${BATCHES:+--batch-sizes $BATCHES} \
+  --write "$DEST/benchmarks_gpu.md" --json > "$DEST/benchmarks_gpu.json"
+cat "$DEST/benchmarks_gpu.md"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null \
+  >> "$DEST/benchmarks_gpu.md" || true
+echo "wrote $DEST/benchmarks_gpu.md and $DEST/benchmarks_gpu.json"
