@@ -303,3 +303,97 @@ def budget_tokens(state: EnvState, params: EnvParams) -> chex.Array:
 def usage(state: EnvState, params: EnvParams) -> chex.Array:
     """GPU KV memory used, normalised by the scenario's budget (1.0 = at budget; not clamped)."""
     return gpu_tokens(state.slots) / budget_tokens(state, params)
+
+
+_SLOT_DEFAULTS = dict(
+    seq_id=-1, block_type=2, tokens=0, precision=0, location=0, priority=35, output_len=10,
+    remaining=None, last_access=-1, tool_period=0, tool_wait_len=0, tool_tokens=0,
+    tool_countdown=None, tool_wait=0, arrival_step=None,
+)  # fmt: skip
+_REQUEST_DEFAULTS = dict(
+    seq_id=-1, block_type=2, tokens=0, output_len=10, priority=35, tool_period=0,
+    tool_wait_len=0, tool_tokens=0, arrival_step=-1,
+)  # fmt: skip
+
+
+def build(
+    cfg: EnvConfig,
+    params: EnvParams,
+    slots: dict[int, dict] | None = None,
+    pending: list[dict] | None = None,
+    arrivals: dict[int, list[dict]] | None = None,
+    memory_budget: float = 1.0,
+    time: int = 0,
+) -> EnvState:
+    """A hand-built scenario (host-side; for tests, notebooks and what-if studies).
+
+    `slots` maps slot index -> fields (missing fields take defaults: a generation sequence
+    with 10 tokens to go); `pending` lists queued requests in FIFO order; `arrivals` maps a
+    step t -> requests that arrive at the end of step t. Field names are those of `Slots` and
+    `Requests`; `eviction_value` is always 1 - priority / 100.
+    """
+    S, P, K, T = cfg.max_seqs, cfg.max_pending, cfg.max_arrivals, cfg.episode_len
+    slots, pending, arrivals = slots or {}, pending or [], arrivals or {}
+    if len(pending) > P or any(len(v) > K for v in arrivals.values()):
+        raise ValueError(f"at most {P} pending requests and {K} arrivals per step")
+    cols = {k: np.zeros((S,), np.int32) for k in _SLOT_DEFAULTS}
+    cols["seq_id"][:] = -1
+    active = np.zeros((S,), bool)
+    for i, spec in slots.items():
+        unknown = set(spec) - set(_SLOT_DEFAULTS)
+        if unknown:
+            raise ValueError(
+                f"unknown slot fields {sorted(unknown)}; allowed: {sorted(_SLOT_DEFAULTS)}"
+            )
+        row = {**_SLOT_DEFAULTS, "seq_id": i, "arrival_step": i - 2 * S, **spec}
+        row["remaining"] = row["output_len"] if row["remaining"] is None else row["remaining"]
+        if row["tool_countdown"] is None:
+            row["tool_countdown"] = row["tool_period"]
+        active[i] = True
+        for k, v in row.items():
+            cols[k][i] = v
+
+    def table(rows: list[dict], n: int) -> dict[str, np.ndarray]:
+        out = {k: np.zeros((n,), np.int32) for k in _REQUEST_DEFAULTS}
+        out["seq_id"][:] = -1
+        for j, spec in enumerate(rows):
+            unknown = set(spec) - set(_REQUEST_DEFAULTS)
+            if unknown:
+                allowed = sorted(_REQUEST_DEFAULTS)
+                raise ValueError(f"unknown request fields {sorted(unknown)}; allowed: {allowed}")
+            for k, v in {**_REQUEST_DEFAULTS, "seq_id": 1000 + j, **spec}.items():
+                out[k][j] = v
+        out["valid"] = np.arange(n) < len(rows)
+        return out
+
+    q = table(pending, P)
+    rows = [table([{"arrival_step": t, "seq_id": 2000 + 10 * t + j, **r}
+                   for j, r in enumerate(arrivals.get(t, []))], K) for t in range(T)]  # fmt: skip
+    sched = {k: np.stack([r[k] for r in rows]) for k in q}
+    zf, zn = jnp.float32(0.0), jnp.int32(0)
+    counters = Counters(
+        **{f: (zf if f in _FLOAT_COUNTERS else zn) for f in Counters.__dataclass_fields__}
+    )
+    state = EnvState(
+        slots=Slots(
+            active=jnp.asarray(active),
+            eviction_value=jnp.asarray(
+                np.where(active, 1.0 - cols["priority"] / 100.0, 0.0), jnp.float32
+            ),
+            **{k: jnp.asarray(v) for k, v in cols.items()},
+        ),
+        pending=Requests(**{k: jnp.asarray(v) for k, v in q.items()}),
+        arrivals=Requests(**{k: jnp.asarray(v) for k, v in sched.items()}),
+        counters=counters,
+        time=jnp.int32(time),
+        usage_peak=zf,
+        time_above_0_95=zn,
+        pending_queue_growth=zn,
+        tier=zn,
+        regime=zn,
+        memory_budget=jnp.float32(memory_budget),
+    )
+    return state.replace(usage_peak=usage(state, params))
+
+
+_FLOAT_COUNTERS = ("tokens", "raw_tokens", "latency", "headroom", "eviction_value_sum")
