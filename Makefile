@@ -24,5 +24,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/kvjax bench
 
+leaderboard: $(STAMP)
+	$(BIN)/kvjax leaderboard
+
 clean:
 	rm -rf $(VENV) build .pytest_cache
