@@ -415,6 +415,12 @@ def test_run_episode_keep_and_random(world):
         assert out["steps"] == len(s["arrivals"]) == out["state"]["time"]
         assert out["return"] == pytest.approx(out["rubric"]["total"], abs=1e-9)
     compare(ref.to_arrays(s), before, "purity")
+    pairs = ref.from_jax_batch(take(world["init"], 4), take(world["params"], 4))
+    timing = ref.time_episodes(pairs, ref.keep_policy())
+    assert timing["episodes"] == 4 and timing["steps"] == 4 * len(s["arrivals"])
+    assert timing["mean_return"] == pytest.approx(
+        np.mean([ref.run_episode(a, b, ref.keep_policy())["return"] for a, b in pairs])
+    )
     with pytest.raises(ValueError, match="max_seqs"):
         ref.step(s, [0], p, max_seqs=len(s["slots"]) + 1)
 
