@@ -242,6 +242,24 @@ def test_policy_through_the_tool_interface_matches_the_batched_rollout(difficult
     assert acted > 0  # the policy did act through the tools
 
 
+def test_stochastic_policy_uses_the_rollouts_step_keys():
+    """The random policy draws from its key every step: through the tools it reproduces the
+    batched rollout only if the step keys are `fold_in(policy_key, t)` as there."""
+    policies, rollout = _policy_and_rollout()
+    env, params = kvjax.make("kv-cache-v0", difficulty="hard")
+    policy = policies.make_policy("random", env)
+    n, seed = 4, 3
+    batch = rollout.rollout(policy, jax.random.PRNGKey(seed), n, params, env, progress=False)
+    for i in range(n):
+        s = Session.new("hard", seed, i)
+        out = play_policy(s, policy, scenario_keys(seed, i)[1])
+        assert out["total"] == pytest.approx(float(batch["total"][i]), abs=1e-6)
+        c = s.state.counters
+        for f in ("evictions", "compressions", "swaps", "preemptions", "completed"):
+            assert int(getattr(c, f)) == int(batch[f][i]), (i, f)
+        assert sum(a != 0 for step in s.actions for a in step) > 0
+
+
 def _eval_llm(argv: list[str]) -> int:
     import argparse
 
