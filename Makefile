@@ -27,5 +27,12 @@ bench: $(STAMP)
 leaderboard: $(STAMP)
 	$(BIN)/kvjax leaderboard
 
+# Execute every analysis notebook and render HTML into build/notebooks/ (NB_SMALL=1: CI sizes).
+notebooks: $(STAMP)
+	mkdir -p build/notebooks
+	KVJAX_NB_SMALL=$(NB_SMALL) $(BIN)/jupyter nbconvert --to html --execute \
+		--ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.timeout=-1 \
+		--output-dir build/notebooks notebooks/*.ipynb
+
 clean:
 	rm -rf $(VENV) build .pytest_cache
