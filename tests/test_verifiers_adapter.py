@@ -6,6 +6,7 @@ Skips cleanly when the `verifiers` extra is not installed."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -246,3 +247,33 @@ def test_taskset_loads_one_task_per_scenario():
     assert len({t.key for t in tasks}) == 2
     full = KVCacheTaskset(KVCacheTasksetConfig(id="kv_cache_eviction"))
     assert sum(1 for _ in full.take(NUM_SCENARIOS + 5)) == NUM_SCENARIOS  # -1 = all
+
+
+def test_tool_hook_plays_each_call_once_and_ignores_other_requests():
+    """The request hook directly (no rollout): a repeated gate probe replays the stored result
+    instead of applying the call twice; requests that are not a probe pass through."""
+    from kvjax.adapters.verifiers import KVCacheData, KVCacheState, KVCacheTask
+
+    task = KVCacheTask(KVCacheData(prompt="p", difficulty="easy", seed=SEED, index=0))
+    trace = vf.Trace(task=vf.TraceTask(type="KVCacheTask", data=task.data),
+                     state=KVCacheState(), agent=vf.AgentInfo(config=vf.AgentConfig()))
+    asyncio.run(task.setup(trace, None))
+    calls = [vf.ToolCall(id="a", name="compress", arguments='{"seq_id": 1}'),
+             vf.ToolCall(id="b", name="keep", arguments="{}")]
+    head = [vf.UserMessage(content="p"), vf.AssistantMessage(tool_calls=calls)]
+
+    def probe(call_id: str) -> vf.Request:
+        return vf.Request(messages=[*head, vf.ToolMessage(tool_call_id=call_id, content="")])
+
+    assert asyncio.run(task.play_tool_call(vf.Request(messages=head[:1]), trace)) is None
+    first = asyncio.run(task.play_tool_call(probe("a"), trace))
+    again = asyncio.run(task.play_tool_call(probe("a"), trace))
+    assert first == again and first.messages[-1].content.startswith("ok: compress seq 1")
+    assert Session.from_json(trace.state.session).buffer == [1 + 32 + 1]  # applied once
+    assert trace.state.step == 0
+    last = asyncio.run(task.play_tool_call(probe("b"), trace)).messages[-1].content
+    assert last.startswith("ok: keep") and "Step 2 of 15" in last  # the last call ends the step
+    assert trace.state.step == 1 and trace.state.model_steps == 1
+    assert Session.from_json(trace.state.session).actions == [[1 + 32 + 1, 0, 0]]
+    done = vf.ToolMessage(tool_call_id="a", content="ok")  # a real result, not a probe
+    assert asyncio.run(task.play_tool_call(vf.Request(messages=[*head, done]), trace)) is None

@@ -88,7 +88,8 @@ class KVCacheState(vf.State):
     tool_errors: int = 0
     """Tool calls that returned an error (and changed nothing)."""
     results: dict[str, str] = Field(default_factory=dict)
-    """Result text per handled call, keyed by '<message index>:<call id>' (idempotence)."""
+    """Result text per handled call of the current message, keyed by '<message number>:<call
+    id>', so a repeated gate probe gets the same answer without replaying the call."""
     rubric: dict[str, float] | None = None
     """`kvjax.rubric` of the final state, set by finalize."""
 
@@ -142,6 +143,9 @@ class KVCacheTask(vf.Task[KVCacheData, KVCacheState, vf.TaskConfig]):
         key = f"{len(turn)}:{call.id}"
         state: KVCacheState = trace.state
         if key not in state.results:
+            # Only the current message's results are kept (a retried gate replays them).
+            prefix = f"{len(turn)}:"
+            state.results = {k: v for k, v in state.results.items() if k.startswith(prefix)}
             state.results[key] = self._play(state, call, last=index == len(calls) - 1)
         done = probe.model_copy(update={"content": state.results[key], "name": call.name})
         return request.model_copy(update={"messages": [*request.messages[:-1], done]})
