@@ -5,7 +5,8 @@
 
 Memory is in fp16-token equivalents (exact in float32); `B` is the scenario's budget in those
 units. Everything is masks and `jnp.where` over fixed-size arrays, so it jits, vmaps and never
-retraces. Slots that become empty are cleared to canonical zeros once, at the end of the step.
+retraces. A slot that becomes empty only gets `active=False` and `seq_id=-1`; its other fields
+are stale and every rule masks them out (`clear_empty` canonicalises rows for comparisons).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def prefix_sum(x: chex.Array) -> chex.Array:
     token counts used here). A triangular matmul: `jnp.cumsum` under vmap is ~3x slower on CPU."""
     n = x.shape[-1]
     tri = jnp.triu(jnp.ones((n, n), jnp.float32))
-    return x.astype(jnp.float32) @ tri
+    # HIGHEST: GPUs would otherwise use TF32 and round token counts above 2,048.
+    return jnp.matmul(x.astype(jnp.float32), tri, precision=jax.lax.Precision.HIGHEST)
 
 
 def slot_memory(slots: Slots) -> chex.Array:
