@@ -20,7 +20,7 @@ from fake_openai import FakeOpenAI, Turn  # noqa: E402
 
 from kvjax.session import Session  # noqa: E402
 
-N_TASKS = 3
+N_TASKS = 2  # task 0 stops early (after 3 messages), task FULL_INDEX plays all 15
 SEED = 42
 
 
@@ -117,7 +117,7 @@ def run(tmp_path_factory):
 
         # python -m kvjax.adapters.verifiers (= kvjax eval-llm) builds the documented command
         # vf-eval kv_cache_eviction -m fake-model --client.base-url URL --client.api-key-var
-        #   KVJAX_FAKE_KEY -n 3 -r 1 --env.taskset.difficulty hard ... --no-push
+        #   KVJAX_FAKE_KEY -n 2 -r 1 --env.taskset.difficulty hard ... --no-push
         # and runs it with verifiers' run_eval.
         args = ["-m", "fake-model", "--base-url", server.base_url, "--api-key-var",
                 "KVJAX_FAKE_KEY", "--difficulty", "hard", "-n", str(N_TASKS),
