@@ -361,12 +361,11 @@ def _play_out(state: EnvState, params: EnvParams, base: str, cfg: EnvConfig) -> 
     """Final rubric total of following `base` from `state` to the end of the episode, on the
     scenario's known future (its arrival schedule is in the state)."""
 
-    def body(_, st):
-        nxt = step_dynamics(st, _BASE_FNS[base](None, st, params, cfg=cfg), params, cfg)
-        live = st.time < cfg.episode_len
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), nxt, st)
+    def body(st):
+        return step_dynamics(st, _BASE_FNS[base](None, st, params, cfg=cfg), params, cfg)
 
-    final = jax.lax.fori_loop(0, cfg.episode_len, body, state)
+    # T - t iterations (under vmap, finished scenarios are held by a select)
+    final = jax.lax.while_loop(lambda st: st.time < cfg.episode_len, body, state)
     return rubric_total(final, params)
 
 
