@@ -541,7 +541,7 @@ def plot_policy_violins(
     if not results:
         raise ValueError("results must name at least one policy")
     groups = _groups(results, by, labels)
-    fig = Figure(figsize=(max(6.0, 0.7 * len(results) * len(groups) + 2), 4.0),
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.7 * len(results) * len(groups) + 2)), 4.0),
                  layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(groups), sharey=True, squeeze=False)[0])
     names = list(results)
