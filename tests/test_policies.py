@@ -106,18 +106,17 @@ def test_hand_built_lru_largest_priority_and_keep():
                      block_type=[SYSTEM, 1, 3, 2], priority=[100, 60, 5, 30], budget_frac=0.9)
     key = jax.random.PRNGKey(0)
     ev = lambda slot: 1 + (EVICT - 1) * S + slot  # noqa: E731
-    jitted = {n: jax.jit(p) for n, p in POLICIES.items()}  # eager dispatch is slower
     # usage 0.9 > 0.8: free 0.1 / 0.9 of 20000 tokens = 2222 -> one victim suffices for most
-    np.testing.assert_array_equal(jitted["keep"](key, st, PARAMS), [0, 0, 0])
-    np.testing.assert_array_equal(jitted["lru"](key, st, PARAMS), [ev(0), 0, 0])
-    np.testing.assert_array_equal(jitted["largest_first"](key, st, PARAMS), [ev(1), 0, 0])
+    np.testing.assert_array_equal(POLICIES["keep"](key, st, PARAMS), [0, 0, 0])
+    np.testing.assert_array_equal(POLICIES["lru"](key, st, PARAMS), [ev(0), 0, 0])
+    np.testing.assert_array_equal(POLICIES["largest_first"](key, st, PARAMS), [ev(1), 0, 0])
     # priority 5 frees 2000 < 2222, so the next-lowest priority (30, slot 3) follows
-    np.testing.assert_array_equal(jitted["priority_lru"](key, st, PARAMS), [ev(2), ev(3), 0])
+    np.testing.assert_array_equal(POLICIES["priority_lru"](key, st, PARAMS), [ev(2), ev(3), 0])
     # no pressure -> nobody acts
     calm = _hand_state(last_access=[-9, -3, -5, -1], tokens=[4000, 8000, 2000, 6000],
                        block_type=[SYSTEM, 1, 3, 2], priority=[100, 60, 5, 30], budget_frac=0.5)
     for name in ("lru", "lru_swap", "largest_first", "priority_lru", "value_aware"):
-        np.testing.assert_array_equal(jitted[name](key, calm, PARAMS), [0, 0, 0])
+        np.testing.assert_array_equal(POLICIES[name](key, calm, PARAMS), [0, 0, 0])
 
 
 def test_value_aware_never_evicts_system_and_frees_low_value_first(states):
