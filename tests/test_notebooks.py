@@ -4,6 +4,7 @@ they are committed without outputs, use no absolute paths and import only the pu
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
 from pathlib import Path
@@ -16,6 +17,20 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 PUBLIC = ("kvjax", "kvjax.viz", "kvjax.policies", "kvjax.rollout", "train", "train.ppo",
           "train.evaluate")
 NAMES = [p.stem for p in NOTEBOOKS]
+KERNEL = "kvjax-test-python"
+
+
+@pytest.fixture(scope="module")
+def kernel_path(tmp_path_factory):
+    """A kernelspec that runs this very interpreter, first on JUPYTER_PATH (ahead of user and
+    system specs), so the notebooks see the venv whatever kernels the machine has installed."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec.joinpath("kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "kvjax tests", "language": "python"}))
+    return str(root)
 
 
 def _code(nb) -> str:
@@ -53,15 +68,15 @@ def test_committed_clean_and_portable(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
-def test_runs_and_draws(path, monkeypatch):
+def test_runs_and_draws(path, kernel_path, monkeypatch):
     """Execute in a fresh kernel of this interpreter with KVJAX_NB_SMALL=1; every notebook
     shows at least one figure and no cell errors."""
     monkeypatch.setenv("KVJAX_NB_SMALL", "1")
+    monkeypatch.setenv("JUPYTER_PATH", kernel_path)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    # The python3 kernelspec's argv[0] "python" is replaced by this interpreter (jupyter_client).
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+    client = NotebookClient(nb, timeout=600, kernel_name=KERNEL,
                             resources={"metadata": {"path": str(path.parent)}})
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
