@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 import kvjax
 from kvjax.policies import POLICY_NAMES, UPPER_BOUNDS, make_policy
@@ -54,18 +55,22 @@ def evaluate(
     key = jax.random.PRNGKey(seed)
     out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     speed: dict[str, float] = {}
+    bar = tqdm(total=len(policies) * len(tiers), desc="evaluate", disable=not progress)
     for name in policies:
         policy = make_policy(name, env)
         out[name] = {}
         steps, secs = 0, 0.0
         for i, tier in enumerate(tiers):
+            bar.set_postfix_str(f"{name}/{tier}")
             p = params.replace(difficulty=kvjax.difficulty_index(tier))
             t0 = time.perf_counter()
-            out[name][tier] = rollout(policy, key, num_scenarios, p, env, progress=progress)
+            out[name][tier] = rollout(policy, key, num_scenarios, p, env, progress=False)
+            bar.update()
             if i > 0 or len(tiers) == 1:  # the first tier pays the compile
                 secs += time.perf_counter() - t0
                 steps += num_scenarios * env.config.episode_len
         speed[name] = steps / secs if secs > 0 else float("nan")
+    bar.close()
     return out, speed
 
 
@@ -135,7 +140,7 @@ def document(results, num_scenarios: int, seed: int, speed: dict[str, float] | N
         tail = ["", "Rollout speed during this run (env-steps/s incl. reset, after compile; "
                 "machine shared, so indicative only): "
                 + ", ".join(f"{k} {v:,.0f}" for k, v in speed.items()), ""]
-    return "\n".join(head) + body + "\n".join(tail)
+    return "\n".join(head) + "\n" + body + "\n".join(tail)
 
 
 __all__ = ["TIERS", "console_table", "document", "evaluate", "label", "markdown", "table_rows"]
