@@ -312,17 +312,25 @@ def save_checkpoint(path: str, runner: Runner, config: PPOConfig) -> None:
     checkpoint.save(path, runner, config.to_dict(), kind="train")
 
 
-def load_checkpoint(path: str, seeds: int | None = None) -> tuple[PPOConfig, Runner]:
+def load_checkpoint(
+    path: str, seeds: int | None = None, config: PPOConfig | None = None
+) -> tuple[PPOConfig, Runner]:
     """Restore a training checkpoint written by `save_checkpoint` (seeds: the leading batch
-    size it was saved with, None if unbatched)."""
+    size it was saved with, None if unbatched). `config` overrides the stored one (e.g. a larger
+    `total_steps`); the optimiser and network in the returned runner are built from it."""
     cfg_dict, kind, state = checkpoint.read(path)
     if kind != "train":
         raise ValueError(f"{path} holds a {kind!r} checkpoint; resume needs a 'train' one")
-    config = PPOConfig.from_dict(cfg_dict)
+    config = config or PPOConfig.from_dict(cfg_dict)
     trainer = make_trainer(config)
     keys = jax.random.split(jax.random.PRNGKey(0), seeds or 1)
     template = jax.vmap(trainer.init)(keys) if seeds else trainer.init(keys[0])
     return config, checkpoint.restore(template, state)
+
+
+def stored_config(path: str) -> PPOConfig:
+    """The PPOConfig a checkpoint was written with."""
+    return PPOConfig.from_dict(checkpoint.read(path)[0])
 
 
 def policy_params(runner: Runner, seed_index: int | None = None):
@@ -416,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if a.resume:
-            config, runner = load_checkpoint(a.resume, seeds=a.seeds)
-            config = dataclasses.replace(config, total_steps=a.total_steps)
+            config = dataclasses.replace(stored_config(a.resume), total_steps=a.total_steps)
+            config, runner = load_checkpoint(a.resume, seeds=a.seeds, config=config)
         else:
             config = PPOConfig(
                 difficulty=a.difficulty, num_envs=a.num_envs, total_steps=a.total_steps,
