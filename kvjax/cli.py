@@ -4,6 +4,8 @@
     kvjax eval --policy NAME --difficulty TIER [--num-scenarios N] [--seed S] [--json]
     kvjax bench [--json] [--batch-sizes 1 1024 4096] [--repeats R] [--write PATH]
     kvjax leaderboard [--num-scenarios 4096] [--seed 0] [--output docs/leaderboard.md]
+    kvjax eval-llm -m MODEL --base-url URL [--api-key-var VAR] [--difficulty T] [-n N]
+    kvjax eval-llm --policy NAME [--difficulty T] [-n N]      (docs/llm-eval.md)
 
 Unknown policy / tier names exit with code 2 and list the allowed values (argparse choices).
 """
@@ -16,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvjax.adapters import add_eval_llm_parser, cmd_eval_llm
 from kvjax.policies import POLICY_NAMES
 from kvjax.types import DIFFICULTIES
 
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--seed", type=int, default=0)
     lb.add_argument("--output", default="docs/leaderboard.md")
     lb.add_argument("--note", default="", help="a line added under the header (e.g. load)")
+    add_eval_llm_parser(sub)  # the LLM tool-calling evaluation (kvjax.adapters)
     return parser
 
 
@@ -177,7 +181,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "eval": _cmd_eval, "bench": _cmd_bench,
-            "leaderboard": _cmd_leaderboard}
+            "leaderboard": _cmd_leaderboard, "eval-llm": cmd_eval_llm}
 
 
 def main(argv: list[str] | None = None) -> int:
