@@ -94,6 +94,13 @@ def _gpu_mem(state: EnvState) -> chex.Array:
     return jnp.where(s.location == GPU, slot_memory(s), 0.0)
 
 
+def _argmax(x: chex.Array) -> chex.Array:
+    """First index of the maximum of a 1-D array: a max and a min-reduce, which XLA vectorises
+    on CPU far better than argmax's variadic (value, index) reduction under vmap."""
+    idx = jnp.arange(x.shape[0], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == jnp.max(x), idx, x.shape[0])).clip(0, x.shape[0] - 1)
+
+
 def _pick_greedy(
     score: chex.Array,
     eligible: chex.Array,
@@ -110,7 +117,7 @@ def _pick_greedy(
     out = []
     for _ in range(num_actions):  # static unroll
         masked = jnp.where(eligible, score, _NEG)
-        i = jnp.argmax(masked)
+        i = _argmax(masked)
         take = eligible[i] & (need > 0)
         out.append(jnp.where(take, _action_id(kind[i], i, S), 0))
         need = need - jnp.where(take, freed[i], 0.0)
@@ -135,7 +142,7 @@ def _top_sum(value: chex.Array, score: chex.Array, n: int) -> chex.Array:
     """Sum of `value` over the `n` entries with the highest `score` (repeated argmax)."""
     total, taken = jnp.float32(0.0), jnp.zeros(score.shape, bool)
     for _ in range(n):
-        i = jnp.argmax(jnp.where(taken, _NEG, score))
+        i = _argmax(jnp.where(taken, _NEG, score))
         total = total + jnp.where(taken[i], 0.0, value[i])
         taken = taken.at[i].set(True)
     return total
@@ -173,7 +180,7 @@ def random(
         field = ((bits >> (10 * (a % 3))) & 1023).astype(jnp.int32)
         if a >= 3:  # more than 3 picks: re-draw (rare configs)
             field = jax.random.randint(jax.random.fold_in(key, a), mask.shape, 0, 1024)
-        i = jnp.argmax(jnp.where(mask, field, -1))
+        i = _argmax(jnp.where(mask, field, -1))
         out.append(i)
         # the slot just named is not touched again this step (keep stays valid)
         mask = mask & ((slot_of != slot_of[i]) | (i == 0))
@@ -288,10 +295,10 @@ def value_aware_action(
               + params.w_eviction_quality * 0.25 * high
               + params.w_risky_eviction * 0.25 * risky)
     cost_e = jnp.where(on_gpu & (bt != SYSTEM), cost_e / jnp.maximum(mem, 1.0), jnp.inf)
-    costs = jnp.stack([cost_e, cost_c, cost_s])  # [3, S] in (EVICT, COMPRESS, SWAP) order
-    best = jnp.argmin(costs, axis=0)
-    kind = (best + EVICT).astype(jnp.int32)
-    best_cost = jnp.min(costs, axis=0)
+    # cheapest kind per slot (ties: evict, then compress, then swap)
+    best_cost = jnp.minimum(cost_e, jnp.minimum(cost_c, cost_s))
+    kind = jnp.where(cost_e == best_cost, EVICT, jnp.where(cost_c == best_cost, COMPRESS, SWAP))
+    kind = kind.astype(jnp.int32)
     freed = jnp.where(kind == COMPRESS, freed_c, mem)
     score = -best_cost
     # Crisis: the cheapest picks cannot stop a forced preemption (a failure, by far the
