@@ -30,6 +30,7 @@ from kvjax.types import (
     EnvState,
     Requests,
     Slots,
+    eviction_value_of,
     memory_factor,
 )
 
@@ -203,7 +204,7 @@ def _schedule(state: EnvState, params: EnvParams, B: chex.Array) -> tuple[EnvSta
         precision=jnp.where(take, 0, s.precision),
         location=jnp.where(take, GPU, s.location),
         eviction_value=jnp.where(
-            take, 1.0 - new["priority"].astype(jnp.float32) / 100.0, s.eviction_value
+            take, eviction_value_of(new["priority"]), s.eviction_value
         ),
         remaining=jnp.where(take, new["output_len"], s.remaining),
         last_access=jnp.where(take, t, s.last_access),

@@ -23,6 +23,7 @@ from kvjax.types import (
     EnvState,
     Requests,
     Slots,
+    eviction_value_of,
     memory_factor,
 )
 
@@ -233,7 +234,7 @@ def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
         precision=jnp.zeros((S,), jnp.int32),
         location=jnp.zeros((S,), jnp.int32),
         priority=act(f["priority"]),
-        eviction_value=act(1.0 - f["priority"].astype(jnp.float32) / 100.0),
+        eviction_value=act(eviction_value_of(f["priority"])),
         output_len=act(f["output_len"]),
         remaining=act(remaining),
         last_access=act(last_access.astype(jnp.int32)),

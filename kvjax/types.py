@@ -158,3 +158,9 @@ class EnvParams:
 def memory_factor(precision: chex.Array) -> chex.Array:
     """fp16 -> 1.0, int8 -> 0.5, int4 -> 0.25 (float32)."""
     return jnp.where(precision == 0, 1.0, jnp.where(precision == 1, 0.5, 0.25)).astype(jnp.float32)
+
+
+def eviction_value_of(priority: chex.Array) -> chex.Array:
+    """1 - priority / 100 (TensorRT-LLM priority -> seed's eviction_value), written so that
+    priority 100 gives exactly 0 under jit too (XLA turns / 100 into * 0.01)."""
+    return (100 - priority).astype(jnp.float32) / 100.0
