@@ -414,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit", type=float, default=0.0,
                     help="stop (and checkpoint) after this many minutes; 0 = none")
     ap.add_argument("--out", default=None, help="output dir (default runs/ppo-<difficulty>-...)")
-    ap.add_argument("--resume", default=None, help="training checkpoint to continue from")
+    ap.add_argument("--resume", default=None,
+                    help="training checkpoint to continue from (its config is used; only "
+                    "--total-steps may change)")
     try:
         a = ap.parse_args(argv)
     except SystemExit as e:
@@ -456,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(metrics_path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     ckpt = os.path.join(out, "checkpoint.msgpack")
-    t0, timed_steps, timed_s = time.time(), 0, 0.0
+    t0, timed_steps, timed_s, first = time.time(), 0, 0.0, True
     bar = tqdm(total=total, initial=done, desc="ppo updates", unit="upd")
     with open(metrics_path, "a") as mf:
         while done < total:
@@ -465,10 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             runner, m = chunk(runner, n)
             m = jax.device_get(m)
             dt = time.time() - tc
-            if done > 0 or len(rows) > 0:  # the first chunk includes compilation
+            if not first:  # the first chunk of this process includes compilation
                 timed_steps += n * trainer.steps_per_update * a.seeds
                 timed_s += dt
-            done += n
+            done, first = done + n, False
             row = {k: np.asarray(v)[:, -1].tolist() for k, v in m.items()}  # [seeds]
             row.update(update=done, env_steps=done * trainer.steps_per_update,
                        wall_s=round(time.time() - t0, 2),
