@@ -6,7 +6,7 @@ Rollouts. Every update plays one full episode (`episode_len` steps) in each of `
 scenarios drawn fresh with `env.reset_env`, stepping with `env.step_env`. All episodes start
 together and have the same length, so an update boundary is an episode boundary: this gives the
 same transitions as `env.step`'s auto-reset but computes one reset per episode instead of one per
-step (a reset costs about as much as 7 steps; measured in docs/training.md).
+step (a reset is several times dearer than a step).
 
 GAE masks on `terminated` only and bootstraps truncated steps from the value of
 `info["final_observation"]`; the value head is 0 when the observation says no steps remain, so
