@@ -64,7 +64,7 @@ def time_policy(
 
 
 def reference_steps_per_s(
-    num_episodes: int = 4, params: Any = None, seed: int = 0, policy: str = "keep"
+    num_episodes: int = 32, params: Any = None, seed: int = 0, policy: str = "keep"
 ) -> float | None:
     """Env-steps/s of the pure-Python reference (`kvjax.reference`), or None without it."""
     try:
@@ -74,7 +74,8 @@ def reference_steps_per_s(
     env, default = kvjax.make("kv-cache-v0")
     params = default if params is None else params
     keys = jax.random.split(jax.random.PRNGKey(seed), num_episodes)
-    starts = [reference.from_jax(env.reset_env(k, params)[1], params) for k in keys]
+    _, states = jax.jit(jax.vmap(env.reset_env, in_axes=(0, None)))(keys, params)
+    starts = reference.from_jax_batch(states, params)
     A = env.config.max_actions
     steps, elapsed = 0, 0.0
     for i, (state, ref_params) in enumerate(starts):
@@ -111,7 +112,7 @@ def run_benchmark(
     policies: Sequence[str] = BENCH_POLICIES,
     repeats: int = 5,
     difficulty: str = "all",
-    reference_episodes: int = 4,
+    reference_episodes: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Time every (policy, batch size); return one JSON-ready record."""
