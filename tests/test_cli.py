@@ -85,3 +85,6 @@ def test_bench_table_and_summary_line():
     assert bench.summary_line(record).startswith("value_aware @ batch 4,096: 1,228,800")
     doc = cli.benchmarks_document(record, table)
     assert doc.startswith("# Benchmarks") and "Machine:" in doc
+    assert "2-core CI machine: met." in doc
+    record["results"][0]["steps_per_s"] = 200_000.0
+    assert "not met in this run (200,000 env-steps/s" in cli.benchmarks_document(record, table)
