@@ -207,8 +207,9 @@ def check_invariants(state, params) -> None:
     ids = np.asarray(s.seq_id)[active]
     assert len(set(ids.tolist())) == len(ids)
     c = jax.device_get(state.counters)
-    for leaf in jax.tree_util.tree_leaves(c):
-        assert np.asarray(leaf) >= 0
+    for name, value in vars(c).items():
+        if name != "headroom":  # the headroom score is -0.5 for a step above the budget
+            assert np.asarray(value) >= 0, name
     assert int(c.failures) == int(c.preemptions) + int(c.queue_overflows) + int(c.queue_timeouts)
     q = jax.device_get(state.pending)
     n = int(np.sum(q.valid))
