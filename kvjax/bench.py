@@ -21,11 +21,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 import kvjax
 from kvjax.policies import make_policy
-from kvjax.rollout import _compiled, normalize_params
+from kvjax.rollout import _compiled, _place, default_mesh, normalize_params
 
 BENCH_POLICIES = ("keep", "random", "value_aware")
 CPU_BATCHES = (1, 64, 1024, 4096, 16384)
@@ -41,19 +42,29 @@ def default_batch_sizes() -> tuple[int, ...]:
 def time_policy(
     name: str, batch: int, repeats: int, env: kvjax.KVCacheEnv, params: Any, seed: int = 0
 ) -> dict[str, float]:
-    """Compile seconds, median / min seconds per call, and env-steps/s for one (policy, batch)."""
+    """Compile seconds, median / min seconds per call, and env-steps/s for one (policy, batch).
+
+    The batch is split evenly over every device (the rollout engine's 1-D mesh) when it
+    divides; `kvjax bench` exposes one XLA CPU device per core (`cli.use_all_cpu_cores`)."""
     policy = make_policy(name, env)
-    fn = _compiled(policy, env.config, False, None)
+    mesh = default_mesh()
+    n_dev = mesh.devices.size if batch % mesh.devices.size == 0 else 1
+    fn = _compiled(policy, env.config, False, mesh if n_dev > 1 else None)
     params = normalize_params(params)
     key = jax.random.PRNGKey(seed)
-    idx = jnp.arange(batch, dtype=jnp.int32).reshape(1, batch)
+
+    def indices(offset: int) -> jax.Array:
+        idx = np.arange(offset, offset + batch, dtype=np.int32).reshape(n_dev, batch // n_dev)
+        return _place(idx, mesh) if n_dev > 1 else jnp.asarray(idx)
+
+    idx = indices(0)
     t0 = time.perf_counter()
     compiled = fn.lower(key, idx, params).compile()
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(key, idx, params))  # warm-up
     times = []
     for r in range(repeats):
-        idx_r = idx + (r + 1) * batch  # fresh scenarios each repeat
+        idx_r = indices((r + 1) * batch)  # fresh scenarios each repeat
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(key, idx_r, params))
         times.append(time.perf_counter() - t0)

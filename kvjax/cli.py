@@ -198,9 +198,32 @@ COMMANDS = {"demo": _cmd_demo, "eval": _cmd_eval, "bench": _cmd_bench,
             "leaderboard": _cmd_leaderboard, "eval-llm": cmd_eval_llm}
 
 
+def use_all_cpu_cores() -> None:
+    """On a CPU-only host, expose one XLA CPU device per core (unless XLA_FLAGS already sets a
+    count), so the rollout engine's 1-D mesh runs a device per core: an XLA CPU computation
+    mostly runs on one thread. Results do not change (fixed micro-batches); only speed does.
+    Must run before JAX initialises its backends; a no-op afterwards or with KVJAX_ONE_DEVICE=1."""
+    import os
+
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if (
+        os.environ.get("KVJAX_ONE_DEVICE") == "1"
+        or "xla_force_host_platform_device_count" in flags
+        or xla_bridge.backends_are_initialized()
+        or os.environ.get("JAX_PLATFORMS", "cpu") not in ("", "cpu")
+    ):
+        return
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if n and n > 1:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kvjax` console script."""
     args = build_parser().parse_args(argv)
+    use_all_cpu_cores()
     return COMMANDS[args.command](args)
 
 
