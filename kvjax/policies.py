@@ -25,11 +25,12 @@ value_aware    cost heuristic: per candidate, compress / swap / evict by expecte
                tool call (Continuum-style); acts only under (projected) pressure.
 lookahead      greedy one-step lookahead: the env's own transition vmapped over candidate actions
                (the other heuristics' choices), best one-step reward wins.
-oracle         UPPER BOUND, not a deployable policy: sees the scenario's future arrivals and
+oracle         reads the future (not deployable): sees the scenario's future arrivals and
                plays, at every step, the candidate (the choices of ORACLE_CANDIDATES) whose
                continuation under the base heuristic (ORACLE_BASES, value_aware), simulated on
                the known schedule, ends with the best rubric total. By the rollout-improvement
-               argument it never does worse than its base heuristic on any scenario.
+               argument it never does worse than its base heuristic on any scenario. It bounds the
+               heuristics, not every policy: a learned policy can beat it (docs/training.md).
 
 The simple baselines (lru, lru_swap, largest_first, priority_lru) act when GPU usage exceeds the
 low watermark (`LOW_WATERMARK` = 0.8 of the budget) and free memory back down to it, up to
@@ -75,7 +76,7 @@ POLICY_NAMES = (
     "lookahead",
     "oracle",
 )
-UPPER_BOUNDS = ("oracle",)  # policies that read the future: label them as upper bounds
+UPPER_BOUNDS = ("oracle",)  # policies that read the future: labelled as such in tables
 LOW_WATERMARK = 0.8  # headroom score is 1.0 below this peak usage
 HIGH_WATERMARK = 0.95  # ... and 0.5 below this one
 DEFAULT_CONFIG = EnvConfig()
@@ -386,10 +387,11 @@ def _play_out(state: EnvState, params: EnvParams, base: str, cfg: EnvConfig) -> 
 def oracle(
     key: chex.PRNGKey, state: EnvState, params: EnvParams, *, cfg: EnvConfig = DEFAULT_CONFIG
 ) -> chex.Array:
-    """UPPER BOUND (reads the future): for each candidate action, simulate the rest of the
-    episode under each base heuristic on the scenario's known arrivals, and play the candidate
-    with the best final total. Since the base heuristics' own actions are candidates and the
-    dynamics are deterministic, this never scores below any of them (rollout improvement)."""
+    """Reads the future (an upper bound on the heuristics only): for each candidate action,
+    simulate the rest of the episode under each base heuristic on the scenario's known
+    arrivals, and play the candidate with the best final total. Since the base heuristics'
+    own actions are candidates and the dynamics are deterministic, this never scores below
+    any of them (rollout improvement)."""
     cands = _candidates(key, state, params, cfg, ORACLE_CANDIDATES)
     nxt = jax.vmap(lambda a: step_dynamics(state, a, params, cfg))(cands)
     finals = jnp.stack(

@@ -59,7 +59,7 @@ def _fake_results():
 
 def test_leaderboard_markdown_labels_the_upper_bound_and_sorts():
     text = leaderboard.document(_fake_results(), 32, 0)
-    assert "oracle (upper bound)" in text
+    assert "oracle (reads the future)" in text
     for tier in leaderboard.TIERS:
         assert f"### {tier}" in text
     easy = text.split("### easy")[1].split("###")[0]

@@ -81,7 +81,7 @@ def table(results: dict[str, dict[str, dict[str, np.ndarray]]], learned: str = "
         for p in order:
             m, h = mean_ci(res[p]["total"])
             f, _ = mean_ci(res[p]["total_failures_metric"])
-            tag = " (learned)" if p == learned else (" (upper bound)" if p == "oracle" else "")
+            tag = " (learned)" if p == learned else (" (reads the future)" if p == "oracle" else "")
             tag += " (best baseline)" if p == best else ""
             inv = int(np.sum(res[p].get("invalid_actions", 0)))
             lines.append(f"| {p}{tag} | {m:.4f} ± {h:.4f} | {f:.3f} | {inv} |")
