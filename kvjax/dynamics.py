@@ -378,6 +378,7 @@ __all__ = [
     "clear_empty",
     "headroom_score",
     "progress",
+    "quality_of",
     "slot_memory",
     "step_dynamics",
     "transfer_seconds",

@@ -45,9 +45,8 @@ from collections.abc import Callable
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kvjax.dynamics import QUALITY, progress, slot_memory, step_dynamics
+from kvjax.dynamics import progress, quality_of, slot_memory, step_dynamics
 from kvjax.observations import action_mask
 from kvjax.rewards import total as rubric_total
 from kvjax.scenarios import budget_tokens
@@ -124,19 +123,6 @@ def _pick_greedy(
         need = need - jnp.where(take, freed[i], 0.0)
         eligible = eligible & (slot_ids != i)
     return jnp.stack(out).astype(jnp.int32)
-
-
-_QUALITY = np.asarray(QUALITY, np.float32)  # host constant: unrolled into selects below
-
-
-def _quality(block_type: chex.Array, precision: chex.Array) -> chex.Array:
-    """QUALITY[block_type, precision] by selects (a 2-D gather is slow under vmap on CPU)."""
-    q = jnp.ones(block_type.shape, jnp.float32)
-    for b in range(_QUALITY.shape[0]):
-        row = jnp.where(precision == 1, _QUALITY[b, 1],
-                        jnp.where(precision == 2, _QUALITY[b, 2], _QUALITY[b, 0]))
-        q = jnp.where(block_type == b, row, q)
-    return q
 
 
 def _top_sum(value: chex.Array, score: chex.Array, n: int) -> chex.Array:
@@ -276,8 +262,8 @@ def value_aware_action(
     need = used + growth + incoming - target * B
 
     bt, prec = s.block_type, s.precision
-    q_now = _quality(bt, prec)
-    q_next = _quality(bt, jnp.minimum(prec + 1, 2))
+    q_now = quality_of(bt, prec)
+    q_next = quality_of(bt, jnp.minimum(prec + 1, 2))
     # Expected cost of each action in rubric units, divided by the memory it frees.
     tok_w = params.w_throughput / params.throughput_target_tokens  # value of one token
     freed_c = jnp.where(prec == 0, 0.5, 0.25) * jnp.where(on_gpu, s.tokens, 0.0)
