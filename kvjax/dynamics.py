@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.scenarios import budget_tokens, gpu_tokens
+from kvjax.scenarios import budget_tokens
 from kvjax.types import (
     COMPRESS,
     CONTEXT,
@@ -171,8 +171,8 @@ def _schedule(state: EnvState, params: EnvParams, B: chex.Array) -> tuple[EnvSta
     admit watermark and in order (the first that does not fit blocks the rest)."""
     s, c, q = state.slots, state.counters, state.pending
     t = state.time
-    room = params.admit_watermark * B - gpu_tokens(s)
     mem = slot_memory(s)
+    room = params.admit_watermark * B - jnp.sum(jnp.where(s.location == GPU, mem, 0.0))
     ready = s.active & (s.tool_wait == 0) & (s.remaining > 0)
     cand = ready & (s.location == CPU)
     swap_in = cand & (prefix_sum(jnp.where(cand, mem, 0.0)) <= room)
