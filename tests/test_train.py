@@ -290,3 +290,55 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert evaluate.main([str(tmp_path / "missing.msgpack")]) == 2
     assert "missing.msgpack" in capsys.readouterr().err
     assert evaluate.main(["x", "--difficulty", "extreme"]) == 2
+
+
+def test_parts_dense_is_dense_split_by_input_part():
+    """PartsDense has nn.Dense's parameters (names, shapes, init draws), so checkpoints written
+    before it load unchanged, and its split product equals Dense on the concatenated input."""
+    import flax.linen as nn
+
+    from train.networks import PartsDense
+
+    a, b = jnp.arange(10.0).reshape(2, 5) / 7, jnp.arange(6.0).reshape(2, 3) / 5
+    dense = nn.Dense(4)
+    pd = dense.init(jax.random.PRNGKey(3), jnp.concatenate([a, b], -1))
+    pp = PartsDense(4).init(jax.random.PRNGKey(3), 8, method=PartsDense.weights)
+    assert _tree_equal(pd, pp)
+    k, bias = PartsDense(4).apply(pp, 8, method=PartsDense.weights)
+    np.testing.assert_allclose(a @ k[:5] + b @ k[5:] + bias,
+                               dense.apply(pd, jnp.concatenate([a, b], -1)), rtol=1e-6)
+
+
+def test_committed_checkpoint_loads_and_plays_valid_actions():
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "train", "checkpoints", "ppo_medium_hard.msgpack")
+    cfg, params = load_policy(path)
+    env, eparams, states = _diverse_states(64)
+    policy = make_policy(params, cfg)
+    acts = jax.jit(jax.vmap(policy, in_axes=(None, 0, None)))(
+        jax.random.PRNGKey(0), states, eparams)
+    before = states.counters.invalid_actions
+    after = jax.vmap(apply_actions, in_axes=(0, 0, None, None))(
+        states, acts, eparams, env.config).counters.invalid_actions
+    np.testing.assert_array_equal(after, before)
+
+
+def test_bench_cli_prints_every_field(capsys):
+    """`python -m train.bench` on a tiny config: one JSON line per config with the timing,
+    throughput and load fields (values are not checked: timing is machine-dependent)."""
+    import json
+
+    from train import bench
+
+    assert bench.main(["--configs", "16:8:1:2", "--updates", "1", "--repeats", "1",
+                       "--difficulty", "easy"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert lines[0]["devices"] >= 1
+    row = lines[1]
+    for k in ("train_compile_s", "train_steps_per_s", "env_steps_per_s", "policy_steps_per_s",
+              "learn_steps_per_s", "load_1min"):
+        assert k in row, k
+    assert (row["num_envs"], row["hidden"], row["epochs"], row["minibatches"]) == (16, 8, 1, 2)
+    assert bench.main(["--configs", "16:8"]) == 2

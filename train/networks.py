@@ -44,6 +44,20 @@ def next_mask(mask: chex.Array, precision: chex.Array, action: chex.Array, S: in
     return jnp.concatenate([mask[:1], ev, co, sw]), precision
 
 
+class PartsDense(nn.Module):
+    """`nn.Dense` (same parameter names, shapes, initialisers and init draws) applied to an
+    input given in parts: `kernel` rows are split by part, so the concatenation (and, for a part
+    shared by many rows, the repeated product) is never materialised. Call `weights(n_in)`."""
+
+    features: int
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def weights(self, n_in: int) -> tuple[chex.Array, chex.Array]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (n_in, self.features))
+        return kernel, self.param("bias", self.bias_init, (self.features,))
+
+
 def _precision(slots: chex.Array) -> chex.Array:
     return (slots[..., _INT8] + 2.0 * slots[..., _INT4]).astype(jnp.int32)
 
@@ -66,13 +80,13 @@ class ActorCritic(nn.Module):
 
     def setup(self):
         h = self.hidden
-        self.slot_mlp = [nn.Dense(h), nn.Dense(h)]
+        self.slot_mlp = [PartsDense(h), nn.Dense(h)]
         self.ctx = nn.Dense(h)
         if self.attention:
             self.attn = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=h)
         # Per head: 3 logits per slot from the slot embedding plus which kinds earlier heads
         # chose there; keep from the context plus how many earlier heads acted.
-        self.slot_heads = [nn.Dense(3) for _ in range(self.max_actions)]
+        self.slot_heads = [PartsDense(3) for _ in range(self.max_actions)]
         # Keep starts as likely as all 3S slot actions together: an untrained policy then
         # mostly leaves the cache alone instead of evicting at random, which learns faster.
         keep_bias = nn.initializers.constant(self.keep_bias)
@@ -85,12 +99,12 @@ class ActorCritic(nn.Module):
 
         Every slot sees its own features next to the global ones (memory pressure, queue), so
         one shared per-slot MLP already ranks slots in context; pooling gives the context."""
-        S = obs.slots.shape[0]
         active = obs.slots[:, _ACTIVE] > 0.5
-        x = jnp.concatenate(
-            [obs.slots, jnp.broadcast_to(obs.globals, (S, obs.globals.shape[-1]))], axis=-1)
-        for layer in self.slot_mlp:
-            x = nn.relu(layer(x))
+        # First layer on [slot, global] features: the global part once, not once per slot.
+        F = obs.slots.shape[-1]
+        k, b = self.slot_mlp[0].weights(F + obs.globals.shape[-1])
+        x = nn.relu(obs.slots @ k[:F] + (obs.globals @ k[F:] + b))
+        x = nn.relu(self.slot_mlp[1](x))
         if self.attention:
             x = x + self.attn(x, mask=active[None, None, :] | ~jnp.any(active))
         n = jnp.maximum(jnp.sum(active), 1)
@@ -103,11 +117,21 @@ class ActorCritic(nn.Module):
         v = jnp.where(obs.globals[_REMAINING] > 0, v, 0.0)
         return x, ctx, v
 
-    def head_logits(self, h: int, e, ctx, chosen, mask):
+    def slot_scores(self, e):
+        """Each head's slot-embedding part of its per-slot logits, all heads in one product:
+        [A, 3, S] (kind-major like the action ids), plus each head's (chosen kernel, bias)."""
+        H = e.shape[-1]
+        ws = [head.weights(H + 3) for head in self.slot_heads]
+        k_e = jnp.concatenate([k[:H] for k, _ in ws], axis=1)  # [H, 3A]
+        scores = jnp.einsum("sh,hk->ks", e, k_e).reshape(self.max_actions, 3, -1)
+        return scores, [(k[H:], b) for k, b in ws]
+
+    def head_logits(self, h: int, scores, ctx, chosen, mask):
         """Masked logits [1 + 3S] of head h; `chosen` [S, 3] marks kinds earlier heads chose."""
-        per_slot = self.slot_heads[h](jnp.concatenate([e, chosen], axis=-1))  # [S, 3]
+        k_c, b = scores[1][h]
+        per_kind = scores[0][h] + (chosen @ k_c + b).T  # [3, S]
         keep = self.keep_heads[h](jnp.concatenate([ctx, jnp.sum(chosen, axis=0)]))
-        logits = jnp.concatenate([keep, per_slot.T.reshape(-1)])  # id order: kind-major
+        logits = jnp.concatenate([keep, per_kind.reshape(-1)])  # id order: kind-major
         return jnp.where(mask, logits, NEG)
 
     def _chosen(self, chosen, action, S):
@@ -119,11 +143,12 @@ class ActorCritic(nn.Module):
         """Teacher-forced logits of every head for `actions` [A], and the value."""
         e, ctx, v = self.encode(obs)
         S = e.shape[0]
+        scores = self.slot_scores(e)
         mask, prec = obs.action_mask, _precision(obs.slots)
         chosen = jnp.zeros((S, 3), jnp.float32)
         out = []
         for h in range(self.max_actions):  # static unroll over the (few) heads
-            out.append(self.head_logits(h, e, ctx, chosen, mask))
+            out.append(self.head_logits(h, scores, ctx, chosen, mask))
             mask, prec = next_mask(mask, prec, actions[h], S)
             chosen = self._chosen(chosen, actions[h], S)
         return jnp.stack(out), v
@@ -132,11 +157,12 @@ class ActorCritic(nn.Module):
         """Draw actions head by head -> (actions int32 [A], log_prob, entropy, value)."""
         e, ctx, v = self.encode(obs)
         S = e.shape[0]
+        scores = self.slot_scores(e)
         mask, prec = obs.action_mask, _precision(obs.slots)
         chosen = jnp.zeros((S, 3), jnp.float32)
         acts, logp, ent = [], 0.0, 0.0
         for h, k in enumerate(jax.random.split(key, self.max_actions)):
-            dist = distrax.Categorical(logits=self.head_logits(h, e, ctx, chosen, mask))
+            dist = distrax.Categorical(logits=self.head_logits(h, scores, ctx, chosen, mask))
             a = dist.mode() if greedy else dist.sample(seed=k)
             a = a.astype(jnp.int32)
             logp = logp + dist.log_prob(a)

@@ -119,6 +119,8 @@ class Trainer(NamedTuple):
     init: Any  # key -> Runner
     update: Any  # (Runner, None) -> (Runner, metrics)  (a lax.scan body)
     run: Any  # (Runner, n: static int) -> (Runner, metrics stacked over n updates)
+    rollout: Any  # (TrainState, key) -> (traj [T, N], final obs [N], final state [N])
+    learn: Any  # (TrainState, (traj, adv, targets) flat [T*N], key) -> (TrainState, aux)
 
 
 def gae(rewards_, values, next_values, terminated, truncated, gamma: float, lam: float):
@@ -242,21 +244,8 @@ def make_trainer(config: PPOConfig, env: KVCacheEnv | None = None) -> Trainer:
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def update(runner: Runner, _=None):
-        ts, key, n = runner
-        key, k_roll, k_perm = jax.random.split(key, 3)
-        traj, final_obs, final_state = rollout(ts, k_roll)
-
-        # V(s_{t+1}): the next step's value inside the episode; for the last (truncated) step
-        # the value of info["final_observation"].
-        last_v = jax.vmap(value, in_axes=(None, 0))(ts.params, jax.tree_util.tree_map(
-            lambda x: x[-1], final_obs))
-        next_v = jnp.concatenate([traj.value[1:], last_v[None]], axis=0)
-        adv, targets = gae(traj.reward, traj.value, next_v, traj.terminated, traj.truncated,
-                           config.gamma, config.gae_lambda)
-
-        flat = lambda x: x.reshape((T * N,) + x.shape[2:])  # noqa: E731
-        data = jax.tree_util.tree_map(flat, (traj, adv, targets))
+    def learn(ts: TrainState, data, key):
+        """`update_epochs` passes over the flat batch, `num_minibatches` shuffled slices each."""
         mb = config.num_minibatches
 
         def epoch(ts, k):
@@ -271,7 +260,23 @@ def make_trainer(config: PPOConfig, env: KVCacheEnv | None = None) -> Trainer:
 
             return jax.lax.scan(minibatch, ts, shuffled)
 
-        ts, aux = jax.lax.scan(epoch, ts, jax.random.split(k_perm, config.update_epochs))
+        return jax.lax.scan(epoch, ts, jax.random.split(key, config.update_epochs))
+
+    def update(runner: Runner, _=None):
+        ts, key, n = runner
+        key, k_roll, k_perm = jax.random.split(key, 3)
+        traj, final_obs, final_state = rollout(ts, k_roll)
+
+        # V(s_{t+1}): the next step's value inside the episode; for the last (truncated) step
+        # the value of info["final_observation"].
+        last_v = jax.vmap(value, in_axes=(None, 0))(ts.params, jax.tree_util.tree_map(
+            lambda x: x[-1], final_obs))
+        next_v = jnp.concatenate([traj.value[1:], last_v[None]], axis=0)
+        adv, targets = gae(traj.reward, traj.value, next_v, traj.terminated, traj.truncated,
+                           config.gamma, config.gae_lambda)
+
+        flat = lambda x: x.reshape((T * N,) + x.shape[2:])  # noqa: E731
+        ts, aux = learn(ts, jax.tree_util.tree_map(flat, (traj, adv, targets)), k_perm)
         rub = jax.vmap(rewards.rubric, in_axes=(0, None))(final_state, env_params)
         tier = final_state.tier
         metrics = {k: v.mean() for k, v in aux.items()}
@@ -291,7 +296,8 @@ def make_trainer(config: PPOConfig, env: KVCacheEnv | None = None) -> Trainer:
     def run(runner: Runner, n: int):
         return jax.lax.scan(update, runner, None, length=n)
 
-    return Trainer(config, env, network, num_updates, steps_per_update, init, update, run)
+    return Trainer(config, env, network, num_updates, steps_per_update, init, update, run,
+                   rollout, learn)
 
 
 def make_train(config: PPOConfig, env: KVCacheEnv | None = None):
