@@ -7,6 +7,12 @@ Memory is in fp16-token equivalents (exact in float32); `B` is the scenario's bu
 units. Everything is masks and `jnp.where` over fixed-size arrays, so it jits, vmaps and never
 retraces. A slot that becomes empty only gets `active=False` and `seq_id=-1`; its other fields
 are stale and every rule masks them out (`clear_empty` canonicalises rows for comparisons).
+
+Batch-polymorphic: every function also accepts a state whose arrays carry trailing batch axes
+(slots [S, *batch], queue [P, *batch], arrivals [T, K, *batch], scalars [*batch], action
+[A, *batch]). Reductions run over axis 0 and per-scenario scalars broadcast from the right, so the
+same code serves `vmap` (batch leading, one scenario per call) and the rollout engine's
+batch-trailing layout, which XLA vectorises several times better on CPU (kvjax.rollout).
 """
 
 from __future__ import annotations
@@ -64,13 +70,42 @@ def quality_of(block_type: chex.Array, precision: chex.Array) -> chex.Array:
     return q
 
 
+def lead(v: chex.Array, like: chex.Array) -> chex.Array:
+    """A vector `v` [n] shaped to run along `like`'s leading axis: [n, 1, ..., 1] (so that it
+    broadcasts against [n, *batch]; unchanged for an unbatched `like`)."""
+    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
 def prefix_sum(x: chex.Array) -> chex.Array:
-    """Inclusive cumulative sum along the last axis, in float32 (exact for the integer-valued
-    token counts used here). A triangular matmul: `jnp.cumsum` under vmap is ~3x slower on CPU."""
-    n = x.shape[-1]
-    tri = jnp.triu(jnp.ones((n, n), jnp.float32))
+    """Inclusive cumulative sum along axis 0, in float32 (exact for the integer-valued token
+    counts used here). A triangular matmul: `jnp.cumsum` under vmap is ~3x slower on CPU, and
+    with trailing batch axes this is one [n, n] x [n, batch] GEMM."""
+    n = x.shape[0]
+    tri = jnp.tril(jnp.ones((n, n), jnp.float32))  # tri[i, j] = 1 for j <= i
     # HIGHEST: GPUs would otherwise use TF32 and round token counts above 2,048.
-    return jnp.matmul(x.astype(jnp.float32), tri, precision=jax.lax.Precision.HIGHEST)
+    return jnp.tensordot(tri, x.astype(jnp.float32), axes=1,
+                         precision=jax.lax.Precision.HIGHEST)
+
+
+def materialize(x: chex.Array) -> chex.Array:
+    """`x` (small non-negative integers, exact in float32), computed once. An identity matmul:
+    XLA's CPU backend fuses per-scenario values into every per-slot loop that reads them, so a
+    chain of them (a policy's choices) would otherwise be recomputed once per slot; it cannot
+    fuse through a dot."""
+    n = x.shape[0]
+    eye = jnp.eye(n, dtype=jnp.float32)
+    y = jnp.tensordot(eye, x.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+def pick(table: chex.Array, index: chex.Array, n: int) -> chex.Array:
+    """table[index] along axis 0 for `index` in [0, n) (out of range gives 0): one select per
+    row of `table` [n, *rest] instead of a gather, which XLA's CPU backend runs element by
+    element. `index` broadcasts against the result's leading axis ([m, *batch] or [*batch])."""
+    out = jnp.zeros(jnp.broadcast_shapes(index.shape, table.shape[1:]), table.dtype)
+    for r in range(n):
+        out = jnp.where(index == r, table[r], out)
+    return out
 
 
 def slot_memory(slots: Slots) -> chex.Array:
@@ -95,6 +130,22 @@ def action_validity(slots: Slots) -> tuple[chex.Array, chex.Array, chex.Array]:
     return slots.active, on_gpu & (slots.precision < 2), on_gpu
 
 
+def slot_sum(x: chex.Array) -> chex.Array:
+    """Sum over axis 0 (slots or queue rows); bools count as int32.
+
+    Batch-trailing integer arrays are summed in float32 (exact: every count and token sum here
+    is far below 2^24): XLA's CPU backend vectorises float reductions over a major axis across
+    the batch, but runs integer ones element by element (~4x slower)."""
+    if x.ndim > 1 and x.dtype != jnp.float32:
+        return jnp.sum(x.astype(jnp.float32), axis=0).astype(jnp.int32)
+    return jnp.sum(x, axis=0, dtype=jnp.int32 if x.dtype == jnp.bool_ else None)
+
+
+def slot_any(x: chex.Array) -> chex.Array:
+    """Any over axis 0 (see slot_sum for why it counts)."""
+    return slot_sum(x) > 0
+
+
 def apply_actions(
     state: EnvState, action: chex.Array, params: EnvParams, cfg: EnvConfig
 ) -> EnvState:
@@ -107,44 +158,47 @@ def apply_actions(
     """
     s, c = state.slots, state.counters
     S = cfg.max_seqs
-    slot = jnp.arange(S)
+    # Action ids of each kind on each slot (1 + (kind - 1) * S + slot): compares, no div/mod.
+    evict_id = lead(jnp.arange(S), s.active) + 1 + (EVICT - 1) * S
     active, precision, location = s.active, s.precision, s.location
-    evicted = jnp.zeros((S,), bool)
-    swapped = jnp.zeros((S,), bool)
-    n_compress = jnp.int32(0)
-    n_invalid = jnp.int32(0)
+    evicted = jnp.zeros_like(active)
+    swapped = jnp.zeros_like(active)
+    compressed = jnp.zeros_like(precision)  # times compressed this step (0..2)
+    done = jnp.zeros_like(precision)  # actions that did something, per slot
+    n_acts = jnp.int32(0)
+    action = materialize(action)
     for a in range(action.shape[0]):  # static unroll: later actions see earlier ones
         act = action[a]
-        in_range = (act > 0) & (act < 1 + 3 * S)
-        kind = jnp.where(in_range, (act - 1) // S + 1, 0)
-        hit = in_range & (slot == (act - 1) % S)
         on_gpu = active & (location == GPU)
-        evict = hit & active & (kind == EVICT)
-        compress = hit & on_gpu & (precision < 2) & (kind == COMPRESS)
-        swap = hit & on_gpu & (kind == SWAP)
-        did = jnp.any(evict | compress | swap)
+        evict = (act == evict_id) & active
+        compress = (act == evict_id + (COMPRESS - EVICT) * S) & on_gpu & (precision < 2)
+        swap = (act == evict_id + (SWAP - EVICT) * S) & on_gpu
         active = active & ~evict
         precision = precision + compress
         location = jnp.where(swap, CPU, location)
         evicted = evicted | evict
         swapped = swapped | swap
-        n_compress = n_compress + did * (kind == COMPRESS)
-        n_invalid = n_invalid + ((act != 0) & ~did)
+        compressed = compressed + compress
+        done = done + (evict | compress | swap)
+        n_acts = n_acts + (act != 0)
+    # Each action that did something hit exactly one slot; the rest were no-ops.
+    n_compress = slot_sum(compressed)
+    n_invalid = n_acts - slot_sum(done)
 
     risky = (
         (s.block_type == SYSTEM) | (s.priority >= RISKY_PRIORITY) | (progress(s) >= RISKY_PROGRESS)
     )
     high_value = (s.block_type == SYSTEM) | (s.block_type == CONTEXT)
     # A swapped slot cannot be compressed afterwards, so it left at its final precision.
-    swapped_mem = jnp.sum(jnp.where(swapped, s.tokens * memory_factor(precision), 0.0))
+    swapped_mem = slot_sum(jnp.where(swapped, s.tokens * memory_factor(precision), 0.0))
     c = c.replace(
-        evictions=c.evictions + jnp.sum(evicted),
+        evictions=c.evictions + slot_sum(evicted),
         eviction_value_sum=c.eviction_value_sum
-        + jnp.sum(jnp.where(evicted, s.eviction_value, 0.0)),
-        high_value_lost=c.high_value_lost + jnp.sum(evicted & high_value),
-        risky_evictions=c.risky_evictions + jnp.sum(evicted & risky),
+        + slot_sum(jnp.where(evicted, s.eviction_value, 0.0)),
+        high_value_lost=c.high_value_lost + slot_sum(evicted & high_value),
+        risky_evictions=c.risky_evictions + slot_sum(evicted & risky),
         compressions=c.compressions + n_compress,
-        swaps=c.swaps + jnp.sum(swapped),
+        swaps=c.swaps + slot_sum(swapped),
         latency=c.latency + transfer_seconds(swapped_mem, params),
         invalid_actions=c.invalid_actions + n_invalid,
     )
@@ -172,14 +226,14 @@ def _schedule(state: EnvState, params: EnvParams, B: chex.Array) -> tuple[EnvSta
     s, c, q = state.slots, state.counters, state.pending
     t = state.time
     mem = slot_memory(s)
-    room = params.admit_watermark * B - jnp.sum(jnp.where(s.location == GPU, mem, 0.0))
+    room = params.admit_watermark * B - slot_sum(jnp.where(s.location == GPU, mem, 0.0))
     ready = s.active & (s.tool_wait == 0) & (s.remaining > 0)
     cand = ready & (s.location == CPU)
     swap_in = cand & (prefix_sum(jnp.where(cand, mem, 0.0)) <= room)
-    swapped = jnp.sum(jnp.where(swap_in, mem, 0.0))
+    swapped = slot_sum(jnp.where(swap_in, mem, 0.0))
     room = room - swapped
     c = c.replace(
-        swap_ins=c.swap_ins + jnp.sum(swap_in),
+        swap_ins=c.swap_ins + slot_sum(swap_in),
         latency=c.latency + transfer_seconds(swapped, params),
     )
     s = s.replace(
@@ -187,17 +241,16 @@ def _schedule(state: EnvState, params: EnvParams, B: chex.Array) -> tuple[EnvSta
         last_access=jnp.where(swap_in, t, s.last_access),
     )
 
-    # FIFO admission into free slots (k-th admitted request -> k-th free slot). The request
-    # fields are packed into one [P, F] table so that admission is a single row gather.
+    # FIFO admission into free slots (k-th admitted request -> k-th free slot).
     P = q.valid.shape[0]
     free = ~s.active
     fits = q.valid & (prefix_sum(jnp.where(q.valid, q.tokens, 0)) <= room)
-    admit = fits & (jnp.arange(P) < jnp.sum(free))
-    n_admit = jnp.sum(admit)
+    admit = fits & (lead(jnp.arange(P), q.valid) < slot_sum(free))
+    n_admit = slot_sum(admit)
     rank = prefix_sum(free).astype(jnp.int32) - 1
     take = free & (rank < n_admit)
-    rows = jnp.stack([getattr(q, f) for f in _ADMIT_FIELDS], axis=-1)[jnp.clip(rank, 0, P - 1)]
-    new = {f: jnp.where(take, rows[:, i], getattr(s, f)) for i, f in enumerate(_ADMIT_FIELDS)}
+    idx = jnp.where(take, rank, -1)  # queue row each slot receives (-1: none)
+    new = {f: jnp.where(take, pick(getattr(q, f), idx, P), getattr(s, f)) for f in _ADMIT_FIELDS}
     s = s.replace(
         **new,
         active=s.active | take,
@@ -224,7 +277,9 @@ def _decode(state: EnvState, params: EnvParams) -> EnvState:
     stalled = ready & (s.location == CPU)
     gen = jnp.where(running, jnp.minimum(params.decode_tokens_per_step, s.remaining), 0)
     quality = quality_of(s.block_type, s.precision)
-    system_quality = jnp.min(jnp.where(s.active & (s.block_type == SYSTEM), quality, 1.0))
+    system_quality = jnp.min(
+        jnp.where(s.active & (s.block_type == SYSTEM), quality, 1.0), axis=0
+    )
     remaining = s.remaining - gen
 
     # Tool calls: a paused sequence counts its wait down (on GPU or CPU); when the tool
@@ -240,10 +295,10 @@ def _decode(state: EnvState, params: EnvParams) -> EnvState:
 
     done = running & (remaining == 0)
     c = c.replace(
-        tokens=c.tokens + jnp.sum(gen * quality) * system_quality,
-        raw_tokens=c.raw_tokens + jnp.sum(gen),
-        latency=c.latency + params.step_seconds * jnp.sum(stalled),
-        completed=c.completed + jnp.sum(done),
+        tokens=c.tokens + slot_sum(gen * quality) * system_quality,
+        raw_tokens=c.raw_tokens + slot_sum(gen),
+        latency=c.latency + params.step_seconds * slot_sum(stalled),
+        completed=c.completed + slot_sum(done),
     )
     s = s.replace(
         active=s.active & ~done,
@@ -262,27 +317,64 @@ def _preempt(state: EnvState, B: chex.Array) -> tuple[EnvState, chex.Array]:
     Returns the state and the peak usage (before preemption)."""
     s, c = state.slots, state.counters
     S = s.active.shape[0]
+    T = state.arrivals.valid.shape[0]
     mem = jnp.where(s.location == GPU, slot_memory(s), 0.0)
-    used = jnp.sum(mem)
+    used = slot_sum(mem)
     elig = s.active & (s.location == GPU)
-    # Victim order as one integer key (larger = preempted earlier): non-system first, then
-    # newest arrival, then higher slot. Arrival steps are > -4S and < episode_len.
+    # Victim order as one key (larger = preempted earlier): non-system first, then newest
+    # arrival, then higher slot. Arrival steps are > -4S and < T; float32 is exact below 2^24.
+    span = (T + 4 * S) * S
     order = (
-        jnp.where(s.block_type == SYSTEM, 0, 1) * (1 << 24)
+        jnp.where(s.block_type == SYSTEM, 0, span)
         + (s.arrival_step + 4 * S) * S
-        + jnp.arange(S)
-    )
-    before = elig[None, :] & (order[None, :] > order[:, None])  # [i, j]: j goes before i
-    freed_before = jnp.sum(jnp.where(before, mem[None, :], 0.0), axis=1)
-    victim = elig & (used - freed_before > B)
-    n = jnp.sum(victim)
+        + lead(jnp.arange(S), s.active)
+    ).astype(jnp.float32)
+
+    # Preempt one victim per iteration, in order, while over budget: as many iterations as the
+    # most preemptions any scenario needs this step (usually 0-2), instead of an [S, S]
+    # pairwise comparison of every slot with every other.
+    def over(carry):
+        victim, freed, cand = carry
+        return (used - freed > B) & slot_any(cand)
+
+    def preempt_one(carry):
+        victim, freed, cand = carry
+        go = over(carry)
+        top = jnp.max(jnp.where(cand, order, -1.0), axis=0)
+        hit = cand & (order == top) & go
+        return victim | hit, freed + slot_sum(jnp.where(hit, mem, 0.0)), cand & ~hit
+
+    init = (jnp.zeros_like(elig), jnp.zeros_like(used), elig)
+    victim, _, _ = jax.lax.while_loop(lambda c: jnp.any(over(c)), preempt_one, init)
+    n = slot_sum(victim)
     high_value = (s.block_type == SYSTEM) | (s.block_type == CONTEXT)
     c = c.replace(
         preemptions=c.preemptions + n,
         failures=c.failures + n,
-        high_value_lost=c.high_value_lost + jnp.sum(victim & high_value),
+        high_value_lost=c.high_value_lost + slot_sum(victim & high_value),
     )
     return state.replace(slots=s.replace(active=s.active & ~victim), counters=c), used / B
+
+
+def _shift_up(x: chex.Array, d: chex.Array) -> chex.Array:
+    """x[p + d] along axis 0 (zeros past the end) for a per-scenario shift `d` in [0, n]: a
+    barrel shifter, one select per bit of `d`, instead of a gather."""
+    n = x.shape[0]
+    b = 1
+    while b <= n:
+        shifted = jnp.concatenate([x[b:], jnp.zeros((min(b, n),) + x.shape[1:], x.dtype)])[:n]
+        x = jnp.where((d & b) > 0, shifted, x)
+        b *= 2
+    return x
+
+
+def _row(x: chex.Array, t: chex.Array, T: int) -> chex.Array:
+    """Row `t` of an arrival-schedule field [T, K, *batch] (zeros once t >= T), as a masked
+    float32 sum: exact for these small integers, and a reduction that XLA materialises once,
+    where a select chain would be re-fused into (and recomputed by) every consumer."""
+    hit = lead(jnp.arange(T), x) == t
+    out = jnp.sum(jnp.where(hit, x.astype(jnp.float32), 0.0), axis=0)
+    return out > 0 if x.dtype == jnp.bool_ else out.astype(x.dtype)
 
 
 def _advance_queue(
@@ -290,34 +382,33 @@ def _advance_queue(
 ) -> EnvState:
     """Drop the admitted prefix and timed-out requests, then append this step's arrivals."""
     q, c, t = state.pending, state.counters, state.time
-    P, K = cfg.max_pending, cfg.max_arrivals
-    pos = jnp.arange(P)
-    count = jnp.sum(q.valid)
+    P, K, T = cfg.max_pending, cfg.max_arrivals, cfg.episode_len
+    pos = lead(jnp.arange(P), q.valid)
+    count = slot_sum(q.valid)
     left = q.valid & (pos >= n_admit)
     timeout = left & (t - q.arrival_step >= params.max_wait_steps)
-    n_timeout = jnp.sum(timeout)  # FIFO: the oldest, so a prefix of what is left
+    n_timeout = slot_sum(timeout)  # FIFO: the oldest, so a prefix of what is left
     kept = count - n_admit - n_timeout
 
-    row = jax.tree_util.tree_map(lambda x: x[jnp.minimum(t, cfg.episode_len - 1)], state.arrivals)
-    arriving = row.valid & (t < cfg.episode_len)
-    n_arrive = jnp.sum(arriving)
+    # This step's arrivals (none once t >= T): row t of the schedule, by selects.
+    row = jax.tree_util.tree_map(lambda x: _row(x, t, T), state.arrivals)
+    arriving = row.valid
+    n_arrive = slot_sum(arriving)
     accepted = jnp.minimum(n_arrive, P - kept)
     overflow = n_arrive - accepted
 
-    src = jnp.where(pos < kept, pos + n_admit + n_timeout, P + pos - kept)
-    src = jnp.clip(src, 0, P + K - 1)
+    # New queue: the kept requests moved to the front, then the arrivals (a row's valid
+    # requests come first) at positions kept .. kept + accepted - 1.
     valid = pos < kept + accepted
-
-    fields = [f for f in vars(q) if f != "valid"]
-    table = jnp.concatenate(
-        [
-            jnp.stack([getattr(q, f) for f in fields], -1),
-            jnp.stack([getattr(row, f) for f in fields], -1),
-        ]
-    )[src]  # one row gather: [P, F]
-    table = jnp.where(valid[:, None], table, 0)
-    q = Requests(valid=valid, **{f: table[:, i] for i, f in enumerate(fields)})
-    q = q.replace(seq_id=jnp.where(valid, q.seq_id, -1))
+    at = pos - kept  # index into this step's arrivals
+    fields = {}
+    for f in vars(q):
+        if f == "valid":
+            continue
+        x = jnp.where(pos < kept, _shift_up(getattr(q, f), n_admit + n_timeout),
+                      pick(getattr(row, f), at, K))
+        fields[f] = jnp.where(valid, x, -1 if f == "seq_id" else 0)
+    q = Requests(valid=valid, **fields)
     c = c.replace(
         queue_timeouts=c.queue_timeouts + n_timeout,
         queue_overflows=c.queue_overflows + overflow,

@@ -46,7 +46,16 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from kvjax.dynamics import progress, quality_of, slot_memory, step_dynamics
+from kvjax.dynamics import (
+    lead,
+    prefix_sum,
+    progress,
+    quality_of,
+    slot_any,
+    slot_memory,
+    slot_sum,
+    step_dynamics,
+)
 from kvjax.observations import action_mask
 from kvjax.rewards import total as rubric_total
 from kvjax.scenarios import budget_tokens
@@ -83,6 +92,14 @@ _NEG = -1e30
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def batch_polymorphic(fn: Callable) -> Callable:
+    """Mark a policy that also runs on batch-trailing states (kvjax.dynamics): slots [S, *batch]
+    in, actions [A, *batch] out, `key` one PRNG key per scenario. The rollout engine then calls
+    it on the whole batch without vmap (kvjax.rollout.episodes_trailing)."""
+    fn.batch_polymorphic = True
+    return fn
+
+
 def _action_id(kind: chex.Array, slot: chex.Array, S: int) -> chex.Array:
     """kind in (EVICT, COMPRESS, SWAP), slot -> action id (int32)."""
     return (1 + (kind - 1) * S + slot).astype(jnp.int32)
@@ -95,10 +112,19 @@ def _gpu_mem(state: EnvState) -> chex.Array:
 
 
 def _argmax(x: chex.Array) -> chex.Array:
-    """First index of the maximum of a 1-D array: a max and a min-reduce, which XLA vectorises
+    """First index of the maximum along axis 0: a max and a min-reduce, which XLA vectorises
     on CPU far better than argmax's variadic (value, index) reduction under vmap."""
-    idx = jnp.arange(x.shape[0], dtype=jnp.int32)
-    return jnp.min(jnp.where(x == jnp.max(x), idx, x.shape[0])).clip(0, x.shape[0] - 1)
+    n = x.shape[0]
+    idx = lead(jnp.arange(n, dtype=jnp.float32), x)  # float: see dynamics.slot_sum
+    first = jnp.min(jnp.where(x == jnp.max(x, axis=0), idx, float(n)), axis=0)
+    return first.astype(jnp.int32).clip(0, n - 1)
+
+
+def _at(x: chex.Array, hit: chex.Array) -> chex.Array:
+    """x[i] per scenario where `hit` = (slot == i), as a masked reduce (no gather)."""
+    if x.dtype == jnp.bool_:
+        return slot_any(hit & x)
+    return slot_sum(jnp.where(hit, x, jnp.zeros((), x.dtype)))
 
 
 def _pick_greedy(
@@ -113,41 +139,44 @@ def _pick_greedy(
     memory is still needed (`need` minus what earlier picks free). Repeated masked argmax: 3
     passes over 32 slots, much cheaper than a sort under vmap on CPU."""
     S = score.shape[0]
-    slot_ids = jnp.arange(S)
+    slot_ids = lead(jnp.arange(S), score)
     out = []
     for _ in range(num_actions):  # static unroll
         masked = jnp.where(eligible, score, _NEG)
         i = _argmax(masked)
-        take = eligible[i] & (need > 0)
-        out.append(jnp.where(take, _action_id(kind[i], i, S), 0))
-        need = need - jnp.where(take, freed[i], 0.0)
-        eligible = eligible & (slot_ids != i)
+        hit = slot_ids == i
+        take = _at(eligible, hit) & (need > 0)
+        out.append(jnp.where(take, _action_id(_at(kind, hit), i, S), 0))
+        need = need - jnp.where(take, _at(freed, hit), 0.0)
+        eligible = eligible & ~hit
     return jnp.stack(out).astype(jnp.int32)
 
 
 def _top_sum(value: chex.Array, score: chex.Array, n: int) -> chex.Array:
     """Sum of `value` over the `n` entries with the highest `score` (repeated argmax)."""
     total, taken = jnp.float32(0.0), jnp.zeros(score.shape, bool)
+    slot_ids = lead(jnp.arange(score.shape[0]), score)
     for _ in range(n):
-        i = _argmax(jnp.where(taken, _NEG, score))
-        total = total + jnp.where(taken[i], 0.0, value[i])
-        taken = taken.at[i].set(True)
+        hit = slot_ids == _argmax(jnp.where(taken, _NEG, score))
+        total = total + jnp.where(_at(taken, hit), 0.0, _at(value, hit))
+        taken = taken | hit
     return total
 
 
 def _watermark_need(state: EnvState, params: EnvParams) -> chex.Array:
     """Tokens to free to bring GPU usage back to the low watermark (0 when below it)."""
     B = budget_tokens(state, params)
-    used = jnp.sum(_gpu_mem(state))
+    used = slot_sum(_gpu_mem(state))
     return jnp.where(used > LOW_WATERMARK * B, used - LOW_WATERMARK * B, 0.0)
 
 
 # -- simple baselines ------------------------------------------------------------------------
+@batch_polymorphic
 def keep(
     key: chex.PRNGKey, state: EnvState, params: EnvParams, *, cfg: EnvConfig = DEFAULT_CONFIG
 ) -> chex.Array:
     """Never act: the engine preempts (newest first) when the cache overflows."""
-    return jnp.zeros((cfg.max_actions,), jnp.int32)
+    return jnp.zeros((cfg.max_actions,) + state.time.shape, jnp.int32)
 
 
 def random(
@@ -190,9 +219,10 @@ def _lru_score(state: EnvState) -> chex.Array:
     """Higher = older access; ties broken towards the lower slot index."""
     s = state.slots
     S = s.active.shape[0]
-    return -s.last_access.astype(jnp.float32) - jnp.arange(S) / (2.0 * S)
+    return -s.last_access.astype(jnp.float32) - lead(jnp.arange(S), s.active) / (2.0 * S)
 
 
+@batch_polymorphic
 def lru(
     key: chex.PRNGKey, state: EnvState, params: EnvParams, *, cfg: EnvConfig = DEFAULT_CONFIG
 ) -> chex.Array:
@@ -200,6 +230,7 @@ def lru(
     return _victims(state, params, _lru_score(state), EVICT, cfg)
 
 
+@batch_polymorphic
 def lru_swap(
     key: chex.PRNGKey, state: EnvState, params: EnvParams, *, cfg: EnvConfig = DEFAULT_CONFIG
 ) -> chex.Array:
@@ -207,15 +238,17 @@ def lru_swap(
     return _victims(state, params, _lru_score(state), SWAP, cfg)
 
 
+@batch_polymorphic
 def largest_first(
     key: chex.PRNGKey, state: EnvState, params: EnvParams, *, cfg: EnvConfig = DEFAULT_CONFIG
 ) -> chex.Array:
     """Evict the GPU residents holding the most memory first."""
     S = cfg.max_seqs
-    score = _gpu_mem(state) - jnp.arange(S) / (2.0 * S)
+    score = _gpu_mem(state) - lead(jnp.arange(S), state.slots.active) / (2.0 * S)
     return _victims(state, params, score, EVICT, cfg)
 
 
+@batch_polymorphic
 def priority_lru(
     key: chex.PRNGKey, state: EnvState, params: EnvParams, *, cfg: EnvConfig = DEFAULT_CONFIG
 ) -> chex.Array:
@@ -242,7 +275,7 @@ def value_aware_action(
     s, q = state.slots, state.pending
     B = budget_tokens(state, params)
     mem = _gpu_mem(state)
-    used = jnp.sum(mem)
+    used = slot_sum(mem)
     on_gpu = s.active & (s.location == GPU)
     ready = s.active & (s.tool_wait == 0) & (s.remaining > 0)
     running = ready & on_gpu
@@ -250,14 +283,14 @@ def value_aware_action(
     # Growth this step: decode on running sequences + tool results that return now.
     dec = jnp.asarray(params.decode_tokens_per_step, jnp.float32)
     rem = s.remaining.astype(jnp.float32)
-    growth = jnp.sum(jnp.where(running, jnp.minimum(dec, rem), 0.0))
-    growth = growth + jnp.sum(jnp.where(s.active & (s.tool_wait == 1), s.tool_tokens, 0))
+    growth = slot_sum(jnp.where(running, jnp.minimum(dec, rem), 0.0))
+    growth = growth + slot_sum(jnp.where(s.active & (s.tool_wait == 1), s.tool_tokens, 0))
     # What admission will pull in once there is room: the queue head, or (queue_all) the FIFO
     # prefix that fits under the admit watermark above the target.
     qtok = jnp.where(q.valid, q.tokens, 0).astype(jnp.float32)
-    csum = jnp.cumsum(qtok)
+    csum = prefix_sum(qtok)
     room = (params.admit_watermark - target) * B
-    prefix = jnp.sum(jnp.where(q.valid & (csum <= jnp.maximum(room, qtok[0])), qtok, 0.0))
+    prefix = slot_sum(jnp.where(q.valid & (csum <= jnp.maximum(room, qtok[0])), qtok, 0.0))
     incoming = jnp.where(queue_all > 0, prefix, qtok[0])
     need = used + growth + incoming - target * B
 
@@ -300,8 +333,8 @@ def value_aware_action(
     eligible = jnp.where(crisis_on, big, jnp.isfinite(best_cost))
     # Slot pressure: queued requests wait for a free slot, which only an eviction (or a
     # completion) makes; evict the cheapest non-system block per missing slot.
-    n_free = jnp.sum(~s.active)
-    short = (slot_mode > 0) & (jnp.sum(q.valid) > n_free) & ~crisis_on
+    n_free = slot_sum(~s.active)
+    short = (slot_mode > 0) & (slot_sum(q.valid) > n_free) & ~crisis_on
     ev_ok = jnp.isfinite(cost_e)
     kind = jnp.where(short, EVICT, kind)
     score = jnp.where(short, jnp.where(ev_ok, -cost_e, _NEG), score)
@@ -311,6 +344,7 @@ def value_aware_action(
     return _pick_greedy(score, eligible, kind, freed, need, cfg.max_actions)
 
 
+@batch_polymorphic
 def value_aware(
     key: chex.PRNGKey, state: EnvState, params: EnvParams, *, cfg: EnvConfig = DEFAULT_CONFIG
 ) -> chex.Array:

@@ -40,10 +40,11 @@ def weights(params: EnvParams) -> dict[str, chex.Array]:
 
 
 def rubric(state: EnvState, params: EnvParams) -> dict[str, chex.Array]:
-    """Components, metrics and `total` (float32 scalars; batched states give batched values)."""
+    """Components, metrics and `total` (float32 scalars; a batch-trailing state - see
+    kvjax.dynamics - gives one value per scenario)."""
     c = state.counters
     played = state.time > 0
-    episode_len = state.arrivals.valid.shape[-2]
+    episode_len = state.arrivals.valid.shape[0]  # arrivals: [T, K, *batch]
     f = c.failures.astype(jnp.float32)
     failure = -jnp.minimum(f * 0.15 + jnp.maximum(0.0, f - 2.0) * 0.1, 1.0)
     throughput = jnp.minimum(c.tokens / params.throughput_target_tokens, 1.0)

@@ -34,8 +34,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from kvjax import dynamics
 from kvjax.env import KVCacheEnv
 from kvjax.rewards import rubric
+from kvjax.rewards import total as rubric_total
 from kvjax.types import EnvConfig, EnvParams, EnvState
 
 DEFAULT_CHUNK = 4096
@@ -101,6 +103,56 @@ def episode(
     return out
 
 
+def to_trailing(tree):
+    """Batch-leading pytree [n, ...] -> the dynamics' batch-trailing layout [..., n]."""
+    return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, -1), tree)
+
+
+def episodes_trailing(
+    policy, env: KVCacheEnv, key: chex.PRNGKey, index: chex.Array, params: EnvParams,
+    return_trajectory: bool = False,
+) -> dict[str, Any]:
+    """`episode` for a whole batch `index` [n] at once, for batch-polymorphic policies.
+
+    Resets are vmapped as usual; the states are then moved to the batch-trailing layout (slots
+    [S, n], queue [P, n], ...) and `dynamics.step_dynamics` and the policy run on the whole
+    batch directly, without vmap: reductions over slots become vector adds across scenarios,
+    which XLA's CPU backend runs several times faster than the [n, S] layout vmap gives. Same
+    keys and the same maths as `episode`; results agree to float32 rounding (sums over slots
+    may associate differently)."""
+    cfg = env.config
+    k_reset, k_policy = jax.vmap(scenario_keys, in_axes=(None, 0))(key, index)
+    _, state = jax.vmap(env.reset_env, in_axes=(0, None))(k_reset, params)
+    state = to_trailing(state)
+    n, A = index.shape[0], cfg.max_actions
+
+    def step(st: EnvState, t):
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_policy, t)
+        action = policy(keys, st, params)
+        chex.assert_shape(action, (A, n))
+        nxt = dynamics.step_dynamics(st, action.astype(jnp.int32), params, cfg)
+        traj = None
+        if return_trajectory:
+            traj = dict(
+                action=action.T,
+                reward=rubric_total(nxt, params) - rubric_total(st, params),
+                usage_peak=nxt.usage_peak,
+                failures=nxt.counters.failures,
+                pending=jnp.sum(nxt.pending.valid, axis=0).astype(jnp.int32),
+            )
+        return nxt, traj
+
+    final, traj = jax.lax.scan(step, state, jnp.arange(cfg.episode_len))
+    out = dict(rubric(final, params))
+    out["tier"] = final.tier
+    out["regime"] = final.regime
+    for f in EXTRA_FIELDS:
+        out[f] = getattr(final.counters, f)
+    if return_trajectory:
+        out["trajectory"] = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(policy, cfg: EnvConfig, return_trajectory: bool, mesh: Mesh | None):
     """jit of: indices [n, micro] -> lax.map over the n micro-batches of vmap(episode).
@@ -110,10 +162,14 @@ def _compiled(policy, cfg: EnvConfig, return_trajectory: bool, mesh: Mesh | None
     differently for different batch shapes). With a mesh, `shard_map` gives each device its
     own micro-batches (a 1-D mesh over the batch axis)."""
     env = KVCacheEnv(cfg)
-    one = jax.vmap(
-        lambda key, idx, params: episode(policy, env, key, idx, params, return_trajectory),
-        in_axes=(None, 0, None),
-    )
+    if getattr(policy, "batch_polymorphic", False):
+        def one(key, idx, params):
+            return episodes_trailing(policy, env, key, idx, params, return_trajectory)
+    else:
+        one = jax.vmap(
+            lambda key, idx, params: episode(policy, env, key, idx, params, return_trajectory),
+            in_axes=(None, 0, None),
+        )
 
     def local(key, idx, params):
         return jax.lax.map(lambda i: one(key, i, params), idx)
@@ -231,6 +287,8 @@ __all__ = [
     "episode",
     "normalize_params",
     "rollout",
+    "episodes_trailing",
     "scenario_keys",
     "summarize_results",
+    "to_trailing",
 ]

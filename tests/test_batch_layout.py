@@ -1,0 +1,100 @@
+"""The batch-trailing layout (kvjax.dynamics, kvjax.rollout.episodes_trailing): the same step and
+policies called on [S, batch] states give what vmap gives on [batch, S] states."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import dynamics
+from kvjax.policies import POLICY_NAMES, make_policy
+from kvjax.rollout import normalize_params, rollout, to_trailing
+
+ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="all")
+CFG = ENV.config
+P = normalize_params(PARAMS)
+POLYMORPHIC = [n for n in POLICY_NAMES if getattr(make_policy(n, ENV), "batch_polymorphic", False)]
+
+
+def from_trailing(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, -1, 0), tree)
+
+
+def assert_trees_match(lead, trail):
+    """Integers and bools exactly; floats to float32 rounding (sums may associate differently)."""
+    flat = jax.tree_util.tree_leaves_with_path(lead)
+    for (path, x), y in zip(flat, jax.tree_util.tree_leaves(trail), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        name = jax.tree_util.keystr(path)
+        if np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(y, x, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def trajectory():
+    """States along random-action episodes of every tier, with the actions taken (valid,
+    invalid, out-of-range and negative ids), batch-leading."""
+    n = 96
+    keys = jax.random.split(jax.random.PRNGKey(11), n)
+    _, state = jax.jit(jax.vmap(ENV.reset_env, in_axes=(0, None)))(keys, P)
+    step = jax.jit(jax.vmap(lambda s, a: dynamics.step_dynamics(s, a, P, CFG)))
+    out = []
+    for t in range(6):
+        hi = 1 + 3 * CFG.max_seqs
+        act = jax.random.randint(jax.random.fold_in(jax.random.PRNGKey(5), t),
+                                 (n, CFG.max_actions), -3, hi + 3).astype(jnp.int32)
+        out.append((state, act))
+        state = step(state, act)
+    return out
+
+
+def test_step_on_trailing_states_equals_vmapped_step(trajectory):
+    lead = jax.jit(jax.vmap(lambda s, a: dynamics.step_dynamics(s, a, P, CFG)))
+    trail = jax.jit(lambda s, a: dynamics.step_dynamics(s, a, P, CFG))
+    preempted = 0
+    for state, act in trajectory:
+        want = lead(state, act)
+        got = from_trailing(trail(to_trailing(state), act.T))
+        assert_trees_match(want, got)
+        preempted += int(jnp.sum(want.counters.preemptions - state.counters.preemptions))
+    assert preempted > 0  # the preemption loop was exercised
+
+
+@pytest.mark.parametrize("name", POLYMORPHIC)
+def test_policies_on_trailing_states_equal_vmapped(name, trajectory):
+    policy = make_policy(name, ENV)
+    lead = jax.jit(jax.vmap(lambda s: policy(None, s, P)))
+    trail = jax.jit(lambda s: policy(None, s, P))
+    acted = 0
+    for state, _ in trajectory:
+        want = lead(state)
+        np.testing.assert_array_equal(np.asarray(trail(to_trailing(state))).T, want)
+        acted += int(jnp.sum(want != 0))
+    assert name == "keep" or acted > 0
+
+
+def test_value_aware_and_lru_swap_are_marked_and_random_is_not():
+    assert {"keep", "value_aware", "lru_swap", "largest_first"} <= set(POLYMORPHIC)
+    assert "random" not in POLYMORPHIC and "oracle" not in POLYMORPHIC
+
+
+def test_rollout_fast_path_equals_vmap_path():
+    policy = make_policy("value_aware", ENV)
+    plain = functools.wraps(policy)(lambda k, s, p: policy(k, s, p))
+    plain.batch_polymorphic = False  # same maths through the vmapped path
+    kw = dict(progress=False, return_trajectory=True, micro_batch=16)
+    fast = rollout(policy, jax.random.PRNGKey(2), 32, PARAMS, ENV, **kw)
+    slow = rollout(plain, jax.random.PRNGKey(2), 32, PARAMS, ENV, **kw)
+    np.testing.assert_array_equal(fast["trajectory"]["action"], slow["trajectory"]["action"])
+    assert np.any(fast["trajectory"]["action"] != 0)
+    for k, v in slow.items():
+        if k == "trajectory":
+            continue
+        np.testing.assert_allclose(fast[k], v, rtol=1e-5, atol=1e-5, err_msg=k)
