@@ -78,30 +78,50 @@ def lead(v: chex.Array, like: chex.Array) -> chex.Array:
 
 def prefix_sum(x: chex.Array) -> chex.Array:
     """Inclusive cumulative sum along axis 0, in float32 (exact for the integer-valued token
-    counts used here). A triangular matmul: `jnp.cumsum` under vmap is ~3x slower on CPU, and
-    with trailing batch axes this is one [n, n] x [n, batch] GEMM."""
+    counts used here). A triangular matmul (`jnp.cumsum` under vmap is ~3x slower on CPU): for
+    one scenario x @ upper, which vmap turns into one [batch, n] x [n, n] GEMM; batch-trailing,
+    lower x x, one [n, n] x [n, batch] GEMM."""
     n = x.shape[0]
-    tri = jnp.tril(jnp.ones((n, n), jnp.float32))  # tri[i, j] = 1 for j <= i
+    x = x.astype(jnp.float32)
     # HIGHEST: GPUs would otherwise use TF32 and round token counts above 2,048.
-    return jnp.tensordot(tri, x.astype(jnp.float32), axes=1,
-                         precision=jax.lax.Precision.HIGHEST)
+    hi = jax.lax.Precision.HIGHEST
+    if x.ndim == 1:
+        return jnp.matmul(x, jnp.triu(jnp.ones((n, n), jnp.float32)), precision=hi)
+    return jnp.tensordot(jnp.tril(jnp.ones((n, n), jnp.float32)), x, axes=1, precision=hi)
 
 
 def materialize(x: chex.Array) -> chex.Array:
-    """`x` (small non-negative integers, exact in float32), computed once. An identity matmul:
+    """`x` (integers of magnitude below 2^24, exact in float32), computed once. An identity matmul:
     XLA's CPU backend fuses per-scenario values into every per-slot loop that reads them, so a
     chain of them (a policy's choices) would otherwise be recomputed once per slot; it cannot
     fuse through a dot."""
     n = x.shape[0]
     eye = jnp.eye(n, dtype=jnp.float32)
     y = jnp.tensordot(eye, x.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
+    return y > 0.5 if x.dtype == jnp.bool_ else y.astype(x.dtype)
+
+
+def gather_rows(
+    table: dict[str, chex.Array], index: chex.Array, n: int
+) -> dict[str, chex.Array]:
+    """{name: column[index]} along axis 0 for int32 columns [n, *batch] and `index` [m, *batch]
+    (outside [0, n): 0).
+
+    One scenario (what vmap sees): the columns packed into one [n, F] table and a single row
+    gather. Batch-trailing: one gather per column (measured faster than an n-way select)."""
+    if index.ndim == 1:
+        packed = jnp.stack(list(table.values()), axis=-1)
+        rows = packed[jnp.clip(index, 0, n - 1)]
+        rows = jnp.where(((index >= 0) & (index < n))[:, None], rows, 0)
+        return {f: rows[:, i] for i, f in enumerate(table)}
+    ok = (index >= 0) & (index < n)
+    index = jnp.clip(index, 0, n - 1)
+    return {f: jnp.where(ok, jnp.take_along_axis(c, index, axis=0), 0) for f, c in table.items()}
 
 
 def pick(table: chex.Array, index: chex.Array, n: int) -> chex.Array:
-    """table[index] along axis 0 for `index` in [0, n) (out of range gives 0): one select per
-    row of `table` [n, *rest] instead of a gather, which XLA's CPU backend runs element by
-    element. `index` broadcasts against the result's leading axis ([m, *batch] or [*batch])."""
+    """table[index] along axis 0 for `index` in [0, n) (out of range gives 0), as one select
+    per row of `table` [n, *rest]; `index` broadcasts against the result's leading axis."""
     out = jnp.zeros(jnp.broadcast_shapes(index.shape, table.shape[1:]), table.dtype)
     for r in range(n):
         out = jnp.where(index == r, table[r], out)
@@ -249,8 +269,8 @@ def _schedule(state: EnvState, params: EnvParams, B: chex.Array) -> tuple[EnvSta
     n_admit = slot_sum(admit)
     rank = prefix_sum(free).astype(jnp.int32) - 1
     take = free & (rank < n_admit)
-    idx = jnp.where(take, rank, -1)  # queue row each slot receives (-1: none)
-    new = {f: jnp.where(take, pick(getattr(q, f), idx, P), getattr(s, f)) for f in _ADMIT_FIELDS}
+    rows = gather_rows({f: getattr(q, f) for f in _ADMIT_FIELDS}, jnp.where(take, rank, -1), P)
+    new = {f: jnp.where(take, rows[f], getattr(s, f)) for f in _ADMIT_FIELDS}
     s = s.replace(
         **new,
         active=s.active | take,
@@ -356,25 +376,13 @@ def _preempt(state: EnvState, B: chex.Array) -> tuple[EnvState, chex.Array]:
     return state.replace(slots=s.replace(active=s.active & ~victim), counters=c), used / B
 
 
-def _shift_up(x: chex.Array, d: chex.Array) -> chex.Array:
-    """x[p + d] along axis 0 (zeros past the end) for a per-scenario shift `d` in [0, n]: a
-    barrel shifter, one select per bit of `d`, instead of a gather."""
-    n = x.shape[0]
-    b = 1
-    while b <= n:
-        shifted = jnp.concatenate([x[b:], jnp.zeros((min(b, n),) + x.shape[1:], x.dtype)])[:n]
-        x = jnp.where((d & b) > 0, shifted, x)
-        b *= 2
-    return x
-
-
 def _row(x: chex.Array, t: chex.Array, T: int) -> chex.Array:
-    """Row `t` of an arrival-schedule field [T, K, *batch] (zeros once t >= T), as a masked
-    float32 sum: exact for these small integers, and a reduction that XLA materialises once,
-    where a select chain would be re-fused into (and recomputed by) every consumer."""
-    hit = lead(jnp.arange(T), x) == t
-    out = jnp.sum(jnp.where(hit, x.astype(jnp.float32), 0.0), axis=0)
-    return out > 0 if x.dtype == jnp.bool_ else out.astype(x.dtype)
+    """Row `t` of an arrival-schedule field [T, K, *batch] (zeros once t >= T). Batch-trailing:
+    a T-way select, materialised once (see `materialize`) instead of being re-fused into, and
+    recomputed by, every element of the queue that reads it."""
+    if x.ndim == 2:  # one scenario: index it
+        return jnp.where(t < T, x[jnp.minimum(t, T - 1)], jnp.zeros((), x.dtype))
+    return materialize(pick(x, t, T))
 
 
 def _advance_queue(
@@ -398,16 +406,13 @@ def _advance_queue(
     overflow = n_arrive - accepted
 
     # New queue: the kept requests moved to the front, then the arrivals (a row's valid
-    # requests come first) at positions kept .. kept + accepted - 1.
+    # requests come first): rows of [queue; arrivals] ([P + K]), one gather.
     valid = pos < kept + accepted
-    at = pos - kept  # index into this step's arrivals
-    fields = {}
-    for f in vars(q):
-        if f == "valid":
-            continue
-        x = jnp.where(pos < kept, _shift_up(getattr(q, f), n_admit + n_timeout),
-                      pick(getattr(row, f), at, K))
-        fields[f] = jnp.where(valid, x, -1 if f == "seq_id" else 0)
+    src = jnp.where(pos < kept, pos + n_admit + n_timeout, P + pos - kept)
+    names = [f for f in vars(q) if f != "valid"]
+    both = {f: jnp.concatenate([getattr(q, f), getattr(row, f)]) for f in names}
+    fields = gather_rows(both, jnp.where(valid, src, -1), P + K)
+    fields["seq_id"] = jnp.where(valid, fields["seq_id"], -1)
     q = Requests(valid=valid, **fields)
     c = c.replace(
         queue_timeouts=c.queue_timeouts + n_timeout,
