@@ -284,6 +284,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
 
     assert ppo.main(["--difficulty", "nightmare"]) == 2
     assert ppo.main(["--seeds", "0"]) == 2
+    assert ppo.main(["--cpu-devices", "0"]) == 2
     capsys.readouterr()
     assert ppo.main(["--num-envs", "10", "--minibatches", "4", "--out", str(tmp_path)]) == 2
     assert "divisible" in capsys.readouterr().err
@@ -342,3 +343,4 @@ def test_bench_cli_prints_every_field(capsys):
         assert k in row, k
     assert (row["num_envs"], row["hidden"], row["epochs"], row["minibatches"]) == (16, 8, 1, 2)
     assert bench.main(["--configs", "16:8"]) == 2
+    assert bench.main(["--configs", "16:8:1:2", "--cpu-devices", "0"]) == 2

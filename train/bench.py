@@ -14,7 +14,8 @@ calls (each call blocks until its results are ready):
 - `learn`: the PPO epochs x minibatches of forward + backward + Adam on one update's batch.
 
 Each piece is also given as the env-steps/s it alone would allow. The machine is shared, so the
-1-minute load average is printed before and after every config.
+1-minute load average is printed before and after every config. With `--cpu-devices N` the
+`train` and `learn` pieces run on the trainer's data mesh; `env` and `policy` stay on one device.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from train.networks import ActorCritic
-from train.ppo import PPOConfig, make_trainer
+from train.ppo import PPOConfig, force_cpu_devices, make_trainer
 
-DEFAULT_CONFIGS = ("512:32:2:4", "2048:32:2:4", "4096:32:1:2")
+# The committed run's config, the throughput preset, a larger batch, a smaller network.
+DEFAULT_CONFIGS = ("512:32:2:4", "1024:32:1:4", "2048:32:2:4", "2048:16:1:2")
 
 
 def parse_config(spec: str, difficulty: str = "medium+hard") -> PPOConfig:
@@ -62,8 +64,10 @@ def _time(fn: Callable[..., Any], args: tuple, repeats: int) -> tuple[float, flo
     return compile_s, statistics.median(times)
 
 
-def bench_config(config: PPOConfig, updates: int = 2, repeats: int = 3) -> dict[str, Any]:
-    """Compile and time the four pieces for one config -> a JSON-ready row."""
+def bench_config(config: PPOConfig, updates: int = 2, repeats: int = 3,
+                 breakdown: bool = True) -> dict[str, Any]:
+    """Compile and time the four pieces (only `train` without `breakdown`) for one config
+    -> a JSON-ready row."""
     tr = make_trainer(config)
     T, N = tr.env.config.episode_len, config.num_envs
     steps = T * N
@@ -80,6 +84,9 @@ def bench_config(config: PPOConfig, updates: int = 2, repeats: int = 3) -> dict[
     c, s = _time(train, (runner,), repeats)
     row.update(train_compile_s=round(c, 1), train_s_per_update=round(s / updates, 4),
                train_steps_per_s=round(updates * steps / s))
+    if not breakdown:
+        row["load_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        return row
 
     A = tr.env.config.max_actions
 
@@ -134,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--updates", type=int, default=2, help="updates per timed train call")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per piece (median)")
     ap.add_argument("--difficulty", default="medium+hard")
+    ap.add_argument("--train-only", action="store_true", help="skip the env/policy/learn pieces")
+    ap.add_argument("--cpu-devices", type=int, default=1,
+                    help="XLA CPU devices (the env batch is sharded over them)")
     try:
         a = ap.parse_args(argv)
         configs = [parse_config(c, a.difficulty) for c in a.configs]
@@ -142,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.updates < 1 or a.repeats < 1:
-        print("--updates and --repeats must be positive", file=sys.stderr)
+    if a.updates < 1 or a.repeats < 1 or a.cpu_devices < 1:
+        print("--updates, --repeats and --cpu-devices must be positive", file=sys.stderr)
         return 2
+    force_cpu_devices(a.cpu_devices)
     print(json.dumps(dict(backend=jax.default_backend(), devices=jax.device_count(),
                           cpus=os.cpu_count(), jax=jax.__version__)), flush=True)
     for c in configs:
-        print(json.dumps(bench_config(c, a.updates, a.repeats)), flush=True)
+        print(json.dumps(bench_config(c, a.updates, a.repeats, not a.train_only)), flush=True)
     return 0
 
 

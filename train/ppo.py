@@ -209,13 +209,15 @@ def make_trainer(config: PPOConfig, env: KVCacheEnv | None = None) -> Trainer:
             obs, state = carry
             keys = jax.random.split(k, N)
             action, logp, _, v = jax.vmap(sample, in_axes=(None, 0, 0))(ts.params, obs, keys)
-            obs2, state2, r, term, trunc, info = jax.vmap(
+            obs2, state2, r, term, trunc, _ = jax.vmap(
                 env.step_env, in_axes=(0, 0, 0, None)
             )(keys, state, action, env_params)
             tr = Transition(obs, action, logp, v, r, term, trunc)
-            return shard((obs2, state2)), (tr, info["final_observation"])
+            return shard((obs2, state2)), tr
 
-        (_, final_state), (traj, final_obs) = jax.lax.scan(
+        # step_env does not auto-reset, so the last carried observation is the final step's
+        # info["final_observation"] (only the last one is needed: no [T, N] copy of them).
+        (final_obs, final_state), traj = jax.lax.scan(
             step, (obs, state), jax.random.split(k_act, T)
         )
         return traj, final_obs, final_state
@@ -269,8 +271,7 @@ def make_trainer(config: PPOConfig, env: KVCacheEnv | None = None) -> Trainer:
 
         # V(s_{t+1}): the next step's value inside the episode; for the last (truncated) step
         # the value of info["final_observation"].
-        last_v = jax.vmap(value, in_axes=(None, 0))(ts.params, jax.tree_util.tree_map(
-            lambda x: x[-1], final_obs))
+        last_v = jax.vmap(value, in_axes=(None, 0))(ts.params, final_obs)
         next_v = jnp.concatenate([traj.value[1:], last_v[None]], axis=0)
         adv, targets = gae(traj.reward, traj.value, next_v, traj.terminated, traj.truncated,
                            config.gamma, config.gae_lambda)
@@ -401,6 +402,15 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def force_cpu_devices(n: int) -> None:
+    """Expose `n` XLA CPU devices (one per core: an XLA CPU computation mostly runs on one
+    thread) so the trainer's data mesh splits the env batch over them. Must run before JAX
+    initialises its backends; XLA_FLAGS that already set a device count win."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
@@ -417,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=PPOConfig.hidden)
     ap.add_argument("--attention", action="store_true")
     ap.add_argument("--log-every", type=int, default=5, help="updates per jitted chunk")
+    ap.add_argument("--cpu-devices", type=int, default=1,
+                    help="XLA CPU devices to shard the env batch over (e.g. the core count)")
     ap.add_argument("--time-limit", type=float, default=0.0,
                     help="stop (and checkpoint) after this many minutes; 0 = none")
     ap.add_argument("--out", default=None, help="output dir (default runs/ppo-<difficulty>-...)")
@@ -427,9 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         a = ap.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    if a.seeds < 1 or a.log_every < 1:
-        print("--seeds and --log-every must be positive", file=sys.stderr)
+    if a.seeds < 1 or a.log_every < 1 or a.cpu_devices < 1:
+        print("--seeds, --log-every and --cpu-devices must be positive", file=sys.stderr)
         return 2
+    force_cpu_devices(a.cpu_devices)
     try:
         if a.resume:
             config = dataclasses.replace(stored_config(a.resume), total_steps=a.total_steps)
