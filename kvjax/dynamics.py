@@ -91,10 +91,11 @@ def prefix_sum(x: chex.Array) -> chex.Array:
 
 
 def materialize(x: chex.Array) -> chex.Array:
-    """`x` (integers of magnitude below 2^24, exact in float32), computed once. An identity matmul:
-    XLA's CPU backend fuses per-scenario values into every per-slot loop that reads them, so a
-    chain of them (a policy's choices) would otherwise be recomputed once per slot; it cannot
-    fuse through a dot."""
+    """`x` computed once: finite floats, or integers of magnitude below 2^24 (exact in float32).
+
+    An identity matmul over the leading axis: XLA's CPU backend fuses a producer into every
+    loop that reads it and recomputes it there (per slot for a per-scenario value, per
+    reduction for a per-slot one), and it cannot fuse through a dot."""
     n = x.shape[0]
     eye = jnp.eye(n, dtype=jnp.float32)
     y = jnp.tensordot(eye, x.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
@@ -114,9 +115,13 @@ def gather_rows(
         rows = packed[jnp.clip(index, 0, n - 1)]
         rows = jnp.where(((index >= 0) & (index < n))[:, None], rows, 0)
         return {f: rows[:, i] for i, f in enumerate(table)}
-    ok = (index >= 0) & (index < n)
-    index = jnp.clip(index, 0, n - 1)
-    return {f: jnp.where(ok, jnp.take_along_axis(c, index, axis=0), 0) for f, c in table.items()}
+    # The index once (not once per column: see `materialize`), -1 where out of range.
+    index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
+    ok, index = index >= 0, jnp.maximum(index, 0)
+    return {
+        f: jnp.where(ok, jnp.take_along_axis(c, index, axis=0, mode="promise_in_bounds"), 0)
+        for f, c in table.items()
+    }
 
 
 def pick(table: chex.Array, index: chex.Array, n: int) -> chex.Array:

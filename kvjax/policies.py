@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from kvjax.dynamics import (
     lead,
+    materialize,
     prefix_sum,
     progress,
     quality_of,
@@ -127,6 +128,17 @@ def _at(x: chex.Array, hit: chex.Array) -> chex.Array:
     return slot_sum(jnp.where(hit, x, jnp.zeros((), x.dtype)))
 
 
+def _once(*per_slot: chex.Array) -> list[chex.Array]:
+    """The given finite per-slot arrays, each computed once (batch-trailing only; see
+    kvjax.dynamics.materialize): every reduction of the greedy passes below would otherwise
+    recompute the whole cost chain that produced them."""
+    if per_slot[0].ndim < 2:  # one scenario (vmap): XLA fuses these well enough
+        return list(per_slot)
+    out = materialize(jnp.stack([x.astype(jnp.float32) for x in per_slot]))
+    return [o > 0.5 if x.dtype == jnp.bool_ else o.astype(x.dtype)
+            for o, x in zip(out, per_slot, strict=True)]
+
+
 def _pick_greedy(
     score: chex.Array,
     eligible: chex.Array,
@@ -140,6 +152,7 @@ def _pick_greedy(
     passes over 32 slots, much cheaper than a sort under vmap on CPU."""
     S = score.shape[0]
     slot_ids = lead(jnp.arange(S), score)
+    score, eligible, kind, freed = _once(jnp.where(eligible, score, _NEG), eligible, kind, freed)
     out = []
     for _ in range(num_actions):  # static unroll
         masked = jnp.where(eligible, score, _NEG)
@@ -156,6 +169,8 @@ def _top_sum(value: chex.Array, score: chex.Array, n: int) -> chex.Array:
     """Sum of `value` over the `n` entries with the highest `score` (repeated argmax)."""
     total, taken = jnp.float32(0.0), jnp.zeros(score.shape, bool)
     slot_ids = lead(jnp.arange(score.shape[0]), score)
+    # -inf scores carry value 0 (no finite cost), as do the _NEG ones that replace them.
+    value, score = _once(value, jnp.where(jnp.isfinite(score), score, _NEG))
     for _ in range(n):
         hit = slot_ids == _argmax(jnp.where(taken, _NEG, score))
         total = total + jnp.where(_at(taken, hit), 0.0, _at(value, hit))
