@@ -7,6 +7,9 @@ Each scenario `i` gets its own key `jax.random.fold_in(key, i)` (split into a re
 policy key; the policy's key at step t is `fold_in(policy_key, t)`), so results do not depend on
 the chunk size or on how many devices share the batch. One chunk runs
 `jit(lax.map over micro-batches of vmap(reset + lax.scan(step_env over episode_len steps)))`;
+for policies marked `@kvjax.policies.batch_polymorphic` the micro-batch is instead reset with
+vmap and then stepped in the batch-trailing layout without vmap (`episodes_trailing`: the same
+dynamics code, faster on CPU; results agree with the vmapped path to float32 rounding);
 chunks are padded to a fixed size (one compile per policy, config and size; `params`, including
 the difficulty, are traced), and a tqdm bar tracks them. A chunk's micro-batches are sharded
 over a 1-D `jax.sharding.Mesh` of all devices (`mesh=None`: every device of every process;
