@@ -339,7 +339,7 @@ def test_bench_cli_prints_every_field(capsys):
     assert lines[0]["devices"] >= 1
     row = lines[1]
     for k in ("train_compile_s", "train_steps_per_s", "env_steps_per_s", "policy_steps_per_s",
-              "learn_steps_per_s", "load_1min"):
+              "rollout_steps_per_s", "learn_steps_per_s", "load_1min"):
         assert k in row, k
     assert (row["num_envs"], row["hidden"], row["epochs"], row["minibatches"]) == (16, 8, 1, 2)
     assert bench.main(["--configs", "16:8"]) == 2

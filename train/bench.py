@@ -3,7 +3,7 @@
     python -m train.bench                       # the default configs
     python -m train.bench --configs 2048:32:2:4 4096:32:1:2 --repeats 5
 
-A config is `num_envs:hidden:update_epochs:num_minibatches`. For each, four jitted pieces are
+A config is `num_envs:hidden:update_epochs:num_minibatches`. For each, five jitted pieces are
 compiled (compile time reported apart) and then timed as wall-clock medians over `--repeats`
 calls (each call blocks until its results are ready):
 
@@ -11,6 +11,7 @@ calls (each call blocks until its results are ready):
   training CLI reports; env-steps/s = updates x episode_len x num_envs / median seconds;
 - `env`: reset + `episode_len` x (`step_env` + observe) with "keep" actions (no network);
 - `policy`: `episode_len` x the batched sampling forward pass (no env, no gradients);
+- `rollout`: the trainer's rollout (env + policy + storing the trajectory), as in training;
 - `learn`: the PPO epochs x minibatches of forward + backward + Adam on one update's batch.
 
 Each piece is also given as the env-steps/s it alone would allow. The machine is shared, so the
@@ -66,7 +67,7 @@ def _time(fn: Callable[..., Any], args: tuple, repeats: int) -> tuple[float, flo
 
 def bench_config(config: PPOConfig, updates: int = 2, repeats: int = 3,
                  breakdown: bool = True) -> dict[str, Any]:
-    """Compile and time the four pieces (only `train` without `breakdown`) for one config
+    """Compile and time the five pieces (only `train` without `breakdown`) for one config
     -> a JSON-ready row."""
     tr = make_trainer(config)
     T, N = tr.env.config.episode_len, config.num_envs
@@ -120,6 +121,12 @@ def bench_config(config: PPOConfig, updates: int = 2, repeats: int = 3,
 
     _, s = _time(policy_only, (net_params, obs0, key), repeats)
     row.update(policy_s=round(s, 4), policy_steps_per_s=round(steps / s))
+
+    def rollout(ts, k):
+        return tr.rollout(ts, k)[0].reward.sum()
+
+    _, s = _time(rollout, (runner.train_state, key), repeats)
+    row.update(rollout_s=round(s, 4), rollout_steps_per_s=round(steps / s))
 
     traj, _, _ = jax.jit(tr.rollout)(runner.train_state, key)
     flat = lambda x: x.reshape((steps,) + x.shape[2:])  # noqa: E731
