@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import kvjax
 from kvjax.policies import make_policy
-from kvjax.rollout import _compiled, _place, default_mesh, normalize_params
+from kvjax.rollout import _compiled, _place, default_mesh, default_micro_batch, normalize_params
 
 BENCH_POLICIES = ("keep", "random", "value_aware")
 CPU_BATCHES = (1, 64, 1024, 4096, 16384)
@@ -45,16 +45,21 @@ def time_policy(
     """Compile seconds, median / min seconds per call, and env-steps/s for one (policy, batch).
 
     The batch is split evenly over every device (the rollout engine's 1-D mesh) when it
-    divides; `kvjax bench` exposes one XLA CPU device per core (`cli.use_all_cpu_cores`)."""
+    divides, into the rollout engine's micro-batches (`default_micro_batch`, at most one
+    device's share); `kvjax bench` exposes one XLA CPU device per core
+    (`cli.use_all_cpu_cores`)."""
     policy = make_policy(name, env)
     mesh = default_mesh()
     n_dev = mesh.devices.size if batch % mesh.devices.size == 0 else 1
+    micro = min(default_micro_batch(batch), batch // n_dev)
+    if batch % (micro * n_dev):
+        micro = batch // n_dev
     fn = _compiled(policy, env.config, False, mesh if n_dev > 1 else None)
     params = normalize_params(params)
     key = jax.random.PRNGKey(seed)
 
     def indices(offset: int) -> jax.Array:
-        idx = np.arange(offset, offset + batch, dtype=np.int32).reshape(n_dev, batch // n_dev)
+        idx = np.arange(offset, offset + batch, dtype=np.int32).reshape(batch // micro, micro)
         return _place(idx, mesh) if n_dev > 1 else jnp.asarray(idx)
 
     idx = indices(0)
@@ -71,7 +76,8 @@ def time_policy(
     med = statistics.median(times)
     steps = batch * env.config.episode_len
     return {"compile_s": compile_s, "median_s": med, "min_s": min(times),
-            "steps_per_s": steps / med}
+            "steps_per_s": steps / med, "micro_batch": micro, "devices": n_dev,
+            "path": "batch-trailing" if getattr(policy, "batch_polymorphic", False) else "vmap"}
 
 
 def reference_steps_per_s(
@@ -162,15 +168,15 @@ def _fmt_rate(x: float | None) -> str:
 def markdown_table(record: dict[str, Any]) -> str:
     """The record as a markdown table (policy x batch), compile time apart, plus the reference."""
     lines = [
-        "| policy | batch | env-steps/s (median) | s per call | compile s | x reference |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| policy | batch | env-steps/s (median) | s per call | compile s | x reference | path |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in record["results"]:
         sp = r.get("speedup_vs_reference")
         lines.append(
             f"| {r['policy']} | {r['batch']:,} | {_fmt_rate(r['steps_per_s'])} | "
             f"{r['median_s']:.4f} | {r['compile_s']:.1f} | "
-            f"{'-' if sp is None else f'{sp:,.0f}x'} |"
+            f"{'-' if sp is None else f'{sp:,.0f}x'} | {r.get('path', '-')} |"
         )
     ref = record["reference_steps_per_s"]
     lines.append("")

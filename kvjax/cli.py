@@ -153,7 +153,9 @@ def benchmarks_document(record: dict, table: str) -> str:
         f"`batch` scenarios and plays their {cfg['episode_len']} steps with the policy "
         f"({cfg['max_seqs']} slots, {cfg['max_actions']} actions per step, difficulty "
         f"{cfg['difficulty']}); median of {cfg['repeats']} calls after a warm-up, compile time "
-        "reported apart.",
+        "reported apart. `path`: batch-trailing policies (`@batch_polymorphic`) step the whole "
+        "micro-batch in the [slot, batch] layout without vmap; the others run under vmap "
+        "(docs/dynamics.md, section 8).",
         "",
         f"Machine: {m['backend']} / {m['device']} x{m['device_count']}, {m['cpu_count']} CPU "
         f"cores ({m['processor']}), Python {m['python']}, jax {m['jax']}; 1-minute load "

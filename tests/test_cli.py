@@ -77,11 +77,12 @@ def test_bench_table_and_summary_line():
         "reference_steps_per_s": {"keep": 5000.0, "random": 4000.0},
         "results": [
             {"policy": "value_aware", "batch": 4096, "compile_s": 3.0, "median_s": 0.05,
-             "min_s": 0.04, "steps_per_s": 1_228_800.0, "speedup_vs_reference": 245.76},
+             "min_s": 0.04, "steps_per_s": 1_228_800.0, "speedup_vs_reference": 245.76,
+             "micro_batch": 1024, "devices": 2, "path": "batch-trailing"},
         ],
     }
     table = bench.markdown_table(record)
-    assert "| value_aware | 4,096 | 1.23M | 0.0500 | 3.0 | 246x |" in table
+    assert "| value_aware | 4,096 | 1.23M | 0.0500 | 3.0 | 246x | batch-trailing |" in table
     assert bench.summary_line(record).startswith("value_aware @ batch 4,096: 1,228,800")
     doc = cli.benchmarks_document(record, table)
     assert doc.startswith("# Benchmarks") and "Machine:" in doc
