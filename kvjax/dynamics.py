@@ -166,6 +166,16 @@ def slot_sum(x: chex.Array) -> chex.Array:
     return jnp.sum(x, axis=0, dtype=jnp.int32 if x.dtype == jnp.bool_ else None)
 
 
+def slot_sums(*xs: chex.Array) -> list[chex.Array]:
+    """`slot_sum` of several arrays of one shape. Batch-trailing they are stacked and reduced
+    together: one pass instead of one per sum (each a separate loop on XLA's CPU backend)."""
+    if xs[0].ndim < 2:
+        return [slot_sum(x) for x in xs]
+    sums = jnp.sum(jnp.stack([x.astype(jnp.float32) for x in xs]), axis=1)
+    return [t if x.dtype == jnp.float32 else t.astype(jnp.int32)
+            for t, x in zip(sums, xs, strict=True)]
+
+
 def slot_any(x: chex.Array) -> chex.Array:
     """Any over axis 0 (see slot_sum for why it counts)."""
     return slot_sum(x) > 0
@@ -206,26 +216,31 @@ def apply_actions(
         compressed = compressed + compress
         done = done + (evict | compress | swap)
         n_acts = n_acts + (act != 0)
-    # Each action that did something hit exactly one slot; the rest were no-ops.
-    n_compress = slot_sum(compressed)
-    n_invalid = n_acts - slot_sum(done)
-
     risky = (
         (s.block_type == SYSTEM) | (s.priority >= RISKY_PRIORITY) | (progress(s) >= RISKY_PROGRESS)
     )
     high_value = (s.block_type == SYSTEM) | (s.block_type == CONTEXT)
     # A swapped slot cannot be compressed afterwards, so it left at its final precision.
-    swapped_mem = slot_sum(jnp.where(swapped, s.tokens * memory_factor(precision), 0.0))
+    n_compress, n_done, n_evict, value_sum, n_high, n_risky, n_swap, swapped_mem = slot_sums(
+        compressed,
+        done,
+        evicted,
+        jnp.where(evicted, s.eviction_value, 0.0),
+        evicted & high_value,
+        evicted & risky,
+        swapped,
+        jnp.where(swapped, s.tokens * memory_factor(precision), 0.0),
+    )
     c = c.replace(
-        evictions=c.evictions + slot_sum(evicted),
-        eviction_value_sum=c.eviction_value_sum
-        + slot_sum(jnp.where(evicted, s.eviction_value, 0.0)),
-        high_value_lost=c.high_value_lost + slot_sum(evicted & high_value),
-        risky_evictions=c.risky_evictions + slot_sum(evicted & risky),
+        evictions=c.evictions + n_evict,
+        eviction_value_sum=c.eviction_value_sum + value_sum,
+        high_value_lost=c.high_value_lost + n_high,
+        risky_evictions=c.risky_evictions + n_risky,
         compressions=c.compressions + n_compress,
-        swaps=c.swaps + slot_sum(swapped),
+        swaps=c.swaps + n_swap,
         latency=c.latency + transfer_seconds(swapped_mem, params),
-        invalid_actions=c.invalid_actions + n_invalid,
+        # Each action that did something hit exactly one slot; the rest were no-ops.
+        invalid_actions=c.invalid_actions + n_acts - n_done,
     )
     s = s.replace(active=active, precision=precision, location=location)
     return state.replace(slots=s, counters=c)
@@ -319,11 +334,12 @@ def _decode(state: EnvState, params: EnvParams) -> EnvState:
     countdown = jnp.where(calls, s.tool_period, countdown)
 
     done = running & (remaining == 0)
+    weighted, n_gen, n_stalled, n_done = slot_sums(gen * quality, gen, stalled, done)
     c = c.replace(
-        tokens=c.tokens + slot_sum(gen * quality) * system_quality,
-        raw_tokens=c.raw_tokens + slot_sum(gen),
-        latency=c.latency + params.step_seconds * slot_sum(stalled),
-        completed=c.completed + slot_sum(done),
+        tokens=c.tokens + weighted * system_quality,
+        raw_tokens=c.raw_tokens + n_gen,
+        latency=c.latency + params.step_seconds * n_stalled,
+        completed=c.completed + n_done,
     )
     s = s.replace(
         active=s.active & ~done,
