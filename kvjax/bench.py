@@ -51,7 +51,7 @@ def time_policy(
     policy = make_policy(name, env)
     mesh = default_mesh()
     n_dev = mesh.devices.size if batch % mesh.devices.size == 0 else 1
-    micro = min(default_micro_batch(batch), batch // n_dev)
+    micro = min(default_micro_batch(batch, policy), batch // n_dev)
     if batch % (micro * n_dev):
         micro = batch // n_dev
     fn = _compiled(policy, env.config, False, mesh if n_dev > 1 else None)
