@@ -475,6 +475,7 @@ __all__ = [
     "POLICIES",
     "POLICY_NAMES",
     "UPPER_BOUNDS",
+    "batch_polymorphic",
     "Policy",
     "keep",
     "largest_first",

@@ -76,6 +76,27 @@ def scenario_keys(key: chex.PRNGKey, index: chex.Array) -> tuple[chex.Array, che
     return k_reset, k_policy
 
 
+def _record(action: chex.Array, state: EnvState, nxt: EnvState, params: EnvParams) -> dict:
+    """One trajectory row (any batch layout; `action` already in the output's layout)."""
+    return dict(
+        action=action,
+        reward=rubric_total(nxt, params) - rubric_total(state, params),
+        usage_peak=nxt.usage_peak,
+        failures=nxt.counters.failures,
+        pending=jnp.sum(nxt.pending.valid, axis=0).astype(jnp.int32),
+    )
+
+
+def _results(final: EnvState, params: EnvParams) -> dict[str, Any]:
+    """Per-scenario results of final states: the rubric, tier, regime and EXTRA_FIELDS."""
+    out = dict(rubric(final, params))
+    out["tier"] = final.tier
+    out["regime"] = final.regime
+    for f in EXTRA_FIELDS:
+        out[f] = getattr(final.counters, f)
+    return out
+
+
 def episode(
     policy, env: KVCacheEnv, key: chex.PRNGKey, index: chex.Array, params: EnvParams,
     return_trajectory: bool = False,
@@ -86,24 +107,11 @@ def episode(
 
     def step(st: EnvState, t):
         action = policy(jax.random.fold_in(k_policy, t), st, params)
-        _, nxt, reward, _, _, _ = env.step_env(k_policy, st, action, params)
-        traj = None
-        if return_trajectory:
-            traj = dict(
-                action=action,
-                reward=reward,
-                usage_peak=nxt.usage_peak,
-                failures=nxt.counters.failures,
-                pending=jnp.sum(nxt.pending.valid).astype(jnp.int32),
-            )
-        return nxt, traj
+        _, nxt, _, _, _, _ = env.step_env(k_policy, st, action, params)
+        return nxt, _record(action, st, nxt, params) if return_trajectory else None
 
     final, traj = jax.lax.scan(step, state, jnp.arange(env.config.episode_len))
-    out = dict(rubric(final, params))
-    out["tier"] = final.tier
-    out["regime"] = final.regime
-    for f in EXTRA_FIELDS:
-        out[f] = getattr(final.counters, f)
+    out = _results(final, params)
     if return_trajectory:
         out["trajectory"] = traj
     return out
@@ -137,23 +145,10 @@ def episodes_trailing(
         action = policy(keys, st, params)
         chex.assert_shape(action, (A, n))
         nxt = dynamics.step_dynamics(st, action.astype(jnp.int32), params, cfg)
-        traj = None
-        if return_trajectory:
-            traj = dict(
-                action=action.T,
-                reward=rubric_total(nxt, params) - rubric_total(st, params),
-                usage_peak=nxt.usage_peak,
-                failures=nxt.counters.failures,
-                pending=jnp.sum(nxt.pending.valid, axis=0).astype(jnp.int32),
-            )
-        return nxt, traj
+        return nxt, _record(action.T, st, nxt, params) if return_trajectory else None
 
     final, traj = jax.lax.scan(step, state, jnp.arange(cfg.episode_len))
-    out = dict(rubric(final, params))
-    out["tier"] = final.tier
-    out["regime"] = final.regime
-    for f in EXTRA_FIELDS:
-        out[f] = getattr(final.counters, f)
+    out = _results(final, params)
     if return_trajectory:
         out["trajectory"] = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), traj)
     return out
