@@ -79,8 +79,8 @@ def lead(v: chex.Array, like: chex.Array) -> chex.Array:
 def prefix_sum(x: chex.Array) -> chex.Array:
     """Inclusive cumulative sum along axis 0, in float32 (exact for the integer-valued token
     counts used here). A triangular matmul (`jnp.cumsum` under vmap is ~3x slower on CPU): for
-    one scenario x @ upper, which vmap turns into one [batch, n] x [n, n] GEMM; batch-trailing,
-    lower x x, one [n, n] x [n, batch] GEMM."""
+    one scenario `x @ upper`, which vmap turns into one [batch, n] x [n, n] GEMM; batch-trailing,
+    `lower @ x`, one [n, n] x [n, batch] GEMM."""
     n = x.shape[0]
     x = x.astype(jnp.float32)
     # HIGHEST: GPUs would otherwise use TF32 and round token counts above 2,048.
@@ -201,7 +201,8 @@ def apply_actions(
     compressed = jnp.zeros_like(precision)  # times compressed this step (0..2)
     done = jnp.zeros_like(precision)  # actions that did something, per slot
     n_acts = jnp.int32(0)
-    action = materialize(action)
+    if action.ndim > 1:  # batch-trailing: decode the policy's ids once, not once per slot
+        action = materialize(action)
     for a in range(action.shape[0]):  # static unroll: later actions see earlier ones
         act = action[a]
         on_gpu = active & (location == GPU)
