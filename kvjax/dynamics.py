@@ -190,46 +190,67 @@ def apply_actions(
     or swapped at most once; compress twice goes fp16 -> int4). An action that names nothing
     valid (keep excepted) is a counted no-op. Counters are summed once at the end: every
     per-slot quantity they read (value, type, priority, progress) is unchanged by actions.
+
+    Each action names one slot, so its outcome is decided per scenario: the named slot's
+    state is read once (one packed int per action), earlier actions on the same slot are
+    applied to it, and only the final effects are written back per slot (instead of running
+    the whole action sequence on every slot).
     """
     s, c = state.slots, state.counters
     S = cfg.max_seqs
-    # Action ids of each kind on each slot (1 + (kind - 1) * S + slot): compares, no div/mod.
-    evict_id = lead(jnp.arange(S), s.active) + 1 + (EVICT - 1) * S
-    active, precision, location = s.active, s.precision, s.location
-    evicted = jnp.zeros_like(active)
-    swapped = jnp.zeros_like(active)
-    compressed = jnp.zeros_like(precision)  # times compressed this step (0..2)
-    done = jnp.zeros_like(precision)  # actions that did something, per slot
-    n_acts = jnp.int32(0)
-    if action.ndim > 1:  # batch-trailing: decode the policy's ids once, not once per slot
-        action = materialize(action)
-    for a in range(action.shape[0]):  # static unroll: later actions see earlier ones
-        act = action[a]
-        on_gpu = active & (location == GPU)
-        evict = (act == evict_id) & active
-        compress = (act == evict_id + (COMPRESS - EVICT) * S) & on_gpu & (precision < 2)
-        swap = (act == evict_id + (SWAP - EVICT) * S) & on_gpu
-        active = active & ~evict
-        precision = precision + compress
-        location = jnp.where(swap, CPU, location)
-        evicted = evicted | evict
-        swapped = swapped | swap
-        compressed = compressed + compress
-        done = done + (evict | compress | swap)
-        n_acts = n_acts + (act != 0)
+    slot_ids = lead(jnp.arange(S), s.active)
+    on_gpu = s.active & (s.location == GPU)
     risky = (
         (s.block_type == SYSTEM) | (s.priority >= RISKY_PRIORITY) | (progress(s) >= RISKY_PROGRESS)
     )
     high_value = (s.block_type == SYSTEM) | (s.block_type == CONTEXT)
+    # Everything an action's outcome and counters read from its slot, in one int per slot.
+    code = (s.active.astype(jnp.int32) + 2 * on_gpu + 4 * high_value + 8 * risky
+            + 16 * s.precision)
+    if action.ndim > 1:  # batch-trailing: decode the policy's ids once, not once per slot
+        action = materialize(action)
+    n_acts = jnp.int32(0)
+    named, pres, done = [], [], []  # per action: slot, its state, (evicted, compressed, swapped)
+    for a in range(action.shape[0]):  # static unroll: later actions see earlier ones
+        act = action[a]
+        n_acts = n_acts + (act != 0)
+        ok = (act >= 1) & (act <= 3 * S)
+        kind = jnp.where(ok, (act - 1) // S, -1)  # 0 evict, 1 compress, 2 swap, -1 nothing
+        slot = jnp.where(ok, act - 1 - jnp.maximum(kind, 0) * S, 0)
+        pre = jnp.take_along_axis(code, slot[None], axis=0, mode="promise_in_bounds")[0]
+        active, gpu, prec = (pre & 1) > 0, (pre & 2) > 0, pre >> 4
+        for b in range(a):  # earlier actions on the same slot
+            same = slot == named[b]
+            ev_b, cp_b, sw_b = done[b]
+            active = active & ~(same & ev_b)
+            gpu = gpu & ~(same & sw_b)
+            prec = prec + (same & cp_b)
+        ev = (kind == EVICT - 1) & active
+        cp = (kind == COMPRESS - 1) & active & gpu & (prec < 2)
+        sw = (kind == SWAP - 1) & active & gpu
+        named.append(slot)
+        pres.append(pre)
+        done.append((ev, cp, sw))
+    # The slot each successful evict / compress / swap hit (-1: none), per action.
+    hit_slots = jnp.stack([jnp.where(x, i, -1) for i, d in zip(named, done, strict=True)
+                           for x in d])
+    if hit_slots.ndim > 1:  # batch-trailing: once, not re-derived for every slot that reads it
+        hit_slots = materialize(hit_slots)
+    evicted = jnp.zeros_like(s.active)
+    swapped = jnp.zeros_like(s.active)
+    compressed = jnp.zeros_like(s.precision)
+    n_evict = n_compress = n_swap = n_high = n_risky = jnp.int32(0)
+    for a, (pre, (ev, cp, sw)) in enumerate(zip(pres, done, strict=True)):
+        evicted = evicted | (slot_ids == hit_slots[3 * a])
+        compressed = compressed + (slot_ids == hit_slots[3 * a + 1])
+        swapped = swapped | (slot_ids == hit_slots[3 * a + 2])
+        n_evict, n_compress, n_swap = n_evict + ev, n_compress + cp, n_swap + sw
+        n_high = n_high + (ev & ((pre & 4) > 0))
+        n_risky = n_risky + (ev & ((pre & 8) > 0))
+    precision = s.precision + compressed
     # A swapped slot cannot be compressed afterwards, so it left at its final precision.
-    n_compress, n_done, n_evict, value_sum, n_high, n_risky, n_swap, swapped_mem = slot_sums(
-        compressed,
-        done,
-        evicted,
+    value_sum, swapped_mem = slot_sums(
         jnp.where(evicted, s.eviction_value, 0.0),
-        evicted & high_value,
-        evicted & risky,
-        swapped,
         jnp.where(swapped, s.tokens * memory_factor(precision), 0.0),
     )
     c = c.replace(
@@ -241,9 +262,13 @@ def apply_actions(
         swaps=c.swaps + n_swap,
         latency=c.latency + transfer_seconds(swapped_mem, params),
         # Each action that did something hit exactly one slot; the rest were no-ops.
-        invalid_actions=c.invalid_actions + n_acts - n_done,
+        invalid_actions=c.invalid_actions + n_acts - (n_evict + n_compress + n_swap),
     )
-    s = s.replace(active=active, precision=precision, location=location)
+    s = s.replace(
+        active=s.active & ~evicted,
+        precision=precision,
+        location=jnp.where(swapped, CPU, s.location),
+    )
     return state.replace(slots=s, counters=c)
 
 
