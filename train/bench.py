@@ -36,8 +36,9 @@ import jax.numpy as jnp
 from train.networks import ActorCritic
 from train.ppo import PPOConfig, force_cpu_devices, make_trainer
 
-# The committed run's config, the throughput preset, a larger batch, a smaller network.
-DEFAULT_CONFIGS = ("512:32:2:4", "1024:32:1:4", "2048:32:2:4", "2048:16:1:2")
+# The first committed run's config, the old throughput preset, the default config (PPOConfig),
+# the default with a smaller network.
+DEFAULT_CONFIGS = ("512:32:2:4", "1024:32:1:4", "2048:32:1:32", "2048:16:1:32")
 
 
 def parse_config(spec: str, difficulty: str = "medium+hard") -> PPOConfig:
