@@ -15,7 +15,7 @@ import kvjax
 from kvjax.dynamics import apply_actions
 from kvjax.env import KVCacheEnv
 from train import checkpoint
-from train.networks import ActorCritic, next_mask
+from train.networks import ActorCritic, exponentials, next_mask, sample_categorical
 from train.ppo import (
     PPOConfig,
     gae,
@@ -159,6 +159,23 @@ def test_masked_heads_never_sample_invalid_actions():
     assert float(jnp.max(jnp.where(valid0, 0.0, probs[:, 0]))) == 0.0
     # ... and for the last head, what is invalid after the first two actions.
     assert float(jnp.max(jnp.where(valid2, 0.0, probs[:, 2]))) == 0.0
+
+
+def test_exponential_race_samples_the_categorical():
+    """`sample_categorical` with `exponentials` noise draws each id with its probability
+    (20,000 draws, every frequency within 5 standard errors) and never a masked one."""
+    logits = jnp.array([0.3, -1.0, -1e9, 1.2, 0.0, -2.5])
+    dist = distrax.Categorical(logits=logits)
+    n = 20_000
+    keys = jax.random.split(jax.random.PRNGKey(11), n)
+    draws = jax.jit(jax.vmap(
+        lambda k: sample_categorical(dist, exponentials(k, logits.shape))))(keys)
+    freq = np.bincount(np.asarray(draws), minlength=logits.size) / n
+    p = np.asarray(dist.probs)
+    assert freq[2] == 0.0
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-12)
+    e = np.asarray(exponentials(jax.random.PRNGKey(0), (100_000,)))
+    assert e.min() > 0 and abs(e.mean() - 1.0) < 0.02 and abs(e.var() - 1.0) < 0.05
 
 
 # -- training ------------------------------------------------------------------------------------
