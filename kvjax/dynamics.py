@@ -109,19 +109,22 @@ def gather_rows(
     (outside [0, n): 0).
 
     One scenario (what vmap sees): the columns packed into one [n, F] table and a single row
-    gather. Batch-trailing: one gather per column (measured faster than an n-way select)."""
+    gather. Batch-trailing: the columns stacked into one [F, n, *batch] table and an n-way
+    select (XLA's CPU gather runs element by element; the selects vectorise across the batch:
+    ~1.17x on a whole value_aware rollout against one gather per column)."""
     if index.ndim == 1:
         packed = jnp.stack(list(table.values()), axis=-1)
         rows = packed[jnp.clip(index, 0, n - 1)]
         rows = jnp.where(((index >= 0) & (index < n))[:, None], rows, 0)
         return {f: rows[:, i] for i, f in enumerate(table)}
-    # The index once (not once per column: see `materialize`), -1 where out of range.
+    # The index once (not once per column: see `materialize`); the columns stacked, so that
+    # each compare of the n-way select serves every column.
     index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
-    ok, index = index >= 0, jnp.maximum(index, 0)
-    return {
-        f: jnp.where(ok, jnp.take_along_axis(c, index, axis=0, mode="promise_in_bounds"), 0)
-        for f, c in table.items()
-    }
+    packed = jnp.stack(list(table.values()))  # [F, n, *batch]
+    out = jnp.zeros((packed.shape[0],) + index.shape, packed.dtype)
+    for r in range(n):
+        out = jnp.where(index == r, packed[:, r:r + 1], out)
+    return {f: out[i] for i, f in enumerate(table)}
 
 
 def pick(table: chex.Array, index: chex.Array, n: int) -> chex.Array:
