@@ -52,7 +52,6 @@ from kvjax.dynamics import (
     prefix_sum,
     progress,
     quality_of,
-    slot_any,
     slot_memory,
     slot_sum,
     step_dynamics,
@@ -121,11 +120,10 @@ def _argmax(x: chex.Array) -> chex.Array:
     return first.astype(jnp.int32).clip(0, n - 1)
 
 
-def _at(x: chex.Array, hit: chex.Array) -> chex.Array:
-    """x[i] per scenario where `hit` = (slot == i), as a masked reduce (no gather)."""
-    if x.dtype == jnp.bool_:
-        return slot_any(hit & x)
-    return slot_sum(jnp.where(hit, x, jnp.zeros((), x.dtype)))
+def _at(x: chex.Array, i: chex.Array) -> chex.Array:
+    """x[i] along axis 0 per scenario, for `i` [*batch] in [0, n): a gather of one element per
+    scenario (batch-trailing, far cheaper than a masked reduce over every slot)."""
+    return jnp.take_along_axis(x, i[None], axis=0, mode="promise_in_bounds")[0]
 
 
 def _once(*per_slot: chex.Array) -> list[chex.Array]:
@@ -158,9 +156,9 @@ def _pick_greedy(
         masked = jnp.where(eligible, score, _NEG)
         i = _argmax(masked)
         hit = slot_ids == i
-        take = _at(eligible, hit) & (need > 0)
-        out.append(jnp.where(take, _action_id(_at(kind, hit), i, S), 0))
-        need = need - jnp.where(take, _at(freed, hit), 0.0)
+        take = _at(eligible, i) & (need > 0)
+        out.append(jnp.where(take, _action_id(_at(kind, i), i, S), 0))
+        need = need - jnp.where(take, _at(freed, i), 0.0)
         eligible = eligible & ~hit
     return jnp.stack(out).astype(jnp.int32)
 
@@ -172,8 +170,9 @@ def _top_sum(value: chex.Array, score: chex.Array, n: int) -> chex.Array:
     # -inf scores carry value 0 (no finite cost), as do the _NEG ones that replace them.
     value, score = _once(value, jnp.where(jnp.isfinite(score), score, _NEG))
     for _ in range(n):
-        hit = slot_ids == _argmax(jnp.where(taken, _NEG, score))
-        total = total + jnp.where(_at(taken, hit), 0.0, _at(value, hit))
+        i = _argmax(jnp.where(taken, _NEG, score))
+        hit = slot_ids == i
+        total = total + jnp.where(_at(taken, i), 0.0, _at(value, i))
         taken = taken | hit
     return total
 
