@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from train.networks import ActorCritic
 from train.ppo import PPOConfig, force_cpu_devices, make_trainer
 
-# The first committed run's config, the old throughput preset, the default config (PPOConfig),
-# the default with a smaller network.
+# The first committed run's config, the old throughput preset, the default config with hidden
+# 32, the default config (PPOConfig).
 DEFAULT_CONFIGS = ("512:32:2:4", "1024:32:1:4", "2048:32:1:32", "2048:16:1:32")
 
 
