@@ -31,8 +31,9 @@ _REMAINING = GLOBAL_FEATURES.index("episode_remaining")
 
 def exponentials(key: chex.PRNGKey, shape: tuple[int, ...]) -> chex.Array:
     """Standard exponential draws (float32 `shape`) from kvjax's counter-based generator: one
-    threefry call seeds a hash of a counter (`kvjax.scenarios.random_words`). Per draw that is
-    ~5x cheaper than threefry on CPU, where the sampling noise was about half of a rollout."""
+    threefry call seeds a hash of a counter (`kvjax.scenarios.random_words`). With the race
+    below, a head's draw is ~5x cheaper on CPU than distrax's threefry Gumbel noise, which was
+    about half of a rollout."""
     bits = random_words(key, shape) >> 8  # 24 uniform bits
     return -jnp.log((bits.astype(jnp.float32) + 0.5) * (1.0 / (1 << 24)))  # u in (0, 1)
 
