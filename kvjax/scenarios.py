@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import rng
 from kvjax.types import (
     CONTEXT,
     GPU,
@@ -90,15 +91,6 @@ class _Digits:
         return d.astype(jnp.int32)
 
 
-def _fmix32(x: chex.Array) -> chex.Array:
-    """MurmurHash3's 32-bit finaliser (a bijective avalanche mix)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
 def random_words(key: chex.PRNGKey, shape: tuple[int, ...]) -> chex.Array:
     """uint32 words for a scenario's draws: a counter hashed with a 64-bit seed from `key`.
 
@@ -107,13 +99,10 @@ def random_words(key: chex.PRNGKey, shape: tuple[int, ...]) -> chex.Array:
     of the key)."""
     seed = jax.random.bits(key, (2,), jnp.uint32)
     n = int(np.prod(shape))
-    counter = jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
-    return _fmix32(_fmix32(counter ^ seed[0]) + seed[1]).reshape(shape)
+    return rng.hash_words(seed, jnp.arange(n, dtype=jnp.uint32)).reshape(shape)
 
 
-def _uniform(word: chex.Array) -> chex.Array:
-    """uint32 -> float32 uniform in the open interval (0, 1)."""
-    return ((word >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+_uniform = rng.uniform
 
 
 def _lognormal(word: chex.Array, median: chex.Array) -> chex.Array:
