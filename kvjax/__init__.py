@@ -1,4 +1,10 @@
-"""kvjax: a JAX-accelerated, batched simulator of GPU KV-cache pressure in LLM serving."""
+"""kvjax: a JAX-accelerated, batched simulator of GPU KV-cache pressure in LLM serving.
+
+Submodules the README uses are attributes of the package: `kvjax.rollout`, `kvjax.policies`,
+`kvjax.session`, `kvjax.viz`, ... (imported on first access, so `import kvjax` stays light).
+"""
+
+import importlib as _importlib
 
 from kvjax.env import KVCacheEnv, decode_action, difficulty_index, encode_action, make
 from kvjax.observations import Observation, action_mask, observe, summarize
@@ -11,6 +17,23 @@ from kvjax.types import (
     EnvParams,
     EnvState,
 )
+
+# Submodules reachable as `kvjax.<name>` after a plain `import kvjax` (lazily imported).
+SUBMODULES = (
+    "adapters", "bench", "dynamics", "env", "leaderboard", "observations", "policies",
+    "reference", "rewards", "rollout", "scenarios", "session", "spaces", "types", "viz",
+)
+
+
+def __getattr__(name: str):
+    if name in SUBMODULES:
+        return _importlib.import_module(f"kvjax.{name}")
+    raise AttributeError(f"module 'kvjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(SUBMODULES))
+
 
 __all__ = [
     "ACTION_KINDS",
