@@ -1,0 +1,33 @@
+"""The roofline capacity of a preset for a workload: the request rate a fully batched engine
+could sustain, computed outside jit (numpy) from the latency model and the workload's lengths.
+
+At saturation the engine runs B requests at once, B = min(max_num_seqs, pool tokens / mean
+context) with mean context = E[prompt] + E[output] / 2. A decode iteration of B requests takes
+dt = t_cpu + max(t_weights, lin_a + lin_b B) + attn_decode x kv_factor x B x context, so each
+request's decodes cost E[output] x dt / B; its prefill, piggybacked on decode iterations,
+costs its marginal linear time lin_b x E[prompt] plus attention attn_prefill x E[prompt^2] / 2.
+capacity = 1 / (decode share + prefill share). Prefix hits, preemptions and queueing are left
+out, so real engines reach less: `load = 1` is the edge this bound draws, not a promise.
+"""
+
+from __future__ import annotations
+
+from kvjax.serve import workload
+from kvjax.serve.types import ServeParams
+
+
+def capacity_rps(params: ServeParams) -> float:
+    """Requests per second at saturation (float; params must be concrete)."""
+    w = int(params.workload)
+    e_in, e_in2, e_out = workload.length_moments(w, int(params.max_tokens),
+                                                 int(params.max_model_len))
+    kv = 0.5 if int(params.kv_dtype) == 1 else 1.0
+    context = e_in + e_out / 2
+    pool = float(params.gpu_pool_tokens) / kv
+    batch = max(1.0, min(float(params.max_num_seqs), pool / context))
+    dt = (float(params.t_cpu) + max(float(params.t_weights),
+                                    float(params.lin_a) + float(params.lin_b) * batch)
+          + float(params.attn_decode) * kv * batch * context)
+    per_request = e_out * dt / batch + float(params.lin_b) * e_in + float(
+        params.attn_prefill) * e_in2 / 2
+    return 1.0 / per_request

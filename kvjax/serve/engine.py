@@ -1,0 +1,514 @@
+"""One engine iteration of kv-serve-v0, as a flat list of named phases (docs/serving.md section 3).
+
+    iterate(state) = arrivals -> transfers -> timeouts -> schedule -> execute
+
+`schedule` decides, without changing the state, which running requests get tokens, which are
+preempted, which waiting requests are admitted and which cached segments are evicted; `execute`
+applies that plan, advances the clock by the iteration-latency model and records first tokens
+and completions. Every rule reads the request table in an order (running order, waiting order,
+LRU order) through the pairwise order matrices of serve/ops.py; no Python loop runs over
+requests, and the code is the same for one scenario and under vmap.
+
+Memory rules, in one place:
+- `private_blocks`: the blocks a request holds itself (its computed tokens, minus the prefix a
+  segment holds for it when attached), on the GPU while RUNNING, OFFLOADING or LOADING;
+- a segment holds tokens / 16 blocks while `on_gpu`; it is referenced while an attached request
+  holds GPU blocks, and evictable when unreferenced, on the GPU and not pinned;
+- free = pool - private - cached, never negative.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from kvjax.serve import latency, ops, workload
+from kvjax.serve.types import (
+    BLOCK_TOKENS,
+    EMPTY,
+    LOADING,
+    OFFLOADING,
+    RUNNING,
+    SGLANG,
+    SWAPPED,
+    TRT,
+    WAITING,
+    Metrics,
+    RequestTable,
+    SegmentTable,
+    ServeConfig,
+    ServeParams,
+    ServeState,
+)
+
+# A time no event reaches (float32 seconds).
+NEVER = 3.0e38
+
+
+def ceil_blocks(tokens: chex.Array) -> chex.Array:
+    """Blocks needed for `tokens` tokens."""
+    return (jnp.maximum(tokens, 0) + BLOCK_TOKENS - 1) // BLOCK_TOKENS
+
+
+def pool_blocks(params: ServeParams) -> chex.Array:
+    """GPU KV pool in blocks of the scenario's KV dtype (fp8 holds twice the tokens)."""
+    return jnp.asarray(params.gpu_pool_tokens, jnp.int32) * (1 + params.kv_dtype) // BLOCK_TOKENS
+
+
+def cpu_pool_blocks(params: ServeParams) -> chex.Array:
+    return jnp.asarray(params.cpu_pool_tokens, jnp.int32) * (1 + params.kv_dtype) // BLOCK_TOKENS
+
+
+def on_gpu(req: RequestTable) -> chex.Array:
+    """Rows whose KV occupies GPU blocks."""
+    return (req.status == RUNNING) | (req.status == OFFLOADING) | (req.status == LOADING)
+
+
+def private_blocks(req: RequestTable) -> chex.Array:
+    """GPU blocks each request holds itself (0 off the GPU)."""
+    own = req.computed - jnp.where(req.attached, req.prefix_len, 0)
+    return jnp.where(on_gpu(req), ceil_blocks(own), 0)
+
+
+def segment_refs(req: RequestTable, num_segments: int) -> chex.Array:
+    """int32 [G]: attached requests holding GPU blocks per segment."""
+    ref = on_gpu(req) & req.attached & (req.segment >= 0)
+    onehot = req.segment[:, None] == jnp.arange(num_segments)[None, :]
+    return jnp.sum(onehot & ref[:, None], axis=0).astype(jnp.int32)
+
+
+def segment_blocks(seg: SegmentTable) -> chex.Array:
+    return jnp.where(seg.valid & seg.on_gpu, seg.tokens // BLOCK_TOKENS, 0)
+
+
+def evictable(seg: SegmentTable, refs: chex.Array, clock: chex.Array) -> chex.Array:
+    """Segments the engine may evict: cached, unreferenced and not pinned."""
+    return seg.valid & seg.on_gpu & (refs == 0) & (seg.pinned_until <= clock)
+
+
+def memory(state: ServeState, params: ServeParams) -> dict[str, chex.Array]:
+    """Block accounting: pool, used (private), cached (segments), free, cpu_used, cpu_pool."""
+    used = jnp.sum(private_blocks(state.requests))
+    cached = jnp.sum(segment_blocks(state.segments))
+    pool = pool_blocks(params)
+    cpu_used = jnp.sum(jnp.where(state.requests.status != EMPTY, state.requests.cpu_blocks, 0))
+    return dict(pool=pool, used=used, cached=cached, free=pool - used - cached,
+                cpu_used=cpu_used, cpu_pool=cpu_pool_blocks(params))
+
+
+# -- phase 1: arrivals -------------------------------------------------------------------------
+def arrivals(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ServeState:
+    """Move up to K arrived requests (arrival <= clock) from the stream into empty rows, in
+    stream order. When no row is free they wait behind the pointer, their arrival time kept,
+    so their waiting counts in TTFT and the client timeout."""
+    req = state.requests
+    rows = jnp.arange(cfg.max_requests)
+    nxt, t_next = state.next_index, state.next_arrival
+    d = workload.draw_request(state.seed, nxt, params)
+    for _ in range(cfg.max_arrivals_per_iter):
+        empty = req.status == EMPTY
+        row = jnp.argmax(empty)  # lowest empty row
+        enter = (t_next <= state.clock) & jnp.any(empty)
+        d_next = workload.draw_request(state.seed, nxt + 1, params)
+        put = enter & (rows == row)
+        req = req.replace(
+            status=jnp.where(put, WAITING, req.status),
+            index=jnp.where(put, nxt, req.index),
+            arrival=jnp.where(put, t_next, req.arrival),
+            prompt=jnp.where(put, d["prompt"], req.prompt),
+            output_len=jnp.where(put, d["output_len"], req.output_len),
+            max_tokens=jnp.where(put, d["max_tokens"], req.max_tokens),
+            segment=jnp.where(put, d["segment"], req.segment),
+            prefix_len=jnp.where(put, d["prefix_len"], req.prefix_len),
+            attached=jnp.where(put, False, req.attached),
+            computed=jnp.where(put, 0, req.computed),
+            target=jnp.where(put, d["prompt"], req.target),
+            generated=jnp.where(put, 0, req.generated),
+            queue_key=jnp.where(put, nxt, req.queue_key),
+            run_key=jnp.where(put, 0, req.run_key),
+            priority=jnp.where(put, (cfg.priority_levels - 1) // 2, req.priority),
+            first_token=jnp.where(put, -1.0, req.first_token),
+            last_token=jnp.where(put, -1.0, req.last_token),
+            preemptions=jnp.where(put, 0, req.preemptions),
+            recomputed=jnp.where(put, 0, req.recomputed),
+            hit_tokens=jnp.where(put, 0, req.hit_tokens),
+            xfer_done=jnp.where(put, 0.0, req.xfer_done),
+            cpu_blocks=jnp.where(put, 0, req.cpu_blocks),
+        )
+        t_next = jnp.where(enter, t_next + d_next["gap"], t_next)
+        nxt = nxt + enter.astype(jnp.int32)
+        d = jax.tree_util.tree_map(lambda a, b, e=enter: jnp.where(e, a, b), d_next, d)
+    arrived = state.metrics.arrived + (nxt - state.next_index)
+    return state.replace(requests=req, next_index=nxt, next_arrival=t_next,
+                         metrics=state.metrics.replace(arrived=arrived))
+
+
+# -- phase 2: transfers ------------------------------------------------------------------------
+def transfers(state: ServeState) -> ServeState:
+    """Finish CPU transfers whose time has come: an offload frees its GPU blocks (the request
+    waits, swapped, at the head of the queue); a load frees its CPU blocks and resumes it."""
+    req = state.requests
+    done = req.xfer_done <= state.clock
+    off = (req.status == OFFLOADING) & done
+    load = (req.status == LOADING) & done
+    req = req.replace(
+        status=jnp.where(off, SWAPPED, jnp.where(load, RUNNING, req.status)),
+        attached=jnp.where(off, False, req.attached),
+        cpu_blocks=jnp.where(load, 0, req.cpu_blocks),
+    )
+    return state.replace(requests=req)
+
+
+# -- phase 3: client timeouts ------------------------------------------------------------------
+def timeouts(state: ServeState, params: ServeParams) -> ServeState:
+    """Drop waiting requests that have produced no token within the client timeout (the only
+    way a request leaves unserved; counted)."""
+    req = state.requests
+    drop = ((req.status == WAITING) & (req.first_token < 0)
+            & (state.clock - req.arrival > params.client_timeout))
+    req = req.replace(status=jnp.where(drop, EMPTY, req.status))
+    m = state.metrics
+    return state.replace(requests=req, metrics=m.replace(
+        timed_out=m.timed_out + jnp.sum(drop).astype(jnp.int32)))
+
+
+# -- phase 4: schedule -------------------------------------------------------------------------
+class Plan(NamedTuple):
+    tokens: chex.Array  # int32 [S] tokens computed this iteration (running and admitted)
+    preempt: chex.Array  # bool [S] running requests preempted (recompute)
+    preempt_pos: chex.Array  # int32 [S] victim's place among this iteration's victims
+    admit: chex.Array  # bool [S] waiting or swapped requests admitted
+    admit_pos: chex.Array  # int32 [S] place among this iteration's admissions
+    hit: chex.Array  # int32 [S] prefix tokens an admitted request finds cached
+    evict: chex.Array  # bool [G] cached segments evicted
+    retracted: chex.Array  # bool, a preemption happened
+
+
+def running_order_keys(req: RequestTable, params: ServeParams, cfg: ServeConfig):
+    """Keys of the running order (first = scheduled first, last = first victim): retention
+    priority (higher first), then the engine's rule - vLLM and TRT: order of admission (the
+    last scheduled is preempted first); SGLang: most decoded first (fewest decoded retracted
+    first, ties: longest prompt)."""
+    sgl = params.engine == SGLANG
+    return (
+        (cfg.priority_levels - 1) - req.priority,
+        jnp.where(sgl, -req.generated, 0),
+        jnp.where(sgl, req.prompt, 0),
+        req.run_key,
+    )
+
+
+def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig) -> Plan:
+    req, seg = state.requests, state.segments
+    G = cfg.max_segments
+    budget = jnp.asarray(params.max_batched_tokens, jnp.int32)
+    mem = memory(state, params)
+    refs = segment_refs(req, G)
+    evict_ok = evictable(seg, refs, state.clock)
+    seg_blocks = segment_blocks(seg)
+    evictable_blocks = jnp.sum(jnp.where(evict_ok, seg_blocks, 0))
+    available = mem["free"] + evictable_blocks
+
+    # Running requests first, in running order, under the token budget.
+    running = req.status == RUNNING
+    before_run = ops.before_matrix(running_order_keys(req, params, cfg), running)
+    need = jnp.where(running, jnp.maximum(req.target - req.computed, 1), 0)
+    run_tok = jnp.clip(budget - ops.prefix_sum(before_run, need), 0, need)
+    run_tok = jnp.where(running, run_tok, 0)
+    own = req.computed - jnp.where(req.attached, req.prefix_len, 0)
+    demand = jnp.where(running, ceil_blocks(own + run_tok) - ceil_blocks(own), 0)
+    held = private_blocks(req)
+    # Keep the longest prefix of the running order whose demand fits in what is available
+    # plus what preempting every later request frees (victims are taken from the tail).
+    can_preempt = params.engine != TRT
+    demand_incl = ops.prefix_sum(before_run, demand, inclusive=True)
+    held_after = jnp.sum(jnp.where(running, held, 0)) - ops.prefix_sum(before_run, held,
+                                                                        inclusive=True)
+    shortage = jnp.sum(demand) > available
+    # SGLang retracts until every kept request has retract_tokens free for its next decodes.
+    kept_count = ops.prefix_sum(before_run, running.astype(jnp.int32), inclusive=True)
+    sgl_headroom = jnp.where(
+        (params.engine == SGLANG) & shortage,
+        ceil_blocks(kept_count * params.sglang_retract_tokens), 0)
+    fits = demand_incl + sgl_headroom <= available + jnp.where(can_preempt, held_after, 0)
+    kept = running & fits
+    preempt = running & ~fits & can_preempt
+    run_tok = jnp.where(kept, run_tok, 0)  # TRT: a request that does not fit just waits
+    retracted = jnp.any(preempt)
+    preempt_pos = ops.prefix_sum(before_run, preempt.astype(jnp.int32))
+
+    # Waiting requests, in queue order, only in an iteration that preempted nothing.
+    waiting = (req.status == WAITING) | (req.status == SWAPPED)
+    before_wait = ops.before_matrix((req.queue_key,), waiting)
+    swapped = req.status == SWAPPED
+    seg_id = jnp.clip(req.segment, 0, G - 1)
+    seg_cached = (req.segment >= 0) & seg.valid[seg_id] & seg.on_gpu[seg_id]
+    hit = jnp.where(waiting & ~swapped & seg_cached,
+                    jnp.minimum(req.prefix_len, req.target - 1), 0)
+    # Segments some waiting request will hit are not counted as evictable for admission.
+    wanted = jnp.any((seg_id[:, None] == jnp.arange(G)[None, :])
+                     & (waiting & (hit > 0))[:, None], axis=0)
+    kept_demand = jnp.sum(jnp.where(kept, demand, 0))
+    freed = jnp.sum(jnp.where(preempt, held, 0))
+    adm_available = (mem["free"] + jnp.sum(jnp.where(evict_ok & ~wanted, seg_blocks, 0))
+                     - kept_demand)
+    used_tokens = jnp.sum(run_tok)
+    w_need = jnp.where(waiting & ~swapped, req.target - hit, 0)
+    w_tok = jnp.clip(budget - used_tokens - ops.prefix_sum(before_wait, w_need), 0, w_need)
+    w_blocks = jnp.where(swapped, req.cpu_blocks, ceil_blocks(w_tok))
+    cum_blocks = ops.prefix_sum(before_wait, w_blocks, inclusive=True)
+    n_running = jnp.sum(running | (req.status == LOADING))
+    n_prior = ops.prefix_sum(before_wait, waiting.astype(jnp.int32))
+    partial_running = jnp.sum(kept & (req.computed + run_tok < req.target))
+    partial_new = waiting & ~swapped & (w_tok < w_need)
+    partial_ok = ~partial_new | (partial_running + 1 <= params.max_partial_prefills)
+    # Engine-specific admission guards.
+    pool = mem["pool"]
+    reserve = jnp.asarray(cfg.reserve_levels, jnp.float32)[state.reserve_level]
+    agent_reserve = jnp.ceil(reserve * pool.astype(jnp.float32)).astype(jnp.int32)
+    # TRT (GUARANTEED_NO_EVICT): every request holds a reservation for prompt + max_tokens.
+    full = ceil_blocks(req.prompt + req.max_tokens - jnp.where(hit > 0, req.prefix_len, 0))
+    reserved_running = jnp.sum(jnp.where(on_gpu(req), ceil_blocks(
+        req.prompt + req.max_tokens - jnp.where(req.attached, req.prefix_len, 0)), 0))
+    pinned_or_used = jnp.sum(jnp.where(~evict_ok, seg_blocks, 0))
+    trt_ok = (reserved_running + ops.prefix_sum(before_wait, jnp.where(waiting, full, 0),
+                                                inclusive=True)
+              <= pool - pinned_or_used)
+    # SGLang: keep new_token_ratio x (the remaining output, capped) free for every request.
+    future = jnp.minimum(jnp.maximum(req.max_tokens - req.generated, 0),
+                         params.sglang_reserve_cap)
+    ratio = state.new_token_ratio
+    run_reserve = jnp.sum(jnp.where(running | (req.status == LOADING), future, 0))
+    w_reserve = ops.prefix_sum(before_wait, jnp.where(waiting, future, 0), inclusive=True)
+    sgl_reserve = ceil_blocks(jnp.ceil(ratio * (run_reserve + w_reserve)).astype(jnp.int32))
+    guard = jnp.where(params.engine == TRT, trt_ok,
+                      jnp.where(params.engine == SGLANG,
+                                cum_blocks + sgl_reserve <= adm_available, True))
+    ok = (waiting
+          & (swapped | (w_tok > 0))
+          & (n_running + n_prior + 1 <= params.max_num_seqs)
+          & (cum_blocks + agent_reserve <= adm_available)
+          & partial_ok
+          & guard
+          & ~retracted)
+    admit = waiting & ~ops.any_before(before_wait, waiting & ~ok) & ok
+    admit_pos = ops.prefix_sum(before_wait, admit.astype(jnp.int32))
+    tokens = run_tok + jnp.where(admit & ~swapped, w_tok, 0)
+    hit = jnp.where(admit, hit, 0)
+
+    # Evict cached segments, lowest retention priority first, then least recently used, until
+    # the blocks this iteration allocates are covered.
+    alloc = kept_demand + jnp.sum(jnp.where(admit, w_blocks, 0))
+    shortfall = alloc - (mem["free"] + freed)
+    keep_seg = evict_ok & ~jnp.any((seg_id[:, None] == jnp.arange(G)[None, :])
+                                   & (hit > 0)[:, None], axis=0)
+    before_seg = ops.before_matrix(
+        (seg.priority, (seg.last_access * 1e3).astype(jnp.int32)), keep_seg)
+    evict = keep_seg & (ops.prefix_sum(before_seg, seg_blocks) < shortfall)
+    return Plan(tokens, preempt, preempt_pos, admit, admit_pos, hit, evict, retracted)
+
+
+# -- phase 5: execute --------------------------------------------------------------------------
+def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig) -> ServeState:
+    req, seg, m = state.requests, state.segments, state.metrics
+    G, R = cfg.max_segments, cfg.finished_log
+    swapped = req.status == SWAPPED
+    n_pre = jnp.sum(plan.preempt).astype(jnp.int32)
+    n_adm = jnp.sum(plan.admit).astype(jnp.int32)
+    pc = state.preempt_counter + n_pre
+
+    # Preemption by recompute: free the blocks, computed -> 0, prepend to the waiting queue
+    # (the victim nearest the head of the running order ends up first).
+    lost = jnp.where(plan.preempt, req.computed - jnp.where(req.attached, req.prefix_len, 0), 0)
+    req = req.replace(
+        status=jnp.where(plan.preempt, WAITING, req.status),
+        queue_key=jnp.where(plan.preempt, plan.preempt_pos - pc, req.queue_key),
+        computed=jnp.where(plan.preempt, 0, req.computed),
+        target=jnp.where(plan.preempt, req.prompt + req.generated, req.target),
+        attached=jnp.where(plan.preempt, False, req.attached),
+        preemptions=req.preemptions + plan.preempt,
+        recomputed=req.recomputed + lost,
+    )
+    # Admission: a swapped request starts loading its KV back; others start (re)prefilling,
+    # after the prefix-cache hit.
+    load_start = jnp.maximum(state.clock, state.link_free[1])
+    load = plan.admit & swapped
+    load_blocks_before = ops.prefix_sum(
+        ops.before_matrix((req.queue_key,), load), jnp.where(load, req.cpu_blocks, 0))
+    load_done = load_start + latency.transfer_time(
+        params, load_blocks_before + jnp.where(load, req.cpu_blocks, 0))
+    link_in = jnp.where(jnp.any(load), jnp.max(jnp.where(load, load_done, 0.0)),
+                        state.link_free[1])
+    fresh = plan.admit & ~swapped
+    req = req.replace(
+        status=jnp.where(load, LOADING, jnp.where(fresh, RUNNING, req.status)),
+        xfer_done=jnp.where(load, load_done, req.xfer_done),
+        run_key=jnp.where(plan.admit, state.run_counter + plan.admit_pos, req.run_key),
+        computed=jnp.where(fresh, plan.hit, req.computed),
+        attached=jnp.where(fresh, plan.hit > 0, req.attached),
+        hit_tokens=req.hit_tokens + plan.hit,
+    )
+    lookups = jnp.sum(jnp.where(fresh, req.target, 0))
+
+    # Segments: evictions, then touch those in use (LRU clock).
+    seg_of = (req.segment[:, None] == jnp.arange(G)[None, :])
+    touched = jnp.any(seg_of & ((on_gpu(req) & req.attached) | (plan.hit > 0))[:, None], axis=0)
+    seg = seg.replace(
+        on_gpu=seg.on_gpu & ~plan.evict,
+        pinned_until=jnp.where(plan.evict, 0.0, seg.pinned_until),
+        last_access=jnp.where(touched, state.clock, seg.last_access),
+    )
+
+    # The iteration's duration (or, with nothing to compute, a jump to the next event).
+    tok = plan.tokens
+    prefilling = req.computed < req.target
+    decode = (tok > 0) & ~prefilling
+    num_tokens = jnp.sum(tok)
+    ctx = jnp.sum(jnp.where(decode, req.computed, 0))
+    pairs = jnp.sum(jnp.where((tok > 0) & prefilling,
+                              latency.prefill_pairs(tok, req.computed), 0.0))
+    busy = num_tokens > 0
+    in_flight = (req.status == OFFLOADING) | (req.status == LOADING)
+    t_event = jnp.minimum(
+        state.next_arrival,
+        jnp.min(jnp.where(in_flight, req.xfer_done, NEVER)),
+    )
+    deadline = jnp.min(jnp.where((req.status == WAITING) & (req.first_token < 0),
+                                 req.arrival + params.client_timeout, NEVER))
+    pins = jnp.min(jnp.where(seg.valid & seg.on_gpu & (seg.pinned_until > state.clock),
+                             seg.pinned_until, NEVER))
+    t_event = jnp.minimum(jnp.minimum(t_event, deadline), pins)
+    t_event = jnp.minimum(t_event, params.horizon)
+    idle = jnp.maximum(t_event - state.clock, params.t_cpu)
+    dt = jnp.where(busy, latency.iteration_time(params, num_tokens, ctx, pairs), idle)
+    clock = state.clock + dt
+
+    # Progress: prefill chunks advance `computed`; a finished prefill or a decode emits a token.
+    emits = (tok > 0) & (req.computed + tok >= req.target)
+    computed = req.computed + tok
+    generated = req.generated + emits
+    first = emits & (req.first_token < 0)
+    req = req.replace(
+        computed=computed,
+        generated=generated,
+        first_token=jnp.where(first, clock, req.first_token),
+        last_token=jnp.where(emits, clock, req.last_token),
+    )
+    # A request whose prefill passes its prefix makes the segment resident when it is not
+    # (the first such row per segment attaches; its blocks move to the segment).
+    rows = jnp.arange(cfg.max_requests)
+    inserting = ((req.status == RUNNING) & (req.segment >= 0) & ~req.attached
+                 & (req.prefix_len > 0) & (req.computed >= req.prefix_len))
+    cand = seg_of & inserting[:, None] & ~(seg.valid & seg.on_gpu)[None, :]
+    first_row = jnp.min(jnp.where(cand, rows[:, None], cfg.max_requests), axis=0)  # [G]
+    new_seg = first_row < cfg.max_requests
+    attach = jnp.any(cand & (rows[:, None] == first_row[None, :]), axis=1)
+    req = req.replace(attached=req.attached | attach)
+    seg = seg.replace(on_gpu=seg.on_gpu | new_seg,
+                      last_access=jnp.where(new_seg, clock, seg.last_access))
+
+    # Completions: record TTFT / TPOT, score against the SLOs, free the row.
+    done = (req.status == RUNNING) & (req.generated >= req.output_len)
+    ttft = req.first_token - req.arrival
+    tpot = jnp.where(req.generated > 1, (req.last_token - req.first_token)
+                     / jnp.maximum(req.generated - 1, 1).astype(jnp.float32), 0.0)
+    good = done & (ttft <= params.ttft_slo) & (tpot <= params.tpot_slo)
+    slot = m.log_count + jnp.cumsum(done) - 1
+    pos = jnp.where(done, slot % R, R)
+    n_done = jnp.sum(done).astype(jnp.int32)
+    avg = lambda x: jnp.sum(jnp.where(done, x, 0.0)) / jnp.maximum(n_done, 1)  # noqa: E731
+    blend = jnp.where(n_done > 0, 0.2, 0.0)
+    req = req.replace(status=jnp.where(done, EMPTY, req.status))
+    m = m.replace(
+        finished=m.finished + n_done,
+        good=m.good + jnp.sum(good).astype(jnp.int32),
+        preemptions=m.preemptions + n_pre,
+        output_tokens=m.output_tokens + jnp.sum(emits).astype(jnp.int32),
+        prompt_tokens=m.prompt_tokens + lookups,
+        hit_tokens=m.hit_tokens + jnp.sum(plan.hit),
+        recomputed_tokens=m.recomputed_tokens + jnp.sum(lost),
+        prefill_tokens=m.prefill_tokens + jnp.sum(jnp.where(prefilling, tok, 0)),
+        ttft_sum=m.ttft_sum + jnp.sum(jnp.where(done, ttft, 0.0)),
+        tpot_sum=m.tpot_sum + jnp.sum(jnp.where(done, tpot, 0.0)),
+        log_ttft=m.log_ttft.at[pos].set(ttft, mode="drop"),
+        log_tpot=m.log_tpot.at[pos].set(tpot, mode="drop"),
+        log_count=m.log_count + n_done,
+    )
+    ratio = jnp.where(plan.retracted, params.sglang_ratio_init,
+                      jnp.maximum(state.new_token_ratio - params.sglang_ratio_decay,
+                                  params.sglang_ratio_min))
+    return state.replace(
+        requests=req,
+        segments=seg,
+        metrics=m,
+        clock=clock,
+        run_counter=state.run_counter + n_adm,
+        preempt_counter=pc,
+        new_token_ratio=ratio,
+        link_free=state.link_free.at[1].set(link_in),
+        last_iter_time=jnp.where(busy, dt, state.last_iter_time),
+        recent_ttft=(1 - blend) * state.recent_ttft + blend * avg(ttft),
+        recent_tpot=(1 - blend) * state.recent_tpot + blend * avg(tpot),
+        iterations=state.iterations + 1,
+    )
+
+
+def iterate(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ServeState:
+    """One engine iteration; a no-op once the clock has reached the horizon."""
+    nxt = arrivals(state, params, cfg)
+    nxt = transfers(nxt)
+    nxt = timeouts(nxt, params)
+    nxt = execute(nxt, schedule(nxt, params, cfg), params, cfg)
+    live = state.clock < params.horizon
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), nxt, state)
+
+
+def run(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ServeState:
+    """The control period: `iterations_per_step` engine iterations (lax.scan)."""
+    def body(st, _):
+        return iterate(st, params, cfg), None
+
+    state, _ = jax.lax.scan(body, state, None, length=cfg.iterations_per_step)
+    return state
+
+
+def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> ServeState:
+    """An idle engine at time 0 with its stream's first arrival drawn (the reset)."""
+    S, G, R = cfg.max_requests, cfg.max_segments, cfg.finished_log
+    zi = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
+    zf = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    req = RequestTable(
+        status=zi(S), index=jnp.full((S,), -1, jnp.int32), arrival=zf(S), prompt=zi(S),
+        output_len=zi(S), max_tokens=zi(S), segment=jnp.full((S,), -1, jnp.int32),
+        prefix_len=zi(S), attached=jnp.zeros((S,), bool), computed=zi(S), target=zi(S),
+        generated=zi(S), queue_key=zi(S), run_key=zi(S), priority=zi(S),
+        first_token=jnp.full((S,), -1.0, jnp.float32), last_token=jnp.full((S,), -1.0),
+        preemptions=zi(S), recomputed=zi(S), hit_tokens=zi(S), xfer_done=zf(S),
+        cpu_blocks=zi(S),
+    )
+    plen = (jnp.asarray(params.prefix_tokens, jnp.int32) // BLOCK_TOKENS) * BLOCK_TOKENS
+    seg = SegmentTable(
+        valid=jnp.arange(G) < params.num_prefixes,
+        tokens=jnp.full((G,), plen, jnp.int32),
+        on_gpu=jnp.zeros((G,), bool),
+        last_access=zf(G),
+        priority=jnp.full((G,), (cfg.priority_levels - 1) // 2, jnp.int32),
+        pinned_until=zf(G),
+    )
+    metrics = Metrics(
+        arrived=zi(), finished=zi(), good=zi(), timed_out=zi(), preemptions=zi(),
+        agent_preemptions=zi(), offloads=zi(), invalid_commands=zi(), output_tokens=zi(),
+        prompt_tokens=zi(), hit_tokens=zi(), recomputed_tokens=zi(), prefill_tokens=zi(),
+        ttft_sum=zf(), tpot_sum=zf(), log_ttft=zf(R), log_tpot=zf(R), log_count=zi(),
+    )
+    first = workload.draw_request(seed, jnp.int32(0), params)
+    return ServeState(
+        requests=req, segments=seg, metrics=metrics, seed=seed, clock=zf(),
+        next_index=zi(), next_arrival=first["gap"].astype(jnp.float32), run_counter=zi(),
+        preempt_counter=zi(), new_token_ratio=jnp.asarray(params.sglang_ratio_init, jnp.float32),
+        reserve_level=zi(), link_free=zf(2), last_iter_time=zf(), recent_ttft=zf(),
+        recent_tpot=zf(), iterations=zi(), steps=zi(),
+    )

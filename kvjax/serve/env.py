@@ -1,0 +1,227 @@
+"""`ServeEnv` (kv-serve-v0): the gymnax-1.0-style environment around serve/engine.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import spaces
+from kvjax.serve import actions, engine, metrics, observations, workload
+from kvjax.serve.capacity import capacity_rps
+from kvjax.serve.presets import PRESETS
+from kvjax.serve.types import ENGINES, KV_DTYPES, ServeConfig, ServeParams, ServeState
+
+ENV_ID = "kv-serve-v0"
+
+
+class ServeEnv:
+    """An LLM serving engine under a request stream; the agent steers its KV cache.
+
+    State: `ServeState` - the request table [S], prefix segments [G], engine scalars (a clock
+        in seconds per scenario) and metric accumulators.
+    Observation: `ServeObservation` - requests [S, 17], segments [G, 7], globals [17] and
+        `command_mask` [num_command_ids] (observations.py). No true output lengths.
+    Action: dict `request_priority` int32 [S], `segment_priority` int32 [G], `commands`
+        int32 [A] (actions.py); all zeros = the engine default.
+    Step: the action, then `iterations_per_step` engine iterations (engine.py) - a control
+        period of ~0.1-0.5 simulated seconds.
+    Reward: the change of `metrics.score` - requests finished within both SLOs per request
+        offered - so an episode's return is its goodput / offered rate.
+    Termination: never; truncated when the clock reaches `horizon` or after `max_steps`.
+        `step` auto-resets and keeps the pre-reset observation in `info["final_observation"]`.
+    """
+
+    def __init__(
+        self, config: ServeConfig | None = None, default_params: ServeParams | None = None
+    ):
+        self.config = config or ServeConfig()
+        self._default_params = default_params or ServeParams()
+
+    @property
+    def name(self) -> str:
+        return ENV_ID
+
+    @property
+    def default_params(self) -> ServeParams:
+        return self._default_params
+
+    def action_space(self, params: ServeParams | None = None) -> spaces.Dict:
+        cfg, L = self.config, self.config.priority_levels
+        return spaces.Dict({
+            "request_priority": spaces.MultiDiscrete(L + 1, (cfg.max_requests,)),
+            "segment_priority": spaces.MultiDiscrete(L + 1, (cfg.max_segments,)),
+            "commands": spaces.MultiDiscrete(cfg.num_command_ids, (cfg.max_commands,)),
+        })
+
+    def observation_space(self, params: ServeParams | None = None) -> spaces.Dict:
+        cfg = self.config
+        box = lambda *shape: spaces.Box(-np.inf, np.inf, shape)  # noqa: E731
+        return spaces.Dict({
+            "requests": box(cfg.max_requests, len(observations.REQUEST_FEATURES)),
+            "segments": box(cfg.max_segments, len(observations.SEGMENT_FEATURES)),
+            "globals": box(len(observations.GLOBAL_FEATURES)),
+            "command_mask": spaces.Box(0, 1, (cfg.num_command_ids,), jnp.bool_),
+        })
+
+    def noop_action(self) -> dict[str, chex.Array]:
+        return actions.noop_action(self.config)
+
+    # -- core API ----------------------------------------------------------------------------
+    def reset_env(self, key: chex.PRNGKey, params: ServeParams):
+        seed = jax.random.bits(key, (2,), jnp.uint32)
+        state = engine.empty_state(seed, params, self.config)
+        return self.get_obs(state, params), state
+
+    def step_env(self, key: chex.PRNGKey, state: ServeState, action: dict, params: ServeParams):
+        """One control period without auto-reset (key unused: the stream is in the state)."""
+        action = self._check_action(action)
+        nxt = actions.apply(state, action, params, self.config)
+        nxt = engine.run(nxt, params, self.config)
+        nxt = nxt.replace(steps=nxt.steps + 1)
+        reward = metrics.score(nxt, params) - metrics.score(state, params)
+        obs = self.get_obs(nxt, params)
+        truncated = (nxt.clock >= params.horizon) | (nxt.steps >= self.config.max_steps)
+        info = {
+            "final_observation": obs,
+            "invalid_commands": nxt.metrics.invalid_commands - state.metrics.invalid_commands,
+            "finished": nxt.metrics.finished - state.metrics.finished,
+            "preemptions": nxt.metrics.preemptions - state.metrics.preemptions,
+        }
+        return obs, nxt, reward, jnp.bool_(False), truncated, info
+
+    def reset(self, key: chex.PRNGKey, params: ServeParams | None = None):
+        return self.reset_env(key, self.default_params if params is None else params)
+
+    def step(self, key, state, action, params: ServeParams | None = None):
+        """Step with auto-reset on episode end; `info["final_observation"]` is pre-reset."""
+        params = self.default_params if params is None else params
+        obs_st, state_st, reward, terminated, truncated, info = self.step_env(
+            key, state, action, params)
+        obs_re, state_re = self.reset_env(key, params)
+        done = terminated | truncated
+        pick = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(done, x, y), a, b)  # noqa: E731
+        return pick(obs_re, obs_st), pick(state_re, state_st), reward, terminated, truncated, info
+
+    def get_obs(self, state: ServeState, params: ServeParams) -> observations.ServeObservation:
+        return observations.observe(state, params, self.config)
+
+    def metrics(self, state: ServeState, params: ServeParams) -> dict[str, chex.Array]:
+        return metrics.episode_metrics(state, params)
+
+    def _check_action(self, action: dict) -> dict:
+        cfg = self.config
+        shapes = dict(request_priority=(cfg.max_requests,), segment_priority=(cfg.max_segments,),
+                      commands=(cfg.max_commands,))
+        if not isinstance(action, dict) or set(action) != set(shapes):
+            raise ValueError(f"action must be a dict with keys {sorted(shapes)} "
+                             f"(env.noop_action() is the engine default)")
+        out = {}
+        for k, shape in shapes.items():
+            a = jnp.asarray(action[k])
+            if a.shape != shape or not jnp.issubdtype(a.dtype, jnp.integer):
+                raise ValueError(f"action[{k!r}] must be an integer array of shape {shape}, "
+                                 f"got {a.dtype} {tuple(a.shape)}")
+            out[k] = a.astype(jnp.int32)
+        return out
+
+
+# -- construction and validation ---------------------------------------------------------------
+_POSITIVE = ("max_num_seqs", "max_batched_tokens", "kv_bytes_per_token", "gpu_pool_tokens",
+             "pcie_bytes_per_s", "t_weights", "arrival_rate", "max_model_len", "max_tokens",
+             "client_timeout", "ttft_slo", "tpot_slo", "horizon", "sglang_retract_tokens",
+             "sglang_reserve_cap")
+_NON_NEGATIVE = ("max_partial_prefills", "sglang_ratio_init", "sglang_ratio_min",
+                 "sglang_ratio_decay", "cpu_pool_tokens", "t_cpu", "lin_a", "lin_b",
+                 "attn_decode", "attn_prefill", "gap_sigma", "num_prefixes", "prefix_tokens",
+                 "pin_ttl")
+_INTEGRAL = ("engine", "max_num_seqs", "max_batched_tokens", "max_partial_prefills",
+             "sglang_retract_tokens", "sglang_reserve_cap", "kv_dtype", "gpu_pool_tokens",
+             "cpu_pool_tokens", "workload", "max_model_len", "max_tokens", "num_prefixes",
+             "prefix_tokens")
+
+
+def validate_params(params: ServeParams, cfg: ServeConfig) -> ServeParams:
+    """Check concrete parameter values (scalars or arrays); a ValueError names the field and
+    the allowed range. Traced values are not checked (validate before jit)."""
+    for field in dataclasses.fields(params):
+        v = getattr(params, field.name)
+        if isinstance(v, jax.core.Tracer):
+            continue
+        a = np.asarray(v, np.float64)
+        name = field.name
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} must be finite, got {v!r}")
+        if name in _POSITIVE and not np.all(a > 0):
+            raise ValueError(f"{name} must be > 0, got {v!r}")
+        if name in _NON_NEGATIVE and not np.all(a >= 0):
+            raise ValueError(f"{name} must be >= 0, got {v!r}")
+        if name in _INTEGRAL and not np.all(a == np.round(a)):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+    checks = (
+        ("engine", 0, len(ENGINES) - 1), ("kv_dtype", 0, len(KV_DTYPES) - 1),
+        ("workload", 0, len(workload.WORKLOADS) - 1), ("prefix_share", 0.0, 1.0),
+        ("num_prefixes", 0, cfg.max_segments), ("max_partial_prefills", 1, math.inf),
+    )
+    for name, lo, hi in checks:
+        a = np.asarray(getattr(params, name), np.float64)
+        if not np.all((a >= lo) & (a <= hi)):
+            raise ValueError(f"{name} must be in [{lo}, {hi}], got {getattr(params, name)!r}")
+    if np.any(np.asarray(params.max_tokens) >= np.asarray(params.max_model_len)):
+        raise ValueError("max_tokens must be < max_model_len")
+    return params
+
+
+def make(
+    preset: str = "toy",
+    engine: str = "vllm",
+    workload_name: str = "synthetic",
+    load: float = 0.8,
+    kv_dtype: str = "bf16",
+    config: dict | None = None,
+    **params: Any,
+) -> tuple[ServeEnv, ServeParams]:
+    """`env, params = make(preset="h100-llama3-8b", engine="vllm", load=0.8)`.
+
+    preset: one of PRESETS; engine: vllm | sglang | trt; workload_name: a synthetic workload;
+    load: offered load as a fraction of the preset's roofline capacity for that workload
+    (capacity.capacity_rps); kv_dtype: bf16 | fp8; config: ServeConfig overrides; params:
+    ServeParams overrides (e.g. horizon=30.0, ttft_slo=1.0, arrival_rate=...: an explicit
+    arrival_rate wins over load)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {list(PRESETS)}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; allowed: {list(ENGINES)}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; allowed: {list(KV_DTYPES)}")
+    if not (isinstance(load, int | float) and math.isfinite(load) and load > 0):
+        raise ValueError(f"load must be a finite number > 0, got {load!r}")
+    w = workload.workload_index(workload_name)
+    spec = PRESETS[preset]
+    cfg_fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    cfg_over = {**spec["config"], **(config or {})}
+    unknown = set(config or {}) - cfg_fields
+    if unknown:
+        raise ValueError(f"unknown config {sorted(unknown)}; allowed: {sorted(cfg_fields)}")
+    cfg = ServeConfig(**cfg_over)
+    for name in cfg_fields - {"reserve_levels"}:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config {name} must be a positive int, got {value!r}")
+    p_fields = {f.name for f in dataclasses.fields(ServeParams)}
+    unknown = set(params) - p_fields
+    if unknown:
+        raise ValueError(f"unknown param {sorted(unknown)}; allowed: {sorted(p_fields)}")
+    base = {**spec["params"], "engine": ENGINES.index(engine), "workload": w,
+            "kv_dtype": KV_DTYPES.index(kv_dtype), "gap_sigma": workload.GAP_SIGMA[w],
+            "prefix_tokens": 512}
+    p = validate_params(ServeParams(**{**base, **params}), cfg)
+    if "arrival_rate" not in params:
+        p = p.replace(arrival_rate=float(load) * capacity_rps(p))
+    p = validate_params(p, cfg)
+    return ServeEnv(cfg, p), p

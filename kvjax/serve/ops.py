@@ -1,0 +1,63 @@
+"""Order statistics over small fixed-size tables, written for XLA.
+
+Every scheduling rule of kv-serve-v0 is "walk the rows in some order and stop at the first
+that does not fit", which is a prefix sum in that order. Sorting small arrays under vmap is
+slow on XLA's CPU backend (argsort of 32-64 keys per scenario ran 2.3x slower than pairwise
+comparisons in a measured prototype, jax-env-conventions.md), so the order is a [n, n]
+"row j comes before row i" matrix from pairwise lexicographic comparisons, and a prefix sum
+in that order is one matrix-vector product with it. `before_matrix` and `prefix_sum` have
+plain argsort forms (`_argsort_*`) that tests/test_serve_ops.py proves equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import chex
+import jax.numpy as jnp
+
+
+def before_matrix(keys: Sequence[chex.Array], valid: chex.Array) -> chex.Array:
+    """bool [n, n]: entry [i, j] is True when row j comes strictly before row i in the
+    lexicographic order of `keys` (each int [n]; the row index breaks ties), invalid rows
+    after every valid row (their own order is unspecified and never used)."""
+    n = valid.shape[-1]
+    idx = jnp.arange(n)
+    # Start from the row-index tie-break and fold keys from the least to the most significant.
+    before = idx[None, :] < idx[:, None]
+    for k in reversed(tuple(keys)):
+        ki, kj = k[:, None], k[None, :]
+        before = (kj < ki) | ((kj == ki) & before)
+    vi, vj = valid[:, None], valid[None, :]
+    return (vj & ~vi) | (vj & vi & before)
+
+
+def prefix_sum(before: chex.Array, x: chex.Array, inclusive: bool = False) -> chex.Array:
+    """Sum of `x` over the rows before each row (plus the row itself if `inclusive`)."""
+    s = jnp.einsum("ij,j->i", before.astype(x.dtype), x, precision="highest")
+    return s + x if inclusive else s
+
+
+def any_before(before: chex.Array, flag: chex.Array) -> chex.Array:
+    """True where some earlier row has `flag` set."""
+    return jnp.any(before & flag[None, :], axis=-1)
+
+
+def _argsort_order(keys: Sequence[chex.Array], valid: chex.Array) -> chex.Array:
+    """Plain form: the permutation that lists rows in order (valid first, keys, row index)."""
+    n = valid.shape[-1]
+    order = jnp.arange(n)
+    for k in reversed(((~valid).astype(jnp.int32), *keys)):
+        order = order[jnp.argsort(k[order], stable=True)]
+    return order
+
+
+def _argsort_prefix_sum(
+    keys: Sequence[chex.Array], valid: chex.Array, x: chex.Array, inclusive: bool = False
+) -> chex.Array:
+    """Plain form of prefix_sum(before_matrix(keys, valid), x): sort, cumsum, unsort."""
+    order = _argsort_order(keys, valid)
+    c = jnp.cumsum(x[order])
+    excl = c - x[order]
+    out = jnp.zeros_like(x).at[order].set(c if inclusive else excl)
+    return out
