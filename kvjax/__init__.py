@@ -21,7 +21,8 @@ from kvjax.types import (
 # Submodules reachable as `kvjax.<name>` after a plain `import kvjax` (lazily imported).
 SUBMODULES = (
     "adapters", "bench", "dynamics", "env", "leaderboard", "observations", "policies",
-    "reference", "rewards", "rollout", "scenarios", "session", "spaces", "types", "viz",
+    "reference", "rewards", "rollout", "scenarios", "serve", "session", "spaces", "types",
+    "viz",
 )
 
 

@@ -11,8 +11,9 @@ import numpy as np
 
 from kvjax import dynamics, observations, rewards, scenarios, spaces
 from kvjax.types import ACTION_KINDS, DIFFICULTIES, EnvConfig, EnvParams, EnvState
+from kvjax.validation import check_single
 
-ENV_IDS = ("kv-cache-v0",)
+ENV_IDS = ("kv-cache-v0", "kv-serve-v0")
 
 
 class KVCacheEnv:
@@ -72,6 +73,11 @@ class KVCacheEnv:
 
     # -- core API ----------------------------------------------------------------------------
     def reset_env(self, key: chex.PRNGKey, params: EnvParams) -> tuple[Any, EnvState]:
+        if jnp.shape(key) not in ((2,), ()):
+            raise ValueError(
+                f"env.reset_env takes one PRNG key (shape (2,) or a typed key), got shape "
+                f"{jnp.shape(key)}; for a batch use jax.vmap(env.reset_env, in_axes=(0, None))"
+            )
         state = scenarios.generate(key, params, self.config)
         return self.get_obs(state, params), state
 
@@ -79,6 +85,8 @@ class KVCacheEnv:
         self, key: chex.PRNGKey, state: EnvState, action: chex.Array, params: EnvParams
     ) -> tuple[Any, EnvState, chex.Array, chex.Array, chex.Array, dict[str, Any]]:
         """One step without auto-reset (key unused: the scenario holds its own future)."""
+        check_single(state, "env.step_env", hint="map it over the batch with jax.vmap, e.g. "
+                     "jax.vmap(env.step_env, in_axes=(0, 0, 0, None))")
         action = self._check_action(action)
         next_state = dynamics.step_dynamics(state, action, params, self.config)
         reward = rewards.total(next_state, params) - rewards.total(state, params)
@@ -113,6 +121,17 @@ class KVCacheEnv:
         return observations.observe(state, params)
 
     def _check_action(self, action: chex.Array) -> chex.Array:
+        """Shape and dtype checks; an id outside [0, num_actions) - including one that int32
+        cannot hold (a numpy int64 2**32 + 1 would otherwise wrap to 1) - becomes -1, a counted
+        invalid no-op, before the cast to int32."""
+        n = self.num_actions
+        if not isinstance(action, jax.Array):  # host values: range-check before any cast
+            host = np.asarray(action)
+            if host.dtype.kind in "iu":
+                bad = (host < 0) | (host >= n)
+                action = np.where(bad, -1, host).astype(np.int32)
+            else:
+                action = host
         action = jnp.asarray(action)
         A = self.config.max_actions
         if action.shape != (A,):
@@ -122,6 +141,8 @@ class KVCacheEnv:
             )
         if not jnp.issubdtype(action.dtype, jnp.integer):
             raise ValueError(f"action must be an integer array, got dtype {action.dtype}")
+        if action.dtype.itemsize > 4 or jnp.issubdtype(action.dtype, jnp.unsignedinteger):
+            action = jnp.where((action < 0) | (action >= n), -1, action)  # before the cast
         return action.astype(jnp.int32)
 
     # -- action helpers ----------------------------------------------------------------------
@@ -156,10 +177,18 @@ def decode_action(action_id: int, max_seqs: int) -> tuple[str, int]:
     return ACTION_KINDS[k + 1], slot
 
 
-def make(env_id: str = "kv-cache-v0", difficulty: str = "all", **config: int):
-    """`env, params = make("kv-cache-v0", difficulty="medium")`."""
+def make(env_id: str = "kv-cache-v0", difficulty: str = "all", **config: Any):
+    """`env, params = make("kv-cache-v0", difficulty="medium")` or
+    `make("kv-serve-v0", preset="toy", engine="vllm", load=0.8, ...)` (kvjax.serve.make)."""
     if env_id not in ENV_IDS:
         raise ValueError(f"unknown env id {env_id!r}; allowed: {list(ENV_IDS)}")
+    if env_id == "kv-serve-v0":
+        from kvjax.serve.env import make as make_serve
+
+        if difficulty != "all":
+            raise ValueError("kv-serve-v0 has no difficulty tiers; set preset, engine, "
+                             "workload_name and load instead")
+        return make_serve(**config)
     env = KVCacheEnv(**config)
     return env, env.default_params.replace(difficulty=difficulty_index(difficulty))
 
