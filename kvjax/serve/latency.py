@@ -23,6 +23,8 @@ import numpy as np
 
 from kvjax.serve.types import BLOCK_TOKENS, ServeParams
 
+VIDUR_H100_7B = Path(__file__).parent / "data" / "vidur_h100_llama2_7b_linear_ops.csv"
+
 # Vidur's per-layer linear ops of one decoder layer (its MLP profile minus the embedding).
 VIDUR_LINEAR_OPS = (
     "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
@@ -96,3 +98,9 @@ def fit_linear_ops(table: dict[int, float], knee: int = 1024) -> tuple[float, fl
     big = n >= knee
     b, a = np.polyfit(n[big], ms[big], 1)
     return floor / 1e3, float(a) / 1e3, float(b) / 1e3
+
+
+def bundled_vidur_table() -> dict[int, float]:
+    """The bundled Vidur H100 Llama-2-7B linear-op table {tokens: ms} (kvjax/serve/NOTICE)."""
+    with open(VIDUR_H100_7B, newline="") as f:
+        return {int(r["num_tokens"]): float(r["linear_ops_ms"]) for r in csv.DictReader(f)}

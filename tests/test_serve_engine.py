@@ -1,0 +1,242 @@
+"""kv-serve-v0 engine rules on hand-built cases with exact outcomes (docs/serving.md section 3)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.serve import actions, engine, latency
+from kvjax.serve.build import build_state
+from kvjax.serve.env import ServeEnv, make
+from kvjax.serve.types import (
+    LOADING,
+    OFFLOADING,
+    RUNNING,
+    TRT,
+    WAITING,
+    ServeConfig,
+)
+
+CFG = ServeConfig(max_requests=8, max_segments=2, iterations_per_step=1)
+
+
+def small_params(**over):
+    _, p = make("toy", arrival_rate=1.0, **over)
+    return p
+
+
+def iterate(state, params, cfg=CFG, n=1):
+    f = jax.jit(engine.iterate, static_argnums=2)
+    for _ in range(n):
+        state = f(state, params, cfg)
+    return state
+
+
+def test_preempted_request_is_prepended_and_recomputes_prompt_plus_generated():
+    p = small_params(gpu_pool_tokens=160)  # 10 blocks
+    s = build_state(p, CFG, requests=[
+        dict(status=RUNNING, prompt=64, generated=16, computed=80, target=64, run_key=0,
+             output_len=100, first_token=0.0, last_token=0.0),
+        dict(status=RUNNING, prompt=60, generated=20, computed=80, target=60, run_key=1,
+             output_len=100, first_token=0.0, last_token=0.0),
+        dict(status=WAITING, prompt=32, output_len=4, queue_key=5),
+    ], run_counter=2)
+    assert int(engine.memory(s, p)["free"]) == 0
+    s1 = iterate(s, p)
+    r = s1.requests
+    # The last-scheduled request is the victim; the first decodes.
+    assert int(r.status[0]) == RUNNING and int(r.computed[0]) == 81 and int(r.generated[0]) == 17
+    assert int(r.status[1]) == WAITING
+    assert int(r.computed[1]) == 0 and int(r.target[1]) == 60 + 20
+    assert int(r.queue_key[1]) < int(r.queue_key[2])  # prepended
+    assert int(r.preemptions[1]) == 1
+    assert int(s1.metrics.preemptions) == 1 and int(s1.metrics.recomputed_tokens) == 80
+    # An iteration that preempts admits nothing (C would have fitted in the freed blocks).
+    assert int(r.status[2]) == WAITING
+    expected = p.t_cpu + max(p.t_weights, p.lin_a + p.lin_b * 1) + p.attn_decode * 80
+    np.testing.assert_allclose(float(s1.clock), expected, rtol=1e-6)
+    # Next iteration: the victim heads the queue but needs 5 blocks with 4 free; admission
+    # stops there (FCFS), so C waits too.
+    s2 = iterate(s1, p)
+    assert int(s2.requests.status[1]) == WAITING and int(s2.requests.status[2]) == WAITING
+    assert int(engine.memory(s2, p)["free"]) == 4
+
+
+def test_readmitted_victim_reprefills_prompt_plus_generated():
+    p = small_params(gpu_pool_tokens=4096)
+    s = build_state(p, CFG, requests=[
+        dict(status=WAITING, prompt=60, generated=20, target=80, queue_key=-1,
+             output_len=100, first_token=0.0, last_token=0.0, preemptions=1),
+    ])
+    s1 = iterate(s, p)
+    r = s1.requests
+    assert int(r.status[0]) == RUNNING and int(r.computed[0]) == 80
+    assert int(r.generated[0]) == 21  # the recompute's prefill emits the next token
+    assert int(s1.metrics.prefill_tokens) == 80
+    pairs = 80 * (0 + 40)
+    expected = p.t_cpu + max(p.t_weights, p.lin_a + p.lin_b * 80) + p.attn_prefill * pairs
+    np.testing.assert_allclose(float(s1.clock), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_prefix_hit_skips_the_cached_tokens(cached):
+    p = small_params(gpu_pool_tokens=65536)
+    s = build_state(p, CFG, requests=[
+        dict(status=WAITING, prompt=600, segment=0, prefix_len=512, output_len=5),
+    ], segments=[dict(tokens=512, on_gpu=cached)])
+    s1 = iterate(s, p)
+    r, m = s1.requests, s1.metrics
+    assert int(r.status[0]) == RUNNING and int(r.computed[0]) == 600
+    assert int(r.generated[0]) == 1 and float(r.first_token[0]) == float(s1.clock)
+    assert bool(r.attached[0]) and bool(s1.segments.on_gpu[0])
+    hit = 512 if cached else 0
+    assert int(m.hit_tokens) == hit and int(m.prompt_tokens) == 600
+    assert int(m.prefill_tokens) == 600 - hit
+    c = 600 - hit
+    expected = (p.t_cpu + max(p.t_weights, p.lin_a + p.lin_b * c)
+                + p.attn_prefill * c * (hit + c / 2))
+    np.testing.assert_allclose(float(s1.clock), expected, rtol=1e-6)
+    # Either way the segment now holds 32 blocks and the request its 6 private ones.
+    mem = engine.memory(s1, p)
+    assert int(mem["cached"]) == 32 and int(mem["used"]) == 6
+
+
+def test_unreferenced_segments_are_evicted_lru_lowest_priority_first():
+    p = small_params(gpu_pool_tokens=16 * 40)  # 40 blocks
+    cfg = ServeConfig(max_requests=8, max_segments=3, iterations_per_step=1)
+    s = build_state(p, cfg, requests=[
+        dict(status=WAITING, prompt=16 * 30, output_len=3),  # needs 30 blocks
+    ], segments=[
+        dict(tokens=16 * 10, on_gpu=True, last_access=1.0, priority=1),
+        dict(tokens=16 * 10, on_gpu=True, last_access=0.5, priority=1),  # LRU
+        dict(tokens=16 * 10, on_gpu=True, last_access=0.1, priority=3),  # oldest, kept
+    ], clock=2.0)
+    s1 = iterate(s, p, cfg)
+    assert int(s1.requests.status[0]) == RUNNING
+    # 10 free + 10 evicted (the least recent of the priority-1 segments) covers 30 - 10 ... 30
+    np.testing.assert_array_equal(np.asarray(s1.segments.on_gpu), [False, False, True])
+
+
+def test_pinned_segment_is_not_evicted():
+    p = small_params(gpu_pool_tokens=16 * 20)
+    s = build_state(p, CFG, requests=[dict(status=WAITING, prompt=16 * 15, output_len=3)],
+                    segments=[dict(tokens=16 * 10, on_gpu=True, pinned_until=5.0)], clock=1.0)
+    s1 = iterate(s, p)
+    assert bool(s1.segments.on_gpu[0]) and int(s1.requests.status[0]) == WAITING
+
+
+def test_offload_then_load_back_over_pcie():
+    cfg = ServeConfig(max_requests=8, max_segments=2, iterations_per_step=3)
+    env, p = make("toy", arrival_rate=1.0, num_prefixes=0,
+                  config=dict(max_requests=8, max_segments=2, iterations_per_step=3))
+    s = build_state(p, env.config, requests=[
+        dict(status=RUNNING, prompt=150, generated=10, computed=160, target=150,
+             output_len=100, first_token=0.0, last_token=0.0),
+    ])
+    a = env.noop_action()
+    a["commands"] = a["commands"].at[0].set(actions.encode_command("offload", 0, env.config))
+    s_off = actions.apply(s, a, p, env.config)
+    t = float(latency.transfer_time(p, 10))
+    np.testing.assert_allclose(t, 10 * 16 * 131072 / 50e9, rtol=1e-6)
+    assert int(s_off.requests.status[0]) == OFFLOADING
+    np.testing.assert_allclose(float(s_off.requests.xfer_done[0]), t, rtol=1e-6)
+    s1 = iterate(s_off, p, cfg)  # idle until the copy completes (an idle iteration >= t_cpu)
+    np.testing.assert_allclose(float(s1.clock), max(t, float(p.t_cpu)), rtol=1e-6)
+    s2 = iterate(s1, p, cfg)  # swapped -> admitted -> loading
+    assert int(s2.requests.status[0]) == LOADING
+    np.testing.assert_allclose(float(s2.requests.xfer_done[0]), float(s1.clock) + t, rtol=1e-6)
+    assert int(engine.memory(s2, p)["cpu_used"]) == 10
+    s3 = iterate(s2, p, cfg)  # loaded -> decodes, KV intact
+    r = s3.requests
+    assert int(r.status[0]) == RUNNING and int(r.computed[0]) == 161
+    assert int(r.generated[0]) == 11 and int(s3.metrics.recomputed_tokens) == 0
+    assert int(engine.memory(s3, p)["cpu_used"]) == 0
+    assert int(s_off.metrics.offloads) == 1
+
+
+def test_trt_reserves_max_tokens_and_never_preempts():
+    env, p = make("toy", engine="trt", arrival_rate=30.0, gpu_pool_tokens=16384, horizon=20.0,
+                  config=dict(max_requests=32))
+    _, pv = make("toy", engine="vllm", arrival_rate=30.0, gpu_pool_tokens=16384, horizon=20.0,
+                 config=dict(max_requests=32))
+    assert int(p.engine) == TRT
+
+    def episode(params):
+        _, s = env.reset_env(jax.random.PRNGKey(3), params)
+
+        def body(s, _):
+            s = env.step_env(None, s, env.noop_action(), params)[1]
+            return s, engine.memory(s, params)["free"]
+
+        return jax.lax.scan(body, s, None, length=120)
+
+    s_trt, free_trt = jax.jit(episode)(p)
+    s_vllm, _ = jax.jit(episode)(pv)
+    assert int(s_vllm.metrics.preemptions) > 0  # the same stream does preempt under vLLM
+    assert int(s_trt.metrics.preemptions) == 0 and int(free_trt.min()) >= 0
+    assert int(s_trt.metrics.finished) > 0
+
+
+def test_sglang_retracts_fewest_decoded_first():
+    p = small_params(gpu_pool_tokens=160, engine="sglang")
+    s = build_state(p, CFG, requests=[
+        dict(status=RUNNING, prompt=60, generated=20, computed=80, target=60, run_key=0,
+             output_len=100, first_token=0.0, last_token=0.0),  # fewer decoded: victim
+        dict(status=RUNNING, prompt=40, generated=40, computed=80, target=40, run_key=1,
+             output_len=100, first_token=0.0, last_token=0.0),
+    ], run_counter=2)
+    s1 = iterate(s, p)
+    assert int(s1.requests.status[0]) == WAITING and int(s1.requests.status[1]) == RUNNING
+    assert float(s1.new_token_ratio) == pytest.approx(float(p.sglang_ratio_init))
+
+
+def test_agent_priority_picks_the_victim():
+    p = small_params(gpu_pool_tokens=160)
+    rows = [
+        dict(status=RUNNING, prompt=64, generated=16, computed=80, target=64, run_key=0,
+             output_len=100, first_token=0.0, last_token=0.0, priority=0),
+        dict(status=RUNNING, prompt=60, generated=20, computed=80, target=60, run_key=1,
+             output_len=100, first_token=0.0, last_token=0.0, priority=3),
+    ]
+    s1 = iterate(build_state(p, CFG, requests=rows, run_counter=2), p)
+    # The first-admitted request has the lowest retention priority: it is the victim.
+    assert int(s1.requests.status[0]) == WAITING and int(s1.requests.status[1]) == RUNNING
+
+
+def test_client_timeout_is_the_only_drop_and_counted():
+    p = small_params(gpu_pool_tokens=64, client_timeout=1.0)  # 4 blocks: the prompt never fits
+    s = build_state(p, CFG, requests=[dict(status=WAITING, prompt=200, output_len=3)])
+    s1 = iterate(s, p, n=3)
+    assert int(s1.metrics.timed_out) == 1 and int(s1.requests.status[0]) == 0
+    assert float(s1.clock) >= 1.0
+
+
+def test_arrivals_wait_behind_the_pointer_when_the_table_is_full():
+    env, p = make("toy", arrival_rate=200.0, config=dict(max_requests=4, iterations_per_step=4))
+    _, s = env.reset_env(jax.random.PRNGKey(0), p)
+    s = jax.jit(env.step_env)(None, s, env.noop_action(), p)[1]
+    assert int(jnp.sum(s.requests.status != 0)) <= 4
+    # Requests keep their stream arrival times: the first rows hold requests 0..3 in order.
+    entered = np.asarray(s.requests.index)[np.asarray(s.requests.status) != 0]
+    assert set(entered) <= set(range(int(s.next_index)))
+    assert int(s.metrics.arrived) == int(s.next_index)
+
+
+def test_empty_engine_jumps_to_the_next_arrival():
+    env, p = make("toy", arrival_rate=0.5, config=dict(iterations_per_step=1))
+    _, s = env.reset_env(jax.random.PRNGKey(1), p)
+    t0 = float(s.next_arrival)
+    s1 = jax.jit(env.step_env)(None, s, env.noop_action(), p)[1]
+    np.testing.assert_allclose(float(s1.clock), t0, rtol=1e-6)
+
+
+def test_iterations_stop_at_the_horizon():
+    env, p = make("toy", load=0.5, horizon=2.0)
+    _, s = env.reset_env(jax.random.PRNGKey(2), p)
+    step = jax.jit(env.step_env)
+    for _ in range(400):
+        s = step(None, s, env.noop_action(), p)[1]
+    c = float(s.clock)
+    s2 = step(None, s, env.noop_action(), p)[1]
+    assert c >= 2.0 and float(s2.clock) == c
+    assert isinstance(env, ServeEnv)
