@@ -1,0 +1,84 @@
+"""The synthetic workloads against the Azure 2023 traces (serving.md section 6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.serve import workload
+from kvjax.serve.capacity import capacity_rps
+from kvjax.serve.env import make
+
+# serving.md section 6: rate, per-second variance/mean, input and output p50/p90/p99.
+AZURE = {
+    "synthetic-conv": dict(rate=5.53, dispersion=1.39, input=(1020, 2734, 4142),
+                           output=(129, 424, 601)),
+    "synthetic-code": dict(rate=2.57, dispersion=13.2, input=(1469, 5186, 7436),
+                           output=(13, 55, 249)),
+}
+N = 200_000
+
+
+@pytest.fixture(scope="module", params=sorted(AZURE))
+def stream(request):
+    name = request.param
+    _, p = make("h100-llama3-8b", workload_name=name, arrival_rate=AZURE[name]["rate"])
+    return name, p, workload.request_stream(jnp.array([7, 11], jnp.uint32), N, p)
+
+
+def test_length_percentiles_match_the_trace(stream):
+    name, _, s = stream
+    for col, key in (("prompt", "input"), ("output_len", "output")):
+        got = np.percentile(s[col], [50, 90, 99])
+        # percentiles sit on steep parts of the empirical CDF: allow 1.5 percentile points
+        lo = np.percentile(s[col], [48.5, 88.5, 97.5])
+        hi = np.percentile(s[col], [51.5, 91.5, 99.5])
+        for g, want, a, b in zip(got, AZURE[name][key], lo, hi, strict=True):
+            assert a <= want <= b, (name, col, g, want)
+
+
+def test_rate_and_burstiness_match_the_trace(stream):
+    name, p, s = stream
+    rate = N / float(s["arrival"][-1])
+    # Lognormal gaps: the sample mean's relative standard error is sqrt((e^sigma^2 - 1) / N)
+    # (0.3% for conversation, 10% for the heavy-tailed code gaps); allow 3 of them.
+    sigma = float(p.gap_sigma)
+    assert rate == pytest.approx(AZURE[name]["rate"], rel=3 * np.sqrt(np.expm1(sigma**2) / N))
+    counts = np.bincount(s["arrival"].astype(int))
+    assert counts.var() / counts.mean() == pytest.approx(AZURE[name]["dispersion"], rel=0.2)
+
+
+def test_stream_is_a_pure_function_of_seed_and_index():
+    _, p = make("toy")
+    seed = jnp.array([1, 2], jnp.uint32)
+    whole = workload.draw_request(seed, jnp.arange(100), p)
+    one = jax.jit(workload.draw_request)(seed, jnp.int32(57), p)
+    for k in whole:
+        assert np.asarray(whole[k])[57] == np.asarray(one[k]), k
+    other = workload.draw_request(jnp.array([1, 3], jnp.uint32), jnp.arange(100), p)
+    assert not np.array_equal(np.asarray(whole["prompt"]), np.asarray(other["prompt"]))
+
+
+def test_lengths_are_clipped_and_prefixes_fit():
+    _, p = make("toy", max_tokens=256, max_model_len=4096)
+    s = workload.request_stream(jnp.array([3, 4], jnp.uint32), 20_000, p)
+    assert s["output_len"].max() == 256 and s["output_len"].min() >= 1
+    assert s["prompt"].max() <= 4096 - 256
+    has = s["segment"] >= 0
+    assert 0.3 < has.mean() < 0.5  # prefix_share 0.5 of prompts longer than 512 tokens
+    assert np.all(s["prompt"][has] > s["prefix_len"][has])
+    assert np.all(s["prefix_len"][has] % 16 == 0)
+
+
+def test_load_scales_the_arrival_rate_by_capacity():
+    _, p1 = make("h100-llama3-8b", load=1.0)
+    _, p5 = make("h100-llama3-8b", load=0.5)
+    assert float(p1.arrival_rate) == pytest.approx(capacity_rps(p1))
+    assert float(p5.arrival_rate) == pytest.approx(0.5 * float(p1.arrival_rate))
+    _, f8 = make("h100-llama3-8b", load=1.0, kv_dtype="fp8")
+    assert capacity_rps(f8) > capacity_rps(p1)  # twice the pool, half the attention reads
+
+
+def test_unknown_workload_names_the_allowed_values():
+    with pytest.raises(ValueError, match="synthetic-code"):
+        workload.workload_index("azure")
