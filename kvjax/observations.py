@@ -24,6 +24,7 @@ from kvjax.types import (
     EnvParams,
     EnvState,
 )
+from kvjax.validation import check_single
 
 SLOT_FEATURES = (
     "active", "system", "context", "generation", "reasoning", "ephemeral",
@@ -54,7 +55,9 @@ def action_mask(state: EnvState) -> chex.Array:
 
 
 def observe(state: EnvState, params: EnvParams) -> Observation:
-    """Normalised per-slot and global features (float32) plus the action mask."""
+    """Normalised per-slot and global features (float32) plus the action mask (one scenario;
+    jax.vmap it for a batch)."""
+    check_single(state, "kvjax.observe")
     s, q = state.slots, state.pending
     T = state.arrivals.valid.shape[-2]
     P = q.valid.shape[-1]
@@ -131,6 +134,8 @@ def summarize(state: EnvState, params: EnvParams, top_k: int = 5) -> dict[str, A
 
     Candidates are ranked by eviction safety: eviction_value high first, then priority low,
     then progress low (the least harm first)."""
+    check_single(state, "kvjax.summarize", hint="it is host-side, not vmappable: pick one "
+                 "scenario, e.g. jax.tree_util.tree_map(lambda x: x[i], state)")
     state = jax.device_get(state)
     s = {k: np.asarray(v) for k, v in vars(state.slots).items()}
     q = {k: np.asarray(v) for k, v in vars(state.pending).items()}

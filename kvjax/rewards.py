@@ -11,6 +11,7 @@ import chex
 import jax.numpy as jnp
 
 from kvjax.types import EnvParams, EnvState
+from kvjax.validation import check_single
 
 COMPONENTS = (
     "failure_penalty",
@@ -41,7 +42,9 @@ def weights(params: EnvParams) -> dict[str, chex.Array]:
 
 def rubric(state: EnvState, params: EnvParams) -> dict[str, chex.Array]:
     """Components, metrics and `total` (float32 scalars; a batch-trailing state - see
-    kvjax.dynamics - gives one value per scenario)."""
+    kvjax.dynamics - gives one value per scenario). A batch-leading state (what
+    `jax.vmap(env.reset_env)` returns) is rejected: use `jax.vmap(rubric, in_axes=(0, None))`."""
+    check_single(state, "kvjax.rubric", trailing_ok=True)
     c = state.counters
     played = state.time > 0
     episode_len = state.arrivals.valid.shape[0]  # arrivals: [T, K, *batch]

@@ -246,8 +246,7 @@ def rollout(
     micro-batches per device) is one device call, which bounds memory; the last is padded.
     `mesh`: a 1-D Mesh over the batch axis (default: all devices). For a given micro-batch size,
     results are bit-identical for any chunk size and device count."""
-    if int(num_scenarios) < 1:
-        raise ValueError(f"num_scenarios must be >= 1, got {num_scenarios}")
+    check_rollout_args(policy, key, num_scenarios, params, env, chunk_size, micro_batch)
     env = env or KVCacheEnv()
     mesh = mesh or default_mesh()
     n_dev = mesh.devices.size
@@ -275,6 +274,27 @@ def rollout(
     if len(parts) == 1:
         return parts[0]
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
+
+
+def check_rollout_args(policy, key, num_scenarios, params, env, chunk_size, micro_batch) -> None:
+    """ValueError naming the argument and its allowed values (see `rollout`)."""
+    from kvjax.types import PARAM_SPECS
+    from kvjax.validation import INT32_MAX, check_fields
+
+    if not callable(policy):
+        raise ValueError(f"policy must be callable (key, state, params) -> int32[A], got "
+                         f"{type(policy).__name__}")
+    for name, v in (("num_scenarios", num_scenarios), ("chunk_size", chunk_size),
+                    ("micro_batch", micro_batch)):
+        if v is None and name != "num_scenarios":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or not 1 <= v <= INT32_MAX:
+            raise ValueError(f"{name} must be an int in [1, {INT32_MAX}], got {v!r}")
+    if isinstance(params, EnvParams):
+        check_fields("EnvParams", params, PARAM_SPECS)  # also values set by tree_map & co.
+    if np.shape(key) not in ((2,), ()):
+        raise ValueError(f"key must be one PRNG key (shape (2,) or a typed key), got shape "
+                         f"{np.shape(key)}")
 
 
 def summarize_results(results: dict[str, Any], z: float = 1.96) -> dict[str, dict[str, float]]:

@@ -46,6 +46,7 @@ from kvjax.types import (
     EnvParams,
     EnvState,
 )
+from kvjax.validation import INT32_MAX, check_seed, check_single
 
 TOOL_NAMES = ACTION_KINDS  # ("keep", "evict", "compress", "swap_to_cpu")
 SEQ_TOOLS = ACTION_KINDS[1:]  # the tools that take a seq_id
@@ -87,6 +88,7 @@ def compiled(config: EnvConfig) -> Compiled:
             "active": s.slots.active,
             "seq_id": s.slots.seq_id,
             "location": s.slots.location,
+            "precision": s.slots.precision,
         }
 
     return Compiled(
@@ -138,7 +140,23 @@ def _state_from_plain(plain: Mapping[str, Any], config: EnvConfig) -> EnvState:
         raise ValueError(f"state JSON does not match an EnvState: {e}") from e
 
     def leaf(t: jax.ShapeDtypeStruct, v: Any) -> jax.Array:
-        arr = np.asarray(v, dtype=t.dtype)
+        try:
+            raw = np.asarray(v)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"state JSON leaf is not a rectangular array: {e}") from e
+        if raw.dtype.kind not in "biuf":
+            raise ValueError(f"state JSON leaf must hold numbers, got dtype {raw.dtype}")
+        if not np.isfinite(raw.astype(np.float64)).all():
+            raise ValueError("state JSON leaf holds NaN or infinity")
+        if np.dtype(t.dtype).kind in "biu":
+            info = np.iinfo(np.int32) if np.dtype(t.dtype).kind != "b" else None
+            x = raw.astype(np.float64)
+            if (x != np.round(x)).any() or (info and ((x < info.min) | (x > info.max)).any()):
+                raise ValueError(f"state JSON leaf of dtype {t.dtype} holds non-integral or "
+                                 "out-of-range values")
+            if info is None and not np.isin(x, (0, 1)).all():
+                raise ValueError("state JSON boolean leaf holds values other than 0/1")
+        arr = raw.astype(t.dtype)
         if arr.shape != t.shape:
             raise ValueError(f"state JSON leaf has shape {arr.shape}, expected {t.shape}")
         return jnp.asarray(arr)
@@ -169,14 +187,31 @@ class Session:
         step_rewards: Sequence[float] = (),
     ):
         self.config = config or EnvConfig()
+        if not isinstance(self.config, EnvConfig):
+            raise ValueError(f"config must be an EnvConfig, got {type(self.config).__name__}")
+        if not isinstance(params, EnvParams):
+            raise ValueError(f"params must be an EnvParams, got {type(params).__name__}")
+        check_single(state, "Session", hint="a session plays one scenario: pick one, e.g. "
+                     "jax.tree_util.tree_map(lambda x: x[i], state)")
         self.fns = compiled(self.config)
         self.params = params
         self.state = state  # (the setter also clears the cached rubric)
-        self.buffer: list[int] = [int(a) for a in buffer]
-        self.actions: list[list[int]] = [list(map(int, a)) for a in actions]
-        self.rewards: list[float] = [float(r) for r in step_rewards]
-        if len(self.buffer) > self.config.max_actions:
-            raise ValueError(f"buffer holds at most {self.config.max_actions} actions")
+        n, A = self.config.num_action_ids, self.config.max_actions
+        self.buffer: list[int] = _ids(buffer, 1, n, "buffer")
+        if len(self.buffer) > A:
+            raise ValueError(f"buffer holds at most {A} actions, got {len(self.buffer)}")
+        self.actions: list[list[int]] = []
+        for a in actions:
+            row = _ids(a, 0, n, "actions")
+            if len(row) != A:
+                raise ValueError(f"each actions entry must hold {A} action ids, got {len(row)}")
+            self.actions.append(row)
+        self.rewards: list[float] = []
+        for r in step_rewards:
+            if isinstance(r, bool) or not isinstance(r, int | float | np.number) or not (
+                    np.isfinite(r)):
+                raise ValueError(f"rewards must be finite numbers, got {r!r}")
+            self.rewards.append(float(r))
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -191,10 +226,9 @@ class Session:
         """Scenario `index` of the `seed` stream at `difficulty` (easy/medium/hard/all)."""
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"unknown difficulty {difficulty!r}; allowed: {list(DIFFICULTIES)}")
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"index must be a non-negative int, got {index!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= INT32_MAX:
+            raise ValueError(f"index must be a non-negative int <= {INT32_MAX}, got {index!r}")
+        check_seed(seed)
         config = config or EnvConfig()
         base = params if params is not None else EnvParams()
         params = base.replace(difficulty=difficulty_index(difficulty))
@@ -255,7 +289,16 @@ class Session:
     def call(self, name: Any, arguments: str | Mapping[str, Any] | None = None) -> ToolResult:
         """Apply one tool call as a model would send it: `arguments` is the JSON object text
         (or an already parsed dict). Every problem becomes an error result, never an
-        exception."""
+        exception (nesting too deep for the JSON parser included)."""
+        try:
+            return self._call(name, arguments)
+        except (RecursionError, MemoryError, OverflowError, ValueError, TypeError) as e:
+            what = "nested too deeply" if isinstance(e, RecursionError) else type(e).__name__
+            shown = name if isinstance(name, str) and len(name) <= 40 else "tool"
+            return ToolResult(False, f"error: {shown}: arguments could not be read ({what}); "
+                              + _usage(shown if shown in TOOL_NAMES else "evict"))
+
+    def _call(self, name: Any, arguments: Any) -> ToolResult:
         if not isinstance(name, str) or name not in TOOL_NAMES:
             return ToolResult(False, f"error: unknown tool {name!r}; tools: {list(TOOL_NAMES)}")
         if arguments is None or arguments == "":
@@ -322,7 +365,7 @@ class Session:
         self.buffer.append(action_id)
         return ToolResult(
             True,
-            f"ok: {self._describe_action(action_id, detail=True)} "
+            f"ok: {self._describe_action(action_id, detail=True, preview=pv)} "
             f"(action {len(self.buffer)} of {A} this step)",
         )
 
@@ -411,6 +454,14 @@ class Session:
         """Inverse of `to_json` (bit-exact: float32 values survive the float64 JSON)."""
         if not isinstance(data, Mapping) or data.get("version") != JSON_VERSION:
             raise ValueError(f"session JSON must be a dict with version {JSON_VERSION}")
+        missing = {"config", "params", "state"} - set(data)
+        if missing:
+            raise ValueError(f"session JSON lacks {sorted(missing)}")
+        fields = {f.name for f in dataclasses.fields(EnvConfig)}
+        if not isinstance(data["config"], Mapping) or set(data["config"]) - fields:
+            raise ValueError(f"session JSON config must be a dict with keys from {sorted(fields)}")
+        if not isinstance(data["params"], Mapping) or not isinstance(data["state"], Mapping):
+            raise ValueError("session JSON params and state must be dicts")
         config = EnvConfig(**data["config"])
         return cls(
             _state_from_plain(data["state"], config),
@@ -438,13 +489,17 @@ class Session:
         sid = np.asarray(self.state.slots.seq_id)
         return {int(sid[(a - 1) % S]) for a in self.buffer if (a - 1) // S == 0}
 
-    def _describe_action(self, action_id: int, detail: bool = False) -> str:
+    def _describe_action(
+        self, action_id: int, detail: bool = False, preview: Mapping[str, Any] | None = None
+    ) -> str:
+        """`preview`: the state after the step's earlier calls (its precision is what a
+        second compress of the same sequence starts from)."""
         kind, slot = decode_action(int(action_id), self.config.max_seqs)
         s = self.state.slots
         sid = int(s.seq_id[slot])
         if not detail:
             return f"{kind} {sid}"
-        prec = int(s.precision[slot])
+        prec = int((preview or {}).get("precision", s.precision)[slot])
         verb = {"evict": "evict", "compress": "compress", "swap_to_cpu": "swap to CPU"}[kind]
         what = (
             f"{BLOCK_TYPES[int(s.block_type[slot])]}, {int(s.tokens[slot])} tokens, "
@@ -460,6 +515,18 @@ class Session:
             f"error: the episode is over ({self.config.episode_len} steps played); "
             "reply without tool calls",
         )
+
+
+def _ids(values: Any, lo: int, hi: int, what: str) -> list[int]:
+    """A list of action ids in [lo, hi) (ints, no bools, no floats), else ValueError."""
+    if isinstance(values, str | bytes | Mapping) or not isinstance(values, Iterable):
+        raise ValueError(f"{what} must be a list of action ids in [{lo}, {hi}), got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or not lo <= v < hi:
+            raise ValueError(f"{what} must hold action ids in [{lo}, {hi}), got {v!r}")
+        out.append(int(v))
+    return out
 
 
 def _why_not(kind: str, location: int) -> str:
@@ -541,13 +608,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m kvjax.session --policy value_aware --difficulty hard -n 20 [--seed 42]`:
     play a kvjax policy through the LLM tool interface on the LLM taskset's scenarios and
     print one JSON line per scenario and the mean total."""
-    import argparse
+    from kvjax.validation import ArgumentParser, positive_int, seed_arg
 
-    p = argparse.ArgumentParser(prog="python -m kvjax.session", description=main.__doc__)
+    p = ArgumentParser(prog="python -m kvjax.session", description=main.__doc__)
     p.add_argument("--policy", default="value_aware")
     p.add_argument("--difficulty", default="all", choices=list(DIFFICULTIES))
-    p.add_argument("--num-examples", "-n", type=int, default=20)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num-examples", "-n", type=positive_int, default=20)
+    p.add_argument("--seed", type=seed_arg, default=42)
     a = p.parse_args(argv)
     try:
         results = evaluate_policy(a.policy, a.difficulty, a.num_examples, a.seed)

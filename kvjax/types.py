@@ -10,10 +10,14 @@ float32; bytes are that times `EnvParams.kv_bytes_per_token`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import chex
+import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import serialization, struct
+
+from kvjax import validation
 
 # Block types (Dynamo's value table, highest value first).
 SYSTEM, CONTEXT, GENERATION, REASONING, EPHEMERAL = 0, 1, 2, 3, 4
@@ -40,6 +44,15 @@ class EnvConfig:
     max_actions: int = 3  # A: actions the agent takes per step
     episode_len: int = 15  # T: steps per episode (then truncation)
     max_arrivals: int = 4  # K: most requests that can arrive in one step
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 2**20:
+                raise ValueError(f"EnvConfig.{f.name} must be an int in [1, 2**20], got {v!r}")
+        if self.max_arrivals > self.max_pending:
+            raise ValueError(f"EnvConfig.max_arrivals ({self.max_arrivals}) must be <= "
+                             f"max_pending ({self.max_pending})")
 
     @property
     def num_action_ids(self) -> int:
@@ -127,10 +140,15 @@ class EnvState:
     memory_budget: chex.Array  # float32, fraction of kv_cache_bytes this scenario may use
 
 
-@struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class EnvParams:
     """Traced, per-scenario parameters (vmappable). Defaults follow the seed environment and
-    ../docs/dynamics.md; units are in the comments."""
+    ../docs/dynamics.md; units are in the comments.
+
+    A pytree (like a flax struct). Construction and `replace` check every concrete value
+    against `PARAM_SPECS` (finite; positive where physical; integers for counts; `difficulty`
+    one of the tiers 0..3) and raise a ValueError naming the field and the allowed range;
+    traced values (inside jit / vmap / grad) and pytree unflattening are not checked."""
 
     difficulty: int | chex.Array = 3  # 0 easy, 1 medium, 2 hard, 3 all (mixed per scenario)
     kv_cache_bytes: float | chex.Array = 8.0 * 2**30  # bytes of GPU memory at budget 1.0
@@ -153,6 +171,71 @@ class EnvParams:
     throughput_target_tokens: float | chex.Array = 500.0
     latency_scale: float | chex.Array = 0.2  # penalty per second of latency
     latency_cap: float | chex.Array = 0.3
+
+    def __post_init__(self):
+        validation.check_fields("EnvParams", self, PARAM_SPECS)
+
+    def replace(self, **updates: Any) -> EnvParams:
+        """A copy with `updates` applied (checked like construction)."""
+        return dataclasses.replace(self, **updates)
+
+
+_POS = validation.Spec(0.0, lo_open=True)
+_NONNEG = validation.Spec(0.0)
+# The allowed values of every EnvParams field (checked on construction and replace).
+PARAM_SPECS: dict[str, validation.Spec] = {
+    "difficulty": validation.Spec(integer=True, choices=dict(enumerate(
+        ("easy", "medium", "hard", "all")))),
+    "kv_cache_bytes": _POS,
+    "kv_bytes_per_token": _POS,
+    "swap_bandwidth": _POS,
+    "step_seconds": _POS,
+    "decode_tokens_per_step": validation.Spec(1, integer=True),
+    "arrival_scale": _NONNEG,
+    "admit_watermark": validation.Spec(0.0, 1.0),
+    "max_wait_steps": validation.Spec(1, integer=True),
+    **{f"w_{k}": _NONNEG for k in ("failure", "throughput", "headroom", "memory_efficiency",
+                                   "eviction_quality", "latency", "risky_eviction")},
+    "throughput_target_tokens": _POS,
+    "latency_scale": _NONNEG,
+    "latency_cap": _NONNEG,
+}
+_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(EnvParams))
+assert set(PARAM_SPECS) == set(_PARAM_NAMES)
+
+
+def _params_flatten_with_keys(p: EnvParams):
+    return [(jax.tree_util.GetAttrKey(n), getattr(p, n)) for n in _PARAM_NAMES], None
+
+
+def _params_unflatten(_aux, children) -> EnvParams:
+    # Unflattening (tree_map, vmap in_axes, grad outputs, ...) is not construction: no checks.
+    obj = object.__new__(EnvParams)
+    for n, v in zip(_PARAM_NAMES, children, strict=True):
+        object.__setattr__(obj, n, v)
+    return obj
+
+
+jax.tree_util.register_pytree_with_keys(
+    EnvParams, _params_flatten_with_keys, _params_unflatten,
+    lambda p: ([getattr(p, n) for n in _PARAM_NAMES], None),
+)
+
+
+def _params_from_state_dict(target: EnvParams, state: dict[str, Any]) -> EnvParams:
+    unknown = set(state) - set(_PARAM_NAMES)
+    missing = set(_PARAM_NAMES) - set(state)
+    if unknown or missing:
+        raise ValueError(f"EnvParams state dict: unknown fields {sorted(unknown)}, missing "
+                         f"{sorted(missing)}; fields: {list(_PARAM_NAMES)}")
+    return target.replace(**{n: serialization.from_state_dict(getattr(target, n), state[n])
+                             for n in _PARAM_NAMES})
+
+
+serialization.register_serialization_state(
+    EnvParams, lambda p: {n: serialization.to_state_dict(getattr(p, n)) for n in _PARAM_NAMES},
+    _params_from_state_dict,
+)
 
 
 def memory_factor(precision: chex.Array) -> chex.Array:

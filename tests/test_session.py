@@ -284,7 +284,9 @@ def test_eval_llm_bad_input_exits_2(capsys):
     assert _eval_llm(["--difficulty", "hard"]) == 2
     assert "--model and --base-url are required" in capsys.readouterr().err
     assert _eval_llm(["--policy", "keep", "-m", "x", "--base-url", "http://h/v1"]) == 2
-    assert _eval_llm(["--policy", "keep", "-n", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # rejected by the parser (type positive_int)
+        _eval_llm(["--policy", "keep", "-n", "0"])
+    assert e.value.code == 2 and "-n" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         _eval_llm(["--policy", "nope"])
     assert e.value.code == 2 and "allowed: ['keep'" in capsys.readouterr().err
