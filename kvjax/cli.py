@@ -21,24 +21,20 @@ from pathlib import Path
 from kvjax.adapters import add_eval_llm_parser, cmd_eval_llm
 from kvjax.policies import POLICY_NAMES
 from kvjax.types import DIFFICULTIES
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from kvjax.validation import ArgumentParser, check_writable_dir, check_writable_file, fail
+from kvjax.validation import positive_int as _positive
+from kvjax.validation import seed_arg as _seed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # one-line errors, exit code 2
         prog="kvjax", description="Batched KV-cache pressure simulator: baselines and benchmark."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="every baseline on every tier: leaderboard, plot, speed")
     demo.add_argument("--num-scenarios", type=_positive, default=4096)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out-dir", default="runs", help="where the plot is saved")
     demo.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=list(POLICY_NAMES))
 
@@ -46,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy", required=True, choices=POLICY_NAMES)
     ev.add_argument("--difficulty", default="medium", choices=DIFFICULTIES)
     ev.add_argument("--num-scenarios", type=_positive, default=1024)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON record")
 
     be = sub.add_parser("bench", help="env-steps/s per policy and batch size vs the reference")
@@ -60,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lb = sub.add_parser("leaderboard", help="regenerate docs/leaderboard.md")
     lb.add_argument("--num-scenarios", type=_positive, default=4096)
-    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("--seed", type=_seed, default=0)
     lb.add_argument("--output", default="docs/leaderboard.md")
     lb.add_argument("--note", default="", help="a line added under the header (e.g. load)")
     add_eval_llm_parser(sub)  # the LLM tool-calling evaluation (kvjax.adapters)
@@ -222,9 +218,28 @@ def use_all_cpu_cores() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
+# Output paths each command writes, checked before any work: (attribute, kind).
+OUTPUTS = {"demo": [("out_dir", "dir")], "bench": [("write", "file")],
+           "leaderboard": [("output", "file")]}  # eval-llm checks its own (adapters)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """ValueError unless every output path of the command can be written."""
+    for attr, kind in OUTPUTS.get(args.command, []):
+        path = getattr(args, attr, None)
+        if path:
+            flag = "--" + attr.replace("_", "-")
+            (check_writable_dir if kind == "dir" else check_writable_file)(path, flag)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `kvjax` console script."""
+    """Entry point of the `kvjax` console script. Bad arguments (names, numbers, seeds,
+    unwritable output paths) exit with code 2 and one line on stderr, before any work."""
     args = build_parser().parse_args(argv)
+    try:
+        check_outputs(args)
+    except ValueError as e:
+        return fail(f"kvjax {args.command}", str(e))
     use_all_cpu_cores()
     return COMMANDS[args.command](args)
 

@@ -89,3 +89,66 @@ def test_bench_table_and_summary_line():
     assert "2-core CI machine: met." in doc
     record["results"][0]["steps_per_s"] = 200_000.0
     assert "not met in this run (200,000 env-steps/s" in cli.benchmarks_document(record, table)
+
+
+def _one_line_exit_2(run, capsys) -> str:
+    """Run a CLI call that must fail on its arguments: code 2, one stderr line, no traceback."""
+    try:
+        code = run()
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["eval", "--policy", "lru", "--seed", "4294967296"], "4294967295"),  # audit 7: seed 0
+        (["eval", "--policy", "lru", "--seed", str(2**63)], "4294967295"),  # audit 7: traceback
+        (["eval", "--policy", "lru", "--seed", "-1"], "4294967295"),
+        (["eval", "--policy", "lru", "--seed", "1.5"], "4294967295"),
+        (["demo", "--seed", "99999999999"], "4294967295"),
+        (["leaderboard", "--seed", "-7"], "4294967295"),
+        (["eval", "--policy", "lru", "--num-scenarios", "1e3"], "positive integer"),
+        (["eval", "--policy", "lru", "--num-scenarios", str(2**40)], "positive integer"),
+        (["bench", "--repeats", "0"], "positive integer"),
+        (["eval", "--policy", "nope"], "value_aware"),
+        (["eval-llm", "--seed", "-1", "--policy", "keep"], "4294967295"),
+        (["eval-llm", "-n", "0", "--policy", "keep"], "positive integer"),
+        (["eval-llm", "--difficulty", "hard"], "--model and --base-url are required"),
+        ([], "required"),
+    ],
+)
+def test_every_bad_argument_is_one_line_and_exit_2(argv, says, capsys):
+    assert says in _one_line_exit_2(lambda: cli.main(argv), capsys)
+
+
+def test_unwritable_output_paths_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # audit 6: the path was discovered after all the work, as a traceback.
+    def no_work(*a, **k):
+        raise AssertionError("the command started working")
+
+    monkeypatch.setattr(leaderboard, "evaluate", no_work)
+    monkeypatch.setattr(bench, "run_benchmark", no_work)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = [
+        (["leaderboard", "--output", str(a_file / "lb.md")], "not a directory"),
+        (["leaderboard", "--output", str(tmp_path)], "is a directory"),
+        (["bench", "--write", str(a_file / "sub" / "b.md")], "not a directory"),
+        (["demo", "--out-dir", str(a_file)], "not a directory"),
+        (["eval-llm", "-m", "m", "--base-url", "http://127.0.0.1:9/v1",
+          "--output-dir", str(a_file)], "not a directory"),
+    ]
+    for argv, says in cases:
+        line = _one_line_exit_2(lambda argv=argv: cli.main(argv), capsys)
+        assert says in line and str(tmp_path) in line, line
+    # A path whose directory does not exist yet is fine (it is created when written).
+    from kvjax.validation import check_writable_dir, check_writable_file
+
+    assert check_writable_file(str(tmp_path / "new" / "deeper" / "x.md"))
+    assert check_writable_dir(str(tmp_path / "new" / "dir"))

@@ -7,6 +7,7 @@ Skips cleanly when the `verifiers` extra is not installed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -92,20 +93,15 @@ def replay(index: int) -> tuple[Session, list[list]]:
 
 
 # -- the run -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """Parse the documented command line with vf-eval's own config parser, then run it
-    in-process with `run_eval` against the fake server (offline)."""
+@contextlib.contextmanager
+def offline_harness(tmp):
+    """Offline: the null harness would `uv sync` its chat program's dependencies (openai,
+    mcp, ...) from the package index; they are verifiers' own, so run it with this
+    interpreter instead (test-only)."""
     from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
     from verifiers.v1.runtimes import subprocess as vf_subprocess
 
-    from kvjax.adapters.verifiers import eval_argv, eval_config, evaluate
-
-    tmp = tmp_path_factory.mktemp("vf")
-    with pytest.MonkeyPatch.context() as mp, FakeOpenAI(reply) as server:
-        # Offline: the null harness would `uv sync` its chat program's dependencies (openai,
-        # mcp, ...) from the package index; they are verifiers' own, so run it with this
-        # interpreter instead (test-only).
+    with pytest.MonkeyPatch.context() as mp:
         scripts = tmp / "scripts"
         scripts.mkdir()
         mp.setattr(vf_subprocess.SubprocessRuntime, "scripts_dir", str(scripts))
@@ -114,6 +110,17 @@ def run(tmp_path_factory):
         mp.setitem(vf_subprocess.SubprocessRuntime._interpreters, str(path), sys.executable)
         mp.setattr(vf_subprocess, "CACHE_DIR", tmp / "cache")
         mp.setenv("KVJAX_FAKE_KEY", "not-a-secret")
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Parse the documented command line with vf-eval's own config parser, then run it
+    in-process with `run_eval` against the fake server (offline)."""
+    from kvjax.adapters.verifiers import eval_argv, eval_config, evaluate
+
+    tmp = tmp_path_factory.mktemp("vf")
+    with offline_harness(tmp), FakeOpenAI(reply) as server:
 
         # python -m kvjax.adapters.verifiers (= kvjax eval-llm) builds the documented command
         # vf-eval kv_cache_eviction -m fake-model --client.base-url URL --client.api-key-var
@@ -212,6 +219,40 @@ def test_turn_step_order_and_error_messages(run):
     valid = [r for r in results[0] if r.ok and not r.text.startswith("ok: keep")]
     assert len(valid) == 3 and all(a != 0 for a in actions[0])
     assert actions[1] == [0, 0, 0]  # message 2: only errors and keep()
+
+
+def test_eval_llm_reports_errored_episodes_apart_and_exits_1(tmp_path, capsys):
+    """audit 3: against an unreachable endpoint it printed mean_reward 0.0 and exited 0."""
+    import socket
+
+    from kvjax.adapters import verifiers as adapter
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with offline_harness(tmp_path):
+        code = adapter.main(["-m", "m", "--base-url", f"http://127.0.0.1:{port}/v1",
+                             "--api-key-var", "KVJAX_FAKE_KEY", "-n", "1",
+                             "--output-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert code == 1
+    assert lines[0]["errored"] is True and lines[0]["error"]
+    assert lines[-1] == {"mean_reward": None, "n": 0, "errored": 1}
+    assert "1 of 1 episodes errored" in err
+
+
+def test_eval_llm_summary_averages_only_the_episodes_that_completed(run, capsys, monkeypatch):
+    from kvjax.adapters import verifiers as adapter
+
+    _, episodes, _, _ = run
+    assert not any(adapter.episode_errored(ep) for ep in episodes)
+    monkeypatch.setattr(adapter, "evaluate", lambda argv=None: episodes)
+    assert adapter.main([]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    rewards = [ep.traces[0].reward for ep in episodes]
+    assert rows[-1] == {"mean_reward": pytest.approx(sum(rewards) / len(rewards)),
+                        "n": len(episodes), "errored": 0}
 
 
 def test_package_exports_exactly_one_taskset_env_and_harness():

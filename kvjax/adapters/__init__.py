@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvjax.validation import check_writable_dir, positive_int, seed_arg
+
 DIFFICULTY_CHOICES = ("easy", "medium", "hard", "all")
 
 
@@ -32,8 +34,10 @@ def add_eval_llm_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="environment variable holding the endpoint's API key")
     p.add_argument("--policy", help="a kvjax policy name instead of a model")
     p.add_argument("--difficulty", default="all", choices=DIFFICULTY_CHOICES)
-    p.add_argument("--num-examples", "-n", type=int, default=5, help="scenarios 0..n-1")
-    p.add_argument("--seed", type=int, default=42, help="scenario stream seed (taskset seed)")
+    p.add_argument("--num-examples", "-n", type=positive_int, default=5,
+                   help="scenarios 0..n-1")
+    p.add_argument("--seed", type=seed_arg, default=42,
+                   help="scenario stream seed (taskset seed), in [0, 2**32)")
     p.add_argument("--output-dir", default="outputs", help="vf-eval results directory")
     return p
 
@@ -56,6 +60,10 @@ def cmd_eval_llm(args: argparse.Namespace) -> int:
                             "--num-examples", str(args.num_examples), "--seed", str(args.seed)])
     if not args.model or not args.base_url:
         return _fail("--model and --base-url are required (or --policy NAME)")
+    try:
+        check_writable_dir(args.output_dir, "--output-dir")
+    except ValueError as e:
+        return _fail(str(e))
     try:
         from kvjax.adapters import verifiers as adapter
     except ImportError as e:

@@ -72,8 +72,8 @@ class KVCacheData(vf.TaskData):
     """One scenario: scenario `index` of the `seed` stream at `difficulty`."""
 
     difficulty: Literal["easy", "medium", "hard", "all"] = "all"
-    seed: int = 42
-    index: int = 0
+    seed: int = Field(42, ge=0, lt=2**32)
+    index: int = Field(0, ge=0, lt=2**31)
 
 
 class KVCacheState(vf.State):
@@ -101,8 +101,8 @@ class KVCacheTasksetConfig(vf.TasksetConfig):
     """Scenario tier; `all` draws the tier per scenario."""
     num_examples: int = Field(-1, ge=-1)
     """Scenarios to load (-1 = all NUM_SCENARIOS)."""
-    seed: int = 42
-    """Seed of the scenario stream (scenario i uses fold_in(PRNGKey(seed), i))."""
+    seed: int = Field(42, ge=0, lt=2**32)
+    """Seed of the scenario stream (scenario i uses fold_in(PRNGKey(seed), i)); [0, 2**32)."""
     tools: vf.SharedToolsetConfig = vf.SharedToolsetConfig()
     """Where the (schema-only) tool server runs."""
 
@@ -294,8 +294,21 @@ class KVCacheEnv(vf.Env[KVCacheEnvConfig]):
         await agents.agent.run(task)
 
 
+def episode_errored(episode: vf.Episode) -> bool:
+    """Whether the episode did not complete cleanly (no trace, a trace not ok, or an error
+    captured): its reward is not a score and must not be averaged in."""
+    if not episode.traces or not getattr(episode, "ok", True):
+        return True
+    return any(not t.ok or t.errors for t in episode.traces)
+
+
 def episode_summary(episode: vf.Episode) -> dict[str, Any]:
-    """Reward, rewards, metrics and stop condition of an episode's (single) trace."""
+    """Reward, rewards, metrics and stop condition of an episode's (single) trace, and
+    whether it errored (`episode_errored`)."""
+    if not episode.traces:
+        errors = getattr(episode, "errors", None) or []
+        return {"task": None, "reward": None, "rewards": {}, "metrics": {}, "stop": None,
+                "error": errors[-1].message if errors else "no trace", "errored": True}
     trace = episode.traces[0]
     return {
         "task": trace.task.data.id if trace.task.data else None,
@@ -304,6 +317,7 @@ def episode_summary(episode: vf.Episode) -> dict[str, Any]:
         "metrics": dict(trace.metrics),
         "stop": trace.stop_condition,
         "error": trace.last_error.message if trace.last_error else None,
+        "errored": episode_errored(episode),
     }
 
 
@@ -348,19 +362,19 @@ def evaluate(argv: list[str] | None = None) -> list[vf.Episode]:
     [--difficulty hard] [-n 5] [--seed 42] [--output-dir outputs]`: run the LLM evaluation
     against an OpenAI-compatible endpoint through verifiers' own `run_eval` (the documented
     vf-eval command line: local, no push) and return the episodes."""
-    import argparse
     import asyncio
 
     from verifiers.v1.cli.eval.runner import run_eval
 
-    p = argparse.ArgumentParser(prog="python -m kvjax.adapters.verifiers",
-                                description=evaluate.__doc__)
+    from kvjax.validation import ArgumentParser, seed_arg
+
+    p = ArgumentParser(prog="python -m kvjax.adapters.verifiers", description=evaluate.__doc__)
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--base-url", required=True)
     p.add_argument("--api-key-var", default="OPENAI_API_KEY")
     p.add_argument("--difficulty", default="all", choices=["easy", "medium", "hard", "all"])
     p.add_argument("--num-examples", "-n", type=int, default=5)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=seed_arg, default=42)
     p.add_argument("--output-dir", default="outputs")
     a = p.parse_args(argv)
     if not 1 <= a.num_examples <= NUM_SCENARIOS:
@@ -371,13 +385,27 @@ def evaluate(argv: list[str] | None = None) -> list[vf.Episode]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`evaluate`, then print one JSON line per episode and the mean reward."""
+    """`evaluate`, then print one JSON line per episode and a summary line: the mean reward
+    over the episodes that completed (`n`) and, apart, how many errored. Exit code 1 when any
+    episode errored (an unreachable endpoint, a failed harness): errored episodes are never
+    averaged in as 0."""
+    import sys
+
     episodes = evaluate(argv)
+    scored, errored = [], []
     for ep in episodes:
-        print(json.dumps(episode_summary(ep)))
-    rewards = [ep.traces[0].reward for ep in episodes if ep.traces]
-    if rewards:
-        print(json.dumps({"mean_reward": sum(rewards) / len(rewards), "n": len(rewards)}))
+        summary = episode_summary(ep)
+        print(json.dumps(summary))
+        (errored if summary["errored"] else scored).append(summary)
+    rewards = [s["reward"] for s in scored]
+    print(json.dumps({"mean_reward": sum(rewards) / len(rewards) if rewards else None,
+                      "n": len(rewards), "errored": len(errored)}))
+    if errored or not episodes:
+        first = errored[0]["error"] if errored else "no episodes ran"
+        print(f"kvjax eval-llm: error: {len(errored)} of {len(episodes)} episodes errored and "
+              f"are not in mean_reward (first: {' '.join(str(first).split())[:300]})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -396,6 +424,7 @@ __all__ = [
     "REWARD_NAMES",
     "SYSTEM_PROMPT",
     "WEIGHTS",
+    "episode_errored",
     "episode_summary",
     "eval_argv",
     "evaluate",
