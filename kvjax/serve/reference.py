@@ -1,0 +1,788 @@
+"""A plain-Python oracle of kv-serve-v0's engine rules (docs/serving.md sections 1-6).
+
+One scenario, written from the specification the way vLLM's scheduler is written - Python
+lists of requests, a running list in admission order, a waiting deque, loops that pop
+preemption victims from the tail of the running order and stop admitting at the first waiting
+request that fails - and independent of serve/engine.py's prefix-sum / order-matrix
+formulation. It is the test oracle (tests/test_serve_reference.py) and the speed baseline.
+
+    ref = ReferenceEngine.from_state(state, params, cfg)   # e.g. right after env.reset
+    ref.step(action)            # action dict (as env.step), then k engine iterations
+    ref.snapshot()              # comparable with snapshot_of_state(jax_state)
+
+The request stream is shared input: request attributes come from
+`workload.request_stream(seed, n, params)` (the reference tests the engine rules, not the
+random draws). Times are np.float32 computed in the latency model's operation order, so the
+clocks agree with the JAX engine to float32 rounding of sums; integers agree exactly.
+
+Where docs/serving.md leaves a detail open, the reference follows engine.py (each such place
+is marked "engine.py:"): an offloaded request's place in the queue is fixed when the offload
+is commanded; when two requests could make the same segment resident in one iteration, the
+lowest table row attaches; several loads admitted in one iteration finish at link start +
+their cumulative bytes / PCIe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+
+from kvjax.serve.types import (
+    BLOCK_TOKENS,
+    EMPTY,
+    LOADING,
+    OFFLOADING,
+    RUNNING,
+    SGLANG,
+    SWAPPED,
+    TRT,
+    WAITING,
+    ServeConfig,
+    ServeParams,
+    ServeState,
+)
+
+f32 = np.float32
+NEVER = f32(3.0e38)
+ON_GPU = (RUNNING, OFFLOADING, LOADING)
+
+REQUEST_FIELDS = (
+    "index", "arrival", "prompt", "output_len", "max_tokens", "segment", "prefix_len",
+    "attached", "computed", "target", "generated", "run_key", "priority", "first_token",
+    "last_token", "preemptions", "recomputed", "hit_tokens", "xfer_done", "cpu_blocks",
+)
+SEGMENT_FIELDS = ("valid", "tokens", "on_gpu", "last_access", "priority", "pinned_until")
+METRIC_FIELDS = (
+    "arrived", "finished", "good", "timed_out", "preemptions", "agent_preemptions", "offloads",
+    "invalid_commands", "output_tokens", "prompt_tokens", "hit_tokens", "recomputed_tokens",
+    "prefill_tokens", "ttft_sum", "tpot_sum", "log_count",
+)
+SCALAR_FIELDS = (
+    "clock", "next_index", "next_arrival", "run_counter", "preempt_counter", "new_token_ratio",
+    "reserve_level", "last_iter_time", "recent_ttft", "recent_tpot", "iterations", "steps",
+)
+FLOAT_FIELDS = frozenset((
+    "arrival", "first_token", "last_token", "xfer_done", "last_access", "pinned_until", "clock",
+    "next_arrival", "new_token_ratio", "last_iter_time", "recent_ttft", "recent_tpot",
+    "ttft_sum", "tpot_sum", "link_free", "log_ttft", "log_tpot",
+))
+
+
+def ceil_blocks(tokens: int) -> int:
+    return (max(int(tokens), 0) + BLOCK_TOKENS - 1) // BLOCK_TOKENS
+
+
+def scalar_params(params: ServeParams) -> SimpleNamespace:
+    """One scenario's params as Python ints and np.float32 (the dtypes they have under jit)."""
+    out = {}
+    for f in dataclasses.fields(params):
+        a = np.asarray(getattr(params, f.name))
+        if a.ndim:
+            raise ValueError(f"params.{f.name} must be a scalar (one scenario), got {a.shape}")
+        out[f.name] = f32(a) if a.dtype.kind == "f" else int(a)
+    return SimpleNamespace(**out)
+
+
+class Stream:
+    """The scenario's request stream (workload.request_stream), extended on demand."""
+
+    def __init__(self, seed, params: ServeParams, n: int = 256):
+        self.seed = np.asarray(seed, np.uint32)
+        self.params = params
+        self._load(n)
+
+    def _load(self, n: int) -> None:
+        from kvjax.serve import workload  # jax only here, to draw the shared input
+
+        d = workload.request_stream(self.seed, n, self.params)
+        self.n = n
+        self.arrival = [f32(x) for x in d["arrival"]]
+        self.cols = {k: [int(x) for x in d[k]]
+                     for k in ("prompt", "output_len", "max_tokens", "segment", "prefix_len")}
+
+    def ensure(self, i: int) -> None:
+        if i >= self.n:
+            self._load(max(2 * self.n, i + 1))
+
+    def request(self, i: int) -> dict:
+        self.ensure(i)
+        return {k: v[i] for k, v in self.cols.items()}
+
+    def arrival_of(self, i: int) -> np.float32:
+        self.ensure(i)
+        return self.arrival[i]
+
+
+class Request:
+    __slots__ = ("row", "status", *REQUEST_FIELDS)
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def own_tokens(self) -> int:
+        """Computed tokens in its private blocks (the prefix lives in the segment if attached)."""
+        return self.computed - (self.prefix_len if self.attached else 0)
+
+    def held(self) -> int:
+        """Private GPU blocks."""
+        return ceil_blocks(self.own_tokens()) if self.status in ON_GPU else 0
+
+
+class Segment:
+    __slots__ = SEGMENT_FIELDS
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def blocks(self) -> int:
+        return self.tokens // BLOCK_TOKENS if (self.valid and self.on_gpu) else 0
+
+
+class ReferenceEngine:
+    """One kv-serve-v0 scenario in plain Python (docs/serving.md sections 1-6)."""
+
+    def __init__(self, params: ServeParams, cfg: ServeConfig, stream: Stream):
+        self.params = params
+        self.p = p = scalar_params(params)
+        self.cfg = cfg
+        self.stream = stream
+        S, G, L = cfg.max_requests, cfg.max_segments, cfg.priority_levels
+        self.rows: list[Request | None] = [None] * S
+        self.waiting: list[int] = []  # queue order; OFFLOADING rows hold their place in it
+        self.running: list[int] = []  # admission order (RUNNING and LOADING rows)
+        plen = (p.prefix_tokens // BLOCK_TOKENS) * BLOCK_TOKENS
+        self.segments = [
+            Segment(valid=g < p.num_prefixes, tokens=plen, on_gpu=False, last_access=f32(0),
+                    priority=(L - 1) // 2, pinned_until=f32(0))
+            for g in range(G)
+        ]
+        self.clock = f32(0)
+        self.next_index = 0
+        self.next_arrival = stream.arrival_of(0)
+        self.run_counter = 0
+        self.preempt_counter = 0
+        self.new_token_ratio = f32(p.sglang_ratio_init)
+        self.reserve_level = 0
+        self.link_free = [f32(0), f32(0)]  # GPU->CPU, CPU->GPU
+        self.last_iter_time = f32(0)
+        self.recent_ttft = f32(0)
+        self.recent_tpot = f32(0)
+        self.iterations = 0
+        self.steps = 0
+        self.metrics = {k: 0 for k in METRIC_FIELDS}
+        self.metrics["ttft_sum"] = f32(0)
+        self.metrics["tpot_sum"] = f32(0)
+        self.log_ttft = [f32(0)] * cfg.finished_log
+        self.log_tpot = [f32(0)] * cfg.finished_log
+        # What happened (for tests' coverage checks; not part of the state).
+        self.events = dict(preempted=0, admitted=0, loads=0, loads_done=0, offloads_done=0,
+                           hits=0, evictions=0, inserts=0, timeouts=0, completions=0,
+                           trt_blocked=0, sglang_retracts=0, partial_admits=0, idle=0,
+                           held_back=0)
+
+    # -- construction from a JAX state -------------------------------------------------------
+    @classmethod
+    def from_state(cls, state: ServeState, params: ServeParams, cfg: ServeConfig,
+                   stream: Stream | None = None) -> ReferenceEngine:
+        """The reference at `state` (one scenario, e.g. from env.reset); the queue and running
+        orders are read from queue_key / run_key."""
+        st = _numpy_tree(state)
+        if stream is None:
+            p = scalar_params(params)
+            n = int(float(p.arrival_rate) * float(p.horizon) * 1.5) + 64
+            stream = Stream(st.seed, params, max(n, int(st.next_index) + 64))
+        ref = cls(params, cfg, stream)
+        rq = st.requests
+        for r in range(cfg.max_requests):
+            if int(rq.status[r]) == EMPTY:
+                continue
+            kw = {k: _py(getattr(rq, k)[r], k) for k in REQUEST_FIELDS}
+            ref.rows[r] = Request(row=r, status=int(rq.status[r]), **kw)
+        key = lambda r: (int(rq.queue_key[r]), r)  # noqa: E731
+        ref.waiting = sorted((r for r in range(cfg.max_requests)
+                              if int(rq.status[r]) in (WAITING, SWAPPED, OFFLOADING)), key=key)
+        ref.running = sorted((r for r in range(cfg.max_requests)
+                              if int(rq.status[r]) in (RUNNING, LOADING)),
+                             key=lambda r: (int(rq.run_key[r]), r))
+        sg = st.segments
+        for g in range(cfg.max_segments):
+            ref.segments[g] = Segment(**{k: _py(getattr(sg, k)[g], k) for k in SEGMENT_FIELDS})
+        for k in SCALAR_FIELDS:
+            setattr(ref, k, _py(getattr(st, k), k))
+        ref.link_free = [f32(x) for x in st.link_free]
+        for k in METRIC_FIELDS:
+            ref.metrics[k] = _py(getattr(st.metrics, k), k)
+        ref.log_ttft = [f32(x) for x in st.metrics.log_ttft]
+        ref.log_tpot = [f32(x) for x in st.metrics.log_tpot]
+        return ref
+
+    # -- memory ------------------------------------------------------------------------------
+    def live(self):
+        return (r for r in self.rows if r is not None)
+
+    def pool(self) -> int:
+        return self.p.gpu_pool_tokens * (1 + self.p.kv_dtype) // BLOCK_TOKENS
+
+    def cpu_pool(self) -> int:
+        return self.p.cpu_pool_tokens * (1 + self.p.kv_dtype) // BLOCK_TOKENS
+
+    def free_blocks(self) -> int:
+        used = sum(r.held() for r in self.live())
+        cached = sum(s.blocks() for s in self.segments)
+        return self.pool() - used - cached
+
+    def refs(self) -> list[int]:
+        out = [0] * len(self.segments)
+        for r in self.live():
+            if r.status in ON_GPU and r.attached and r.segment >= 0:
+                out[r.segment] += 1
+        return out
+
+    def evictable(self) -> list[int]:
+        refs = self.refs()
+        return [g for g, s in enumerate(self.segments)
+                if s.valid and s.on_gpu and refs[g] == 0 and s.pinned_until <= self.clock]
+
+    def cached(self, g: int) -> bool:
+        return g >= 0 and self.segments[g].valid and self.segments[g].on_gpu
+
+    def kv_factor(self) -> np.float32:
+        return f32(0.5) if self.p.kv_dtype == 1 else f32(1.0)
+
+    def transfer_time(self, blocks: int) -> np.float32:
+        nbytes = f32(f32(blocks) * f32(BLOCK_TOKENS)) * self.p.kv_bytes_per_token
+        return f32(f32(nbytes * self.kv_factor()) / self.p.pcie_bytes_per_s)
+
+    def iteration_time(self, num_tokens: int, decode_context: int,
+                       pairs: np.float32) -> np.float32:
+        p = self.p
+        linear = max(p.t_weights, f32(p.lin_a + f32(p.lin_b * f32(num_tokens))))
+        t = f32(p.t_cpu + linear)
+        t = f32(t + f32(f32(p.attn_decode * self.kv_factor()) * f32(decode_context)))
+        return f32(t + f32(p.attn_prefill * pairs))
+
+    def _recompute_preempt(self, r: Request) -> int:
+        """Recompute preemption: blocks free, computed -> 0, to the head of the queue."""
+        lost = r.own_tokens()
+        r.status = WAITING
+        r.computed = 0
+        r.target = r.prompt + r.generated
+        r.attached = False
+        r.preemptions += 1
+        r.recomputed += lost
+        self.running.remove(r.row)
+        self.waiting.insert(0, r.row)
+        self.preempt_counter += 1
+        return lost
+
+    # -- the agent's action (section 5) ------------------------------------------------------
+    def decode(self, cid: int) -> tuple[str, int] | None:
+        S, G, nres = self.cfg.max_requests, self.cfg.max_segments, len(self.cfg.reserve_levels)
+        if cid == 0:
+            return ("noop", -1)
+        for kind, size in (("offload", S), ("preempt", S), ("pin", G), ("drop", G),
+                           ("reserve", nres)):
+            if 1 <= cid <= size:
+                return (kind, cid - 1)
+            cid -= size
+        return None
+
+    def command_valid(self, kind: str, t: int) -> bool:
+        if kind in ("noop", "reserve"):
+            return True
+        if kind in ("offload", "preempt"):
+            r = self.rows[t]
+            if r is None or r.status != RUNNING:
+                return False
+            if kind == "preempt":
+                return True
+            cpu_used = sum(q.cpu_blocks for q in self.live())
+            return r.computed > 0 and ceil_blocks(r.computed) <= self.cpu_pool() - cpu_used
+        if not self.cached(t):
+            return False
+        return kind == "pin" or self.refs()[t] == 0
+
+    def apply(self, action: dict) -> None:
+        """Priorities, then each command in order (each validated on the state so far)."""
+        L = self.cfg.priority_levels
+        rp = [int(v) for v in np.asarray(action["request_priority"]).reshape(-1)]
+        sp = [int(v) for v in np.asarray(action["segment_priority"]).reshape(-1)]
+        invalid = sum(1 for v in rp + sp if v < 0 or v > L)
+        for r, v in zip(self.rows, rp, strict=True):
+            if r is not None and 1 <= v <= L:
+                r.priority = v - 1
+        for s, v in zip(self.segments, sp, strict=True):
+            if s.valid and 1 <= v <= L:
+                s.priority = v - 1
+        for cid in np.asarray(action["commands"]).reshape(-1):
+            cmd = self.decode(int(cid))
+            if cmd is None or not self.command_valid(*cmd):
+                invalid += 1
+                continue
+            kind, t = cmd
+            if kind == "offload":
+                r = self.rows[t]
+                blocks = ceil_blocks(r.computed)
+                start = max(self.clock, self.link_free[0])
+                done = f32(start + self.transfer_time(blocks))
+                self.link_free[0] = done
+                r.status, r.xfer_done, r.cpu_blocks = OFFLOADING, done, blocks
+                r.preemptions += 1
+                # engine.py: it holds its place at the head of the queue from now on.
+                self.running.remove(t)
+                self.waiting.insert(0, t)
+                self.preempt_counter += 1
+                self.metrics["offloads"] += 1
+            elif kind == "preempt":
+                lost = self._recompute_preempt(self.rows[t])
+                self.metrics["agent_preemptions"] += 1
+                self.metrics["recomputed_tokens"] += lost
+            elif kind == "pin":
+                self.segments[t].pinned_until = f32(self.clock + self.p.pin_ttl)
+            elif kind == "drop":
+                self.segments[t].on_gpu = False
+                self.segments[t].pinned_until = f32(0)
+            elif kind == "reserve":
+                self.reserve_level = t
+        self.metrics["invalid_commands"] += invalid
+
+    # -- one engine iteration (section 3) ----------------------------------------------------
+    def iterate(self) -> None:
+        if not self.clock < self.p.horizon:
+            return
+        self.arrivals()
+        self.transfers()
+        self.timeouts()
+        plan = self.schedule()
+        self.execute(plan)
+
+    def arrivals(self) -> None:
+        L = self.cfg.priority_levels
+        for _ in range(self.cfg.max_arrivals_per_iter):
+            if not self.next_arrival <= self.clock:
+                break
+            if None not in self.rows:
+                self.events["held_back"] += 1  # the table is full: it waits behind the pointer
+                break
+            row = self.rows.index(None)
+            i = self.next_index
+            d = self.stream.request(i)
+            self.rows[row] = Request(
+                row=row, status=WAITING, index=i, arrival=self.next_arrival, attached=False,
+                computed=0, target=d["prompt"], generated=0, run_key=0, priority=(L - 1) // 2,
+                first_token=f32(-1), last_token=f32(-1), preemptions=0, recomputed=0,
+                hit_tokens=0, xfer_done=f32(0), cpu_blocks=0, **d)
+            self.waiting.append(row)
+            self.next_index = i + 1
+            self.next_arrival = self.stream.arrival_of(i + 1)
+            self.metrics["arrived"] += 1
+
+    def transfers(self) -> None:
+        for r in self.live():
+            if r.xfer_done <= self.clock and r.status == OFFLOADING:
+                r.status, r.attached = SWAPPED, False
+                self.events["offloads_done"] += 1
+            elif r.xfer_done <= self.clock and r.status == LOADING:
+                r.status, r.cpu_blocks = RUNNING, 0
+                self.events["loads_done"] += 1
+
+    def timeouts(self) -> None:
+        for r in list(self.live()):
+            if (r.status == WAITING and r.first_token < 0
+                    and f32(self.clock - r.arrival) > self.p.client_timeout):
+                self.rows[r.row] = None
+                self.waiting.remove(r.row)
+                self.metrics["timed_out"] += 1
+                self.events["timeouts"] += 1
+
+    def running_order(self) -> list[int]:
+        """Retention priority (higher first), then the engine's rule: vLLM / TRT admission
+        order; SGLang most decoded first, ties by shorter prompt (then admission order)."""
+        sgl = self.p.engine == SGLANG
+
+        def key(row):
+            r = self.rows[row]
+            return (-r.priority, -r.generated if sgl else 0, r.prompt if sgl else 0)
+
+        return sorted((row for row in self.running if self.rows[row].status == RUNNING), key=key)
+
+    def schedule(self) -> dict:
+        """Running requests first (victims from the tail), then the waiting queue (stop at the
+        first that fails), then evictions. Preemptions and admissions take effect here, as in
+        vLLM's scheduler; the tokens go to execute."""
+        p = self.p
+        pool = self.pool()
+        free = self.free_blocks()
+        assert free >= 0, f"free blocks negative: {free}"
+        evictable = self.evictable()  # at the start of the iteration
+        available = free + sum(self.segments[g].blocks() for g in evictable)
+        left = p.max_batched_tokens
+        tokens: dict[int, int] = {}
+        demand: dict[int, int] = {}
+        queue = self.running_order()
+        victims: list[Request] = []
+        if p.engine == SGLANG:
+            # SGLang: everyone asks; on a shortage retract from the tail until the kept
+            # requests' blocks plus retract_tokens per kept request fit.
+            for row in queue:
+                r = self.rows[row]
+                need = max(r.target - r.computed, 1)
+                tokens[row] = tok = min(left, need)
+                left -= tok
+                own = r.own_tokens()
+                demand[row] = ceil_blocks(own + tok) - ceil_blocks(own)
+            if sum(demand.values()) > available:
+                freed = 0
+                while queue:
+                    kept_demand = sum(demand[row] for row in queue)
+                    headroom = ceil_blocks(len(queue) * p.sglang_retract_tokens)
+                    if kept_demand + headroom <= available + freed:
+                        break
+                    victim = self.rows[queue.pop()]
+                    freed += victim.held()
+                    victims.append(victim)
+                    left += tokens.pop(victim.row)  # (at the tail: nobody after it to use it)
+                    del demand[victim.row]
+                self.events["sglang_retracts"] += bool(victims)
+        else:
+            room = available
+            i = 0
+            while i < len(queue):
+                r = self.rows[queue[i]]
+                need = max(r.target - r.computed, 1)
+                tok = min(left, need)
+                own = r.own_tokens()
+                d = ceil_blocks(own + tok) - ceil_blocks(own)
+                if d > room and p.engine == TRT:
+                    # TRT never preempts: this request and the rest get no tokens this time.
+                    self.events["trt_blocked"] += 1
+                    break
+                while d > room:
+                    victim = self.rows[queue.pop()]
+                    victims.append(victim)
+                    room += victim.held()
+                    if victim is r:
+                        break
+                if victims and victims[-1] is r:
+                    break
+                room -= d
+                left -= tok
+                tokens[r.row], demand[r.row] = tok, d
+                i += 1
+        freed = sum(v.held() for v in victims)
+        lost = sum(v.own_tokens() for v in victims)
+        for v in victims:  # the tail's victim first, so the one nearest the head ends first
+            self._recompute_preempt(v)
+        self.events["preempted"] += len(victims)
+        kept_demand = sum(demand.values())
+
+        admitted: list[Request] = []
+        hits: dict[int, int] = {}
+        lookups = 0
+        if not victims:
+            hit_of = {}
+            for row in self.waiting:
+                r = self.rows[row]
+                if r.status == WAITING and self.cached(r.segment):
+                    hit_of[row] = min(r.prefix_len, r.target - 1)
+            wanted = {self.rows[row].segment for row, h in hit_of.items() if h > 0}
+            room = (free + sum(self.segments[g].blocks() for g in evictable if g not in wanted)
+                    - kept_demand)
+            seqs = sum(1 for row in self.running)  # RUNNING (all kept) and LOADING
+            partials = sum(1 for row, tok in tokens.items()
+                           if self.rows[row].computed + tok < self.rows[row].target)
+            agent_reserve = int(np.ceil(f32(f32(self.cfg.reserve_levels[self.reserve_level])
+                                            * f32(pool))))
+            # TRT's reservations: prompt + max_tokens of every request on the GPU.
+            trt_cap = pool - sum(s.blocks() for g, s in enumerate(self.segments)
+                                 if g not in evictable)
+            trt_reserved = sum(ceil_blocks(r.prompt + r.max_tokens
+                                           - (r.prefix_len if r.attached else 0))
+                               for r in self.live() if r.status in ON_GPU)
+
+            def future(r):
+                return min(max(r.max_tokens - r.generated, 0), p.sglang_reserve_cap)
+
+            sgl_future = sum(future(self.rows[row]) for row in self.running)
+            blocks_so_far = 0
+            for row in list(self.waiting):
+                r = self.rows[row]
+                if r.status == OFFLOADING:
+                    continue
+                swapped = r.status == SWAPPED
+                hit = 0 if swapped else hit_of.get(row, 0)
+                need = 0 if swapped else r.target - hit
+                tok = min(left, need)
+                if not swapped and tok <= 0:
+                    break
+                blocks = r.cpu_blocks if swapped else ceil_blocks(tok)
+                partial = tok < need
+                if seqs + 1 > p.max_num_seqs:
+                    break
+                if blocks_so_far + blocks + agent_reserve > room:
+                    break
+                if partial and partials + 1 > p.max_partial_prefills:
+                    break
+                full = ceil_blocks(r.prompt + r.max_tokens - (r.prefix_len if hit > 0 else 0))
+                if p.engine == TRT and trt_reserved + full > trt_cap:
+                    break
+                if p.engine == SGLANG:
+                    reserve = int(np.ceil(f32(self.new_token_ratio
+                                              * f32(sgl_future + future(r)))))
+                    if blocks_so_far + blocks + ceil_blocks(reserve) > room:
+                        break
+                # admitted
+                blocks_so_far += blocks
+                seqs += 1
+                left -= tok
+                partials += partial
+                trt_reserved += full
+                sgl_future += future(r)
+                admitted.append(r)
+                self.waiting.remove(row)
+                self.running.append(row)
+                r.run_key = self.run_counter
+                self.run_counter += 1
+                if swapped:
+                    r.status = LOADING
+                else:
+                    r.status = RUNNING
+                    r.computed, r.attached = hit, hit > 0
+                    r.hit_tokens += hit
+                    hits[row] = hit
+                    tokens[row] = tok
+                    lookups += r.target
+                    self.events["partial_admits"] += partial
+            # Loads start when the CPU->GPU link is free and queue on it (engine.py: each one
+            # finishes at the start + the bytes of the loads up to it / PCIe).
+            loads = [r for r in admitted if r.status == LOADING]
+            if loads:
+                start = max(self.clock, self.link_free[1])
+                cum = 0
+                for r in loads:
+                    cum += r.cpu_blocks
+                    r.xfer_done = f32(start + self.transfer_time(cum))
+                    self.link_free[1] = max(self.link_free[1], r.xfer_done)
+                self.events["loads"] += len(loads)
+            self.events["admitted"] += len(admitted)
+            self.events["hits"] += sum(1 for h in hits.values() if h > 0)
+
+        # Evictions: lowest retention priority first, then least recently used, until the
+        # blocks allocated now are covered; never a segment an admitted request hits.
+        alloc = kept_demand + sum(r.cpu_blocks if r.status == LOADING else
+                                  ceil_blocks(tokens[r.row]) for r in admitted)
+        shortfall = alloc - (free + freed)
+        hit_segs = {self.rows[row].segment for row, h in hits.items() if h > 0}
+        cands = sorted((g for g in evictable if g not in hit_segs),
+                       key=lambda g: (self.segments[g].priority, self.segments[g].last_access, g))
+        covered = 0
+        for g in cands:
+            if covered >= shortfall:
+                break
+            s = self.segments[g]
+            covered += s.blocks()
+            s.on_gpu, s.pinned_until = False, f32(0)
+            self.events["evictions"] += 1
+        return dict(tokens=tokens, hits=hits, victims=len(victims), lost=lost, lookups=lookups,
+                    admitted=len(admitted))
+
+    def execute(self, plan: dict) -> None:
+        p, cfg = self.p, self.cfg
+        tokens = {row: t for row, t in plan["tokens"].items() if t > 0}
+        # Segments in use are touched (LRU) at the iteration's start time.
+        for r in self.live():
+            if (r.status in ON_GPU and r.attached) or plan["hits"].get(r.row, 0) > 0:
+                self.segments[r.segment].last_access = self.clock
+        # The iteration's duration, or a jump to the next event.
+        num_tokens, ctx, pairs, prefill = 0, 0, f32(0), 0
+        for row in sorted(tokens):
+            r, c = self.rows[row], tokens[row]
+            num_tokens += c
+            if r.computed < r.target:
+                pairs = f32(pairs + f32(f32(c) * f32(f32(r.computed) + f32(f32(0.5) * f32(c)))))
+                prefill += c
+            else:
+                ctx += r.computed
+        busy = num_tokens > 0
+        if busy:
+            dt = self.iteration_time(num_tokens, ctx, pairs)
+        else:
+            events = [self.next_arrival, p.horizon]
+            for r in self.live():
+                if r.status in (OFFLOADING, LOADING):
+                    events.append(r.xfer_done)
+                if r.status == WAITING and r.first_token < 0:
+                    events.append(f32(r.arrival + p.client_timeout))
+            for s in self.segments:
+                if s.valid and s.on_gpu and s.pinned_until > self.clock:
+                    events.append(s.pinned_until)
+            dt = max(f32(min(events) - self.clock), p.t_cpu)
+            self.events["idle"] += 1
+        self.clock = clock = f32(self.clock + dt)
+        # Progress: chunks advance computed; a finished prefill or a decode emits a token.
+        emitted = 0
+        for row, c in tokens.items():
+            r = self.rows[row]
+            emits = r.computed + c >= r.target
+            r.computed += c
+            if emits:
+                emitted += 1
+                r.generated += 1
+                if r.first_token < 0:
+                    r.first_token = clock
+                r.last_token = clock
+        # A request past its prefix makes an uncached segment resident (lowest row first).
+        for r in self.live():
+            if (r.status == RUNNING and r.segment >= 0 and not r.attached and r.prefix_len > 0
+                    and r.computed >= r.prefix_len and not self.cached(r.segment)):
+                r.attached = True
+                s = self.segments[r.segment]
+                s.on_gpu, s.last_access = True, clock
+                self.events["inserts"] += 1
+        # Completions.
+        m = self.metrics
+        R = cfg.finished_log
+        n_done = good = 0
+        ttft_sum = tpot_sum = f32(0)
+        for r in list(self.live()):
+            if r.status != RUNNING or r.generated < r.output_len:
+                continue
+            ttft = f32(r.first_token - r.arrival)
+            tpot = (f32(f32(r.last_token - r.first_token) / f32(max(r.generated - 1, 1)))
+                    if r.generated > 1 else f32(0))
+            good += bool(ttft <= p.ttft_slo and tpot <= p.tpot_slo)
+            self.log_ttft[m["log_count"] % R] = ttft
+            self.log_tpot[m["log_count"] % R] = tpot
+            m["log_count"] += 1
+            n_done += 1
+            ttft_sum, tpot_sum = f32(ttft_sum + ttft), f32(tpot_sum + tpot)
+            self.rows[r.row] = None
+            self.running.remove(r.row)
+        self.events["completions"] += n_done
+        m["finished"] += n_done
+        m["good"] += good
+        m["preemptions"] += plan["victims"]
+        m["output_tokens"] += emitted
+        m["prompt_tokens"] += plan["lookups"]
+        m["hit_tokens"] += sum(plan["hits"].values())
+        m["recomputed_tokens"] += plan["lost"]
+        m["prefill_tokens"] += prefill
+        m["ttft_sum"] = f32(m["ttft_sum"] + ttft_sum)
+        m["tpot_sum"] = f32(m["tpot_sum"] + tpot_sum)
+        if n_done:
+            keep, blend = f32(f32(1) - f32(0.2)), f32(0.2)
+            self.recent_ttft = f32(f32(keep * self.recent_ttft)
+                                   + f32(blend * f32(ttft_sum / f32(n_done))))
+            self.recent_tpot = f32(f32(keep * self.recent_tpot)
+                                   + f32(blend * f32(tpot_sum / f32(n_done))))
+        if plan["victims"]:
+            self.new_token_ratio = p.sglang_ratio_init
+        else:
+            self.new_token_ratio = max(f32(self.new_token_ratio - p.sglang_ratio_decay),
+                                       p.sglang_ratio_min)
+        if busy:
+            self.last_iter_time = dt
+        self.iterations += 1
+
+    # -- env step ----------------------------------------------------------------------------
+    def step(self, action: dict) -> np.float32:
+        """The action, then `iterations_per_step` iterations; returns the reward."""
+        before = self.score()
+        self.apply(action)
+        for _ in range(self.cfg.iterations_per_step):
+            self.iterate()
+        self.steps += 1
+        return f32(self.score() - before)
+
+    def score(self) -> np.float32:
+        return f32(f32(self.metrics["good"]) / f32(self.p.arrival_rate * self.p.horizon))
+
+    # -- comparison --------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return dict(
+            status=[EMPTY if r is None else r.status for r in self.rows],
+            requests={r.row: {k: getattr(r, k) for k in REQUEST_FIELDS} for r in self.live()},
+            waiting_order=list(self.waiting),
+            running_order=list(self.running),
+            segments=[{k: getattr(s, k) for k in SEGMENT_FIELDS} for s in self.segments],
+            scalars={k: getattr(self, k) for k in SCALAR_FIELDS},
+            link_free=list(self.link_free),
+            metrics=dict(self.metrics),
+            log_ttft=list(self.log_ttft),
+            log_tpot=list(self.log_tpot),
+        )
+
+
+def _py(x, name: str):
+    a = np.asarray(x)
+    if name in FLOAT_FIELDS:
+        return f32(a)
+    if a.dtype == bool:
+        return bool(a)
+    return int(a)
+
+
+def _numpy_tree(tree):
+    import jax
+
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def snapshot_of_state(state: ServeState, cfg: ServeConfig) -> dict:
+    """The JAX state (one scenario) in ReferenceEngine.snapshot's form: queue and running
+    orders from the keys, fields of empty rows left out."""
+    st = _numpy_tree(state)
+    rq = st.requests
+    S = cfg.max_requests
+    status = [int(x) for x in rq.status]
+    return dict(
+        status=status,
+        requests={r: {k: _py(getattr(rq, k)[r], k) for k in REQUEST_FIELDS}
+                  for r in range(S) if status[r] != EMPTY},
+        waiting_order=sorted((r for r in range(S) if status[r] in (WAITING, SWAPPED, OFFLOADING)),
+                             key=lambda r: (int(rq.queue_key[r]), r)),
+        running_order=sorted((r for r in range(S) if status[r] in (RUNNING, LOADING)),
+                             key=lambda r: (int(rq.run_key[r]), r)),
+        segments=[{k: _py(getattr(st.segments, k)[g], k) for k in SEGMENT_FIELDS}
+                  for g in range(cfg.max_segments)],
+        scalars={k: _py(getattr(st, k), k) for k in SCALAR_FIELDS},
+        link_free=[f32(x) for x in st.link_free],
+        metrics={k: _py(getattr(st.metrics, k), k) for k in METRIC_FIELDS},
+        log_ttft=[f32(x) for x in st.metrics.log_ttft],
+        log_tpot=[f32(x) for x in st.metrics.log_tpot],
+    )
+
+
+def diff(ref: dict, other: dict, rtol: float = 1e-5, atol: float = 1e-6,
+         path: str = "") -> list[str]:
+    """Differences between two snapshots: integers, bools and orders exactly, floats within
+    rtol / atol (float fields are named in FLOAT_FIELDS)."""
+    out = []
+    if isinstance(ref, dict):
+        if set(ref) != set(other):
+            return [f"{path}: keys {sorted(set(ref) ^ set(other))} in one only"]
+        for k in ref:
+            out += diff(ref[k], other[k], rtol, atol, f"{path}.{k}")
+        return out
+    if isinstance(ref, list) and ref and isinstance(ref[0], dict):
+        for i, (a, b) in enumerate(zip(ref, other, strict=True)):
+            out += diff(a, b, rtol, atol, f"{path}[{i}]")
+        return out
+    name = path.rsplit(".", 1)[-1].split("[")[0]
+    if name in FLOAT_FIELDS:
+        a, b = np.asarray(ref, np.float64), np.asarray(other, np.float64)
+        if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol):
+            bad = np.flatnonzero(~np.isclose(a, b, rtol=rtol, atol=atol)) if a.shape == b.shape \
+                else []
+            out.append(f"{path}: ref {a.ravel()[bad[:4]] if len(bad) else a} "
+                       f"jax {b.ravel()[bad[:4]] if len(bad) else b} at {list(bad[:4])}")
+    elif ref != other:
+        out.append(f"{path}: ref {ref} jax {other}")
+    return out
+
+
+__all__ = ["ReferenceEngine", "Stream", "diff", "scalar_params", "snapshot_of_state"]
