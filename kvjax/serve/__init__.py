@@ -9,7 +9,7 @@ agent's interface and its validity rule), observations, metrics (score and servi
 env (the gymnax-style API), reference (the pure-Python oracle).
 """
 
-from kvjax.serve.env import ENV_ID, ServeEnv, make, validate_params
+from kvjax.serve.env import ENV_ID, ServeEnv, make, normalize_params, validate_params
 from kvjax.serve.metrics import METRICS, episode_metrics, score
 from kvjax.serve.observations import ServeObservation
 from kvjax.serve.presets import PRESETS
@@ -19,5 +19,5 @@ from kvjax.serve.workload import WORKLOADS
 __all__ = [
     "ENGINES", "ENV_ID", "KV_DTYPES", "METRICS", "PRESETS", "WORKLOADS", "ServeConfig",
     "ServeEnv", "ServeObservation", "ServeParams", "ServeState", "episode_metrics", "make",
-    "score", "validate_params",
+    "normalize_params", "score", "validate_params",
 ]

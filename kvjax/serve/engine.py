@@ -485,7 +485,7 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
         output_len=zi(S), max_tokens=zi(S), segment=jnp.full((S,), -1, jnp.int32),
         prefix_len=zi(S), attached=jnp.zeros((S,), bool), computed=zi(S), target=zi(S),
         generated=zi(S), queue_key=zi(S), run_key=zi(S), priority=zi(S),
-        first_token=jnp.full((S,), -1.0, jnp.float32), last_token=jnp.full((S,), -1.0),
+        first_token=jnp.full((S,), -1.0, jnp.float32), last_token=jnp.full((S,), -1.0, jnp.float32),
         preemptions=zi(S), recomputed=zi(S), hit_tokens=zi(S), xfer_done=zf(S),
         cpu_blocks=zi(S),
     )

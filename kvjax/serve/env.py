@@ -74,6 +74,7 @@ class ServeEnv:
 
     # -- core API ----------------------------------------------------------------------------
     def reset_env(self, key: chex.PRNGKey, params: ServeParams):
+        """A fresh engine at time 0 (O(S + G): the stream is drawn as requests arrive)."""
         seed = jax.random.bits(key, (2,), jnp.uint32)
         state = engine.empty_state(seed, params, self.config)
         return self.get_obs(state, params), state
@@ -223,5 +224,15 @@ def make(
     p = validate_params(ServeParams(**{**base, **params}), cfg)
     if "arrival_rate" not in params:
         p = p.replace(arrival_rate=float(load) * capacity_rps(p))
-    p = validate_params(p, cfg)
+    p = normalize_params(validate_params(p, cfg))
     return ServeEnv(cfg, p), p
+
+
+def normalize_params(params: ServeParams) -> ServeParams:
+    """Every field as a strongly typed int32 / float32 array (by its default's type), so jitted
+    functions see one signature whatever Python numbers a caller passed (no retracing)."""
+    out = {}
+    for field in dataclasses.fields(params):
+        dtype = jnp.int32 if isinstance(field.default, int) else jnp.float32
+        out[field.name] = jnp.asarray(getattr(params, field.name), dtype)
+    return params.replace(**out)

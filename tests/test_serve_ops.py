@@ -1,0 +1,48 @@
+"""serve/ops.py's pairwise-order idiom equals its plain argsort form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvjax.serve import ops
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 24), st.integers(0, 2**31 - 1), st.booleans())
+def test_prefix_sum_in_pairwise_order_equals_sort_cumsum(n, seed, inclusive):
+    rng = np.random.default_rng(seed)
+    keys = [jnp.asarray(rng.integers(-3, 3, n), jnp.int32) for _ in range(rng.integers(1, 4))]
+    valid = jnp.asarray(rng.random(n) < 0.7)
+    x = jnp.asarray(rng.integers(0, 100, n), jnp.int32)
+    got = ops.prefix_sum(ops.before_matrix(keys, valid), x, inclusive)
+    want = ops._argsort_prefix_sum(keys, valid, x, inclusive)
+    m = np.asarray(valid)
+    np.testing.assert_array_equal(np.asarray(got)[m], np.asarray(want)[m])
+
+
+def test_before_matrix_is_a_strict_total_order_on_valid_rows():
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.integers(0, 3, 12), jnp.int32)
+    valid = jnp.asarray(rng.random(12) < 0.8)
+    b = np.asarray(ops.before_matrix((k,), valid))
+    v = np.asarray(valid)
+    sub = b[np.ix_(v, v)]
+    assert not np.any(np.diag(sub))
+    assert np.all(sub | sub.T | np.eye(len(sub), dtype=bool))  # total
+    assert not np.any(sub & sub.T)  # antisymmetric
+    ranks = sub.sum(1)
+    assert sorted(ranks) == list(range(v.sum()))
+    # every valid row comes before every invalid one
+    assert np.all(b[np.ix_(~v, v)])
+
+
+def test_any_before_and_vmap():
+    k = jnp.array([[2, 0, 1], [0, 1, 2]], jnp.int32)
+    valid = jnp.ones((2, 3), bool)
+    flag = jnp.array([[True, False, False], [True, False, False]])
+    got = jax.vmap(lambda kk, vv, ff: ops.any_before(ops.before_matrix((kk,), vv), ff))(
+        k, valid, flag)
+    # row 0 has key 2 (last) in the first case; key 0 (first) in the second
+    np.testing.assert_array_equal(np.asarray(got), [[False, False, False], [False, True, True]])
