@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import distrax
 import jax
@@ -361,3 +362,103 @@ def test_bench_cli_prints_every_field(capsys):
     assert (row["num_envs"], row["hidden"], row["epochs"], row["minibatches"]) == (16, 8, 1, 2)
     assert bench.main(["--configs", "16:8"]) == 2
     assert bench.main(["--configs", "16:8:1:2", "--cpu-devices", "0"]) == 2
+
+
+# -- issue 15: checkpoints checked against the expected tree; arguments validated ------------
+
+def _batched_checkpoint(path: str, trainer, seeds: int) -> None:
+    """What `python -m train.ppo` writes: a seed-batched runner (vmap over seeds)."""
+    runners = jax.jit(jax.vmap(trainer.init))(jax.random.split(jax.random.PRNGKey(0), seeds))
+    save_checkpoint(path, runners, CFG)
+
+
+def test_evaluate_reads_both_checkpoint_kinds_train_ppo_writes(tmp_path, trainer, capsys,
+                                                               monkeypatch):
+    # audit 5: train.evaluate could not read run/checkpoint.msgpack (seed-batched).
+    from train import evaluate
+
+    one, two = str(tmp_path / "one.msgpack"), str(tmp_path / "two.msgpack")
+    _batched_checkpoint(one, trainer, 1)
+    _batched_checkpoint(two, trainer, 2)
+    cfg, params = load_policy(one)  # one seed: no index needed
+    expect = jax.jit(trainer.init)(jax.random.split(jax.random.PRNGKey(0), 1)[0])
+    assert cfg == CFG and _tree_equal(params, expect.train_state.params)
+    cfg, params = load_policy(two, seed_index=1)
+    expect = jax.jit(trainer.init)(jax.random.split(jax.random.PRNGKey(0), 2)[1])
+    assert _tree_equal(params, expect.train_state.params)
+    with pytest.raises(ValueError, match=r"2 seeds.*--seed-index.*\[0, 1\]"):
+        load_policy(two)
+    with pytest.raises(ValueError, match="seed-index"):
+        load_policy(two, seed_index=2)
+    # The CLI: several seeds without --seed-index is one line and exit 2 ...
+    assert evaluate.main([two]) == 2
+    err = capsys.readouterr().err
+    assert "--seed-index" in err and len(err.strip().splitlines()) == 1
+    # ... and with it (or a 1-seed file) the evaluation runs.
+    monkeypatch.setattr(evaluate, "baseline_policies", lambda include_oracle=True: {})
+    out = tmp_path / "eval" / "table.md"
+    assert evaluate.main([two, "--seed-index", "0", "--difficulty", "easy", "--num-scenarios",
+                          "2", "--out", str(out)]) == 0
+    assert "| ppo (learned)" in out.read_text() and out.with_suffix(".json").exists()
+
+
+def test_restore_checks_shapes_and_resume_checks_the_seed_count(tmp_path, trainer, capsys):
+    from train import ppo
+
+    path = str(tmp_path / "ckpt.msgpack")
+    _batched_checkpoint(path, trainer, 1)
+    # audit 5: --resume ckpt --seeds 2 on a 1-seed checkpoint trained one seed, recorded 2.
+    assert ppo.main(["--resume", path, "--seeds", "2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "1 seed(s)" in err and "--seeds 2" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="1 seeds, not 2 seeds"):
+        load_checkpoint(path, seeds=2)
+    # A checkpoint of another network shape is refused, not silently restored.
+    with pytest.raises(ValueError, match="expected"):
+        checkpoint.restore(make_trainer(dataclasses.replace(CFG, hidden=8)).init(
+            jax.random.PRNGKey(0)).train_state.params,
+            checkpoint.read(path)[2]["train_state"]["params"])
+    (tmp_path / "junk.msgpack").write_bytes(b"\x00\x01 not msgpack")
+    with pytest.raises(ValueError, match="not a"):
+        load_policy(str(tmp_path / "junk.msgpack"))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--lr", "nan"], "--lr"),  # audit 5: exited 0 with NaN weights
+    (["--lr", "-1e-3"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--ent-coef", "-0.1"], "--ent-coef"),
+    (["--time-limit", "nan"], "--time-limit"),
+    (["--seed", str(2**32)], "--seed"),
+    (["--seeds", "0"], "--seeds"),
+    (["--total-steps", "1.5"], "--total-steps"),
+    (["--difficulty", "nightmare"], "medium+hard"),
+])
+def test_ppo_cli_bad_arguments_one_line_exit_2(argv, says, capsys):
+    from train import ppo
+
+    assert ppo.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_output_paths_are_checked_before_work(tmp_path, capsys):
+    from train import evaluate, ppo
+
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    assert ppo.main(["--out", str(a_file), "--total-steps", "960", "--num-envs", "64"]) == 2
+    assert "--out" in capsys.readouterr().err
+    # evaluate checks --out before it even reads the checkpoint (which does not exist here).
+    assert evaluate.main([str(tmp_path / "missing.msgpack"), "--out",
+                          str(a_file / "t.md")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert evaluate.main([str(tmp_path / "missing.msgpack"), "--eval-seed", "-1"]) == 2
+
+
+def test_ppo_config_validates_hyperparameters():
+    for bad in (dict(lr=math.nan), dict(lr=0.0), dict(gamma=1.5), dict(gae_lambda=-0.1),
+                dict(clip_eps=0.0), dict(ent_coef=math.inf), dict(max_grad_norm=-1.0),
+                dict(num_envs=2.5), dict(hidden=True), dict(anneal_lr="yes")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            dataclasses.replace(CFG, **bad)

@@ -13,7 +13,6 @@ the best non-oracle baseline with its own 95% interval.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,6 +24,13 @@ import numpy as np
 
 import kvjax
 from kvjax.env import KVCacheEnv
+from kvjax.validation import (
+    ArgumentParser,
+    check_writable_file,
+    fail,
+    positive_int,
+    seed_arg,
+)
 
 EVAL_SEED = 1_000_003  # never a training seed
 Z95 = 1.959964
@@ -112,13 +118,15 @@ def summary(results: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, A
 def main(argv: list[str] | None = None) -> int:
     from train.ppo import load_policy, make_policy
 
-    ap = argparse.ArgumentParser(prog="python -m train.evaluate",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("checkpoint", help="policy or training checkpoint (*.msgpack)")
+    ap = ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint", help="policy.msgpack or checkpoint.msgpack of a train.ppo run")
+    ap.add_argument("--seed-index", type=int, default=None,
+                    help="which seed of a seed-batched training checkpoint (needed when it "
+                    "holds several)")
     ap.add_argument("--difficulty", nargs="+", default=["hard", "medium"],
                     choices=list(kvjax.DIFFICULTIES))
-    ap.add_argument("--num-scenarios", type=int, default=1024)
-    ap.add_argument("--eval-seed", type=int, default=EVAL_SEED)
+    ap.add_argument("--num-scenarios", type=positive_int, default=1024)
+    ap.add_argument("--eval-seed", type=seed_arg, default=EVAL_SEED)
     ap.add_argument("--sample", action="store_true", help="sample actions instead of greedy")
     ap.add_argument("--no-oracle", action="store_true", help="skip the (slow) oracle")
     ap.add_argument("--out", default=None, help="write the markdown table here (and .json)")
@@ -126,14 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         a = ap.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    prog = "python -m train.evaluate"
     if a.num_scenarios < 2:
-        print("error: --num-scenarios must be >= 2", file=sys.stderr)
-        return 2
+        return fail(prog, "--num-scenarios must be >= 2 (the intervals need two)")
     try:
-        config, net_params = load_policy(a.checkpoint)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if a.out:  # before any work
+            check_writable_file(a.out, "--out")
+            check_writable_file(os.path.splitext(a.out)[0] + ".json", "--out (its .json)")
+        config, net_params = load_policy(a.checkpoint, a.seed_index)
+    except (ValueError, OSError, KeyError) as e:
+        return fail(prog, str(e))
     env = KVCacheEnv()
     pols = {"ppo": make_policy(net_params, config, greedy=not a.sample, env=env)}
     pols.update(baseline_policies(include_oracle=not a.no_oracle))

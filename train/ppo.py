@@ -20,7 +20,6 @@ CLI: `python -m train.ppo --difficulty hard --total-steps N --num-envs M --seeds
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -41,11 +40,31 @@ import kvjax
 from kvjax import rewards
 from kvjax.env import KVCacheEnv
 from kvjax.observations import Observation
+from kvjax.validation import (
+    ArgumentParser,
+    Spec,
+    check_field,
+    check_writable_dir,
+    fail,
+    positive_int,
+    real_arg,
+    seed_arg,
+)
 from train import checkpoint
 from train.networks import ActorCritic, dists
 
 # Training difficulty: a kvjax tier, or "medium+hard" (half the envs each).
 TRAIN_DIFFICULTIES = ("easy", "medium", "hard", "all", "medium+hard")
+# The allowed values of PPOConfig's real-valued hyperparameters (all finite).
+REAL_SPECS = {
+    "lr": Spec(0.0, lo_open=True),
+    "gamma": Spec(0.0, 1.0),
+    "gae_lambda": Spec(0.0, 1.0),
+    "clip_eps": Spec(0.0, lo_open=True),
+    "ent_coef": Spec(0.0),
+    "vf_coef": Spec(0.0),
+    "max_grad_norm": Spec(0.0, lo_open=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +97,14 @@ class PPOConfig:
                 f"unknown difficulty {self.difficulty!r}; allowed: {list(TRAIN_DIFFICULTIES)}"
             )
         for name in ("num_envs", "total_steps", "update_epochs", "num_minibatches", "hidden"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
+                raise ValueError(f"{name} must be a positive int (< 2**31), got {v!r}")
+        for name, spec in REAL_SPECS.items():
+            check_field("PPOConfig", name, getattr(self, name), spec)
+        for name in ("anneal_lr", "attention", "shard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,6 +356,11 @@ def load_checkpoint(
     cfg_dict, kind, state = checkpoint.read(path)
     if kind != "train":
         raise ValueError(f"{path} holds a {kind!r} checkpoint; resume needs a 'train' one")
+    saved = checkpoint.seed_count(kind, state)
+    if saved != seeds:
+        have = "one unbatched runner" if saved is None else f"{saved} seeds"
+        raise ValueError(f"{path} holds {have}, not "
+                         f"{'an unbatched runner' if seeds is None else f'{seeds} seeds'}")
     config = config or PPOConfig.from_dict(cfg_dict)
     trainer = make_trainer(config)
     keys = jax.random.split(jax.random.PRNGKey(0), seeds or 1)
@@ -354,16 +384,31 @@ def save_policy(path: str, net_params, config: PPOConfig) -> None:
     checkpoint.save(path, net_params, config.to_dict(), kind="policy")
 
 
-def load_policy(path: str) -> tuple[PPOConfig, Any]:
-    """-> (config, network params) from a policy or a training checkpoint (seed 0 of a batch
-    is not guessed: training checkpoints must be unbatched or use `load_checkpoint`)."""
+def load_policy(path: str, seed_index: int | None = None) -> tuple[PPOConfig, Any]:
+    """-> (config, network params) from either file `train.ppo` writes: a policy checkpoint
+    (`policy.msgpack`) or a training checkpoint (`checkpoint.msgpack`, unbatched or
+    seed-batched). For a batch of several seeds, `seed_index` picks one (it is never
+    guessed); with one seed it may be omitted."""
     cfg_dict, kind, state = checkpoint.read(path)
     config = PPOConfig.from_dict(cfg_dict)
     trainer = make_trainer(config)
     template = trainer.init(jax.random.PRNGKey(0))
-    if kind == "policy":
-        return config, checkpoint.restore(template.train_state.params, state)
-    return config, checkpoint.restore(template, state).train_state.params
+    seeds = checkpoint.seed_count(kind, state)
+    if kind == "policy" or seeds is None:
+        if seed_index not in (None, 0):
+            raise ValueError(f"{path} holds one policy; seed_index must be 0 or omitted, got "
+                             f"{seed_index}")
+        if kind == "policy":
+            return config, checkpoint.restore(template.train_state.params, state)
+        return config, checkpoint.restore(template, state).train_state.params
+    if seed_index is None and seeds == 1:
+        seed_index = 0
+    if isinstance(seed_index, bool) or not isinstance(seed_index, int) or not (
+            0 <= seed_index < seeds):
+        raise ValueError(f"{path} holds a training batch of {seeds} seeds: pick one with "
+                         f"seed_index (--seed-index) in [0, {seeds - 1}], got {seed_index}")
+    batched = jax.vmap(trainer.init)(jax.random.split(jax.random.PRNGKey(0), seeds))
+    return config, policy_params(checkpoint.restore(batched, state), seed_index)
 
 
 def make_policy(net_params, config: PPOConfig, greedy: bool = True, env: KVCacheEnv | None = None):
@@ -417,22 +462,25 @@ def force_cpu_devices(n: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    ap = argparse.ArgumentParser(prog="python -m train.ppo", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m train.ppo", description=__doc__.split("\n")[0])
     ap.add_argument("--difficulty", default="hard", choices=TRAIN_DIFFICULTIES)
-    ap.add_argument("--total-steps", type=int, default=2_000_000, help="env steps per seed")
-    ap.add_argument("--num-envs", type=int, default=PPOConfig.num_envs)
-    ap.add_argument("--seeds", type=int, default=1, help="seeds trained at once (vmap)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=PPOConfig.lr)
-    ap.add_argument("--epochs", type=int, default=PPOConfig.update_epochs)
-    ap.add_argument("--minibatches", type=int, default=PPOConfig.num_minibatches)
-    ap.add_argument("--ent-coef", type=float, default=PPOConfig.ent_coef)
-    ap.add_argument("--hidden", type=int, default=PPOConfig.hidden)
+    ap.add_argument("--total-steps", type=positive_int, default=2_000_000,
+                    help="env steps per seed")
+    ap.add_argument("--num-envs", type=positive_int, default=PPOConfig.num_envs)
+    ap.add_argument("--seeds", type=positive_int, default=None,
+                    help="seeds trained at once (vmap); default 1, or the checkpoint's with "
+                    "--resume (a different count is an error)")
+    ap.add_argument("--seed", type=seed_arg, default=0, help="in [0, 2**32)")
+    ap.add_argument("--lr", type=real_arg(0.0, lo_open=True), default=PPOConfig.lr)
+    ap.add_argument("--epochs", type=positive_int, default=PPOConfig.update_epochs)
+    ap.add_argument("--minibatches", type=positive_int, default=PPOConfig.num_minibatches)
+    ap.add_argument("--ent-coef", type=real_arg(0.0), default=PPOConfig.ent_coef)
+    ap.add_argument("--hidden", type=positive_int, default=PPOConfig.hidden)
     ap.add_argument("--attention", action="store_true")
-    ap.add_argument("--log-every", type=int, default=5, help="updates per jitted chunk")
-    ap.add_argument("--cpu-devices", type=int, default=1,
+    ap.add_argument("--log-every", type=positive_int, default=5, help="updates per jitted chunk")
+    ap.add_argument("--cpu-devices", type=positive_int, default=1,
                     help="XLA CPU devices to shard the env batch over (e.g. the core count)")
-    ap.add_argument("--time-limit", type=float, default=0.0,
+    ap.add_argument("--time-limit", type=real_arg(0.0), default=0.0,
                     help="stop (and checkpoint) after this many minutes; 0 = none")
     ap.add_argument("--out", default=None, help="output dir (default runs/ppo-<difficulty>-...)")
     ap.add_argument("--resume", default=None,
@@ -442,15 +490,25 @@ def main(argv: list[str] | None = None) -> int:
         a = ap.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    if a.seeds < 1 or a.log_every < 1 or a.cpu_devices < 1:
-        print("--seeds, --log-every and --cpu-devices must be positive", file=sys.stderr)
-        return 2
     force_cpu_devices(a.cpu_devices)
     try:
+        if a.out:
+            check_writable_dir(a.out, "--out")
         if a.resume:
-            config = dataclasses.replace(stored_config(a.resume), total_steps=a.total_steps)
+            cfg_dict, kind, state = checkpoint.read(a.resume)
+            saved = checkpoint.seed_count(kind, state)
+            if kind == "train" and saved is None:
+                raise ValueError(f"--resume {a.resume} holds an unbatched runner; train.ppo "
+                                 "writes seed-batched ones")
+            if a.seeds is not None and saved is not None and a.seeds != saved:
+                raise ValueError(f"--resume {a.resume} was trained with {saved} seed(s); "
+                                 f"--seeds {a.seeds} does not match (omit it or pass {saved})")
+            a.seeds = saved if saved is not None else a.seeds
+            config = dataclasses.replace(PPOConfig.from_dict(cfg_dict),
+                                         total_steps=a.total_steps)
             config, runner = load_checkpoint(a.resume, seeds=a.seeds, config=config)
         else:
+            a.seeds = a.seeds or 1
             config = PPOConfig(
                 difficulty=a.difficulty, num_envs=a.num_envs, total_steps=a.total_steps,
                 update_epochs=a.epochs, num_minibatches=a.minibatches, lr=a.lr,
@@ -458,9 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             runner = None
         trainer = make_trainer(config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        return fail("python -m train.ppo", str(e))
 
     out = a.out or os.path.join(
         "runs", f"ppo-{config.difficulty}-{time.strftime('%Y%m%d-%H%M%S')}")
