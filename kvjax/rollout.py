@@ -50,6 +50,7 @@ DEFAULT_MICRO, DEFAULT_MICRO_ACCEL = 1024, 16384
 # another).
 DEFAULT_MICRO_TRAILING = 256
 BATCH_AXIS = "batch"
+MIN_MICRO_PER_DEVICE = 2  # see rollout(): one per device compiles a different loop
 EXTRA_FIELDS = ("invalid_actions", "completed", "evictions", "compressions", "swaps",
                 "preemptions", "queue_timeouts", "queue_overflows")
 
@@ -255,7 +256,11 @@ def rollout(
     if chunk < 1 or micro < 1:
         raise ValueError(f"chunk_size and micro_batch must be >= 1, got {chunk_size}, "
                          f"{micro_batch}")
-    per_chunk = math.ceil(math.ceil(chunk / micro) / n_dev) * n_dev  # micro-batches per call
+    # Micro-batches per call: a multiple of the device count, and at least two per device - XLA
+    # compiles a one-iteration lax.map differently (the body inlined and fused with its
+    # surroundings), which moved float results in the last bit between device counts; with
+    # >= 2 per device every device count runs the same loop body, bit for bit.
+    per_chunk = max(math.ceil(math.ceil(chunk / micro) / n_dev), MIN_MICRO_PER_DEVICE) * n_dev
     chunk = per_chunk * micro
     fn = _compiled(policy, env.config, bool(return_trajectory), mesh if n_dev > 1 else None)
     params = normalize_params(params)

@@ -74,14 +74,17 @@ def test_sharded_equals_unsharded_on_four_devices(tmp_path):
         from kvjax.rollout import rollout, default_mesh
         assert len(jax.devices()) == 4, jax.devices()
         env, params = kvjax.make("kv-cache-v0", difficulty="hard")
-        pol = make_policy("random", env)
-        key = jax.random.PRNGKey(11)
-        sharded = rollout(pol, key, 10, params, env, progress=False)
         assert default_mesh().devices.size == 4
-        single = rollout(pol, key, 10, params, env, progress=False,
-                         mesh=Mesh(np.array(jax.devices()[:1]), ("batch",)))
-        for k in single:
-            np.testing.assert_array_equal(sharded[k], single[k], err_msg=k)
+        key = jax.random.PRNGKey(11)
+        # keep at 512: two micro-batches of 256, so 4 devices would each run one - the case
+        # that differed in the last bit before every device got at least two (issue 15).
+        for name, n in (("random", 10), ("keep", 512), ("value_aware", 300)):
+            pol = make_policy(name, env)
+            sharded = rollout(pol, key, n, params, env, progress=False)
+            single = rollout(pol, key, n, params, env, progress=False,
+                             mesh=Mesh(np.array(jax.devices()[:1]), ("batch",)))
+            for k in single:
+                np.testing.assert_array_equal(sharded[k], single[k], err_msg=f"{name} {k}")
         print("OK", float(np.mean(sharded["total"])))
     """))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
