@@ -305,8 +305,7 @@ def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig) -> Plan:
     shortfall = alloc - (mem["free"] + freed)
     keep_seg = evict_ok & ~jnp.any((seg_id[:, None] == jnp.arange(G)[None, :])
                                    & (hit > 0)[:, None], axis=0)
-    before_seg = ops.before_matrix(
-        (seg.priority, (seg.last_access * 1e3).astype(jnp.int32)), keep_seg)
+    before_seg = ops.before_matrix((seg.priority, seg.last_access), keep_seg)
     evict = keep_seg & (ops.prefix_sum(before_seg, seg_blocks) < shortfall)
     return Plan(tokens, preempt, preempt_pos, admit, admit_pos, hit, evict, retracted)
 

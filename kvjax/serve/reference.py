@@ -96,6 +96,7 @@ class Stream:
     def _load(self, n: int) -> None:
         from kvjax.serve import workload  # jax only here, to draw the shared input
 
+        n = 1 << max(8, (int(n) - 1).bit_length())  # a power of two: few distinct shapes
         d = workload.request_stream(self.seed, n, self.params)
         self.n = n
         self.arrival = [f32(x) for x in d["arrival"]]
@@ -493,8 +494,12 @@ class ReferenceEngine:
             room = (free + sum(self.segments[g].blocks() for g in evictable if g not in wanted)
                     - kept_demand)
             seqs = sum(1 for row in self.running)  # RUNNING (all kept) and LOADING
-            partials = sum(1 for row, tok in tokens.items()
-                           if self.rows[row].computed + tok < self.rows[row].target)
+            # Unfinished prefills: every running request whose prefill this iteration does not
+            # complete. (TRT's stalled requests are included; engine.py counts the scheduled
+            # ones only, which decides the same: a stalled prefill needs no more blocks than a
+            # new partial prefill, which takes all the tokens left, so neither is admitted.)
+            partials = sum(1 for row in queue
+                           if self.rows[row].computed + tokens.get(row, 0) < self.rows[row].target)
             agent_reserve = int(np.ceil(f32(f32(self.cfg.reserve_levels[self.reserve_level])
                                             * f32(pool))))
             # TRT's reservations: prompt + max_tokens of every request on the GPU.
