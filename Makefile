@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench leaderboard notebooks clean
+.PHONY: demo test test-fast lint bench leaderboard notebooks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,verifiers]"
+	$(BIN)/python -m pip install -q -e ".[dev,verifiers,gymnax]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# The quick loop: everything but notebooks, training runs and multi-device subprocesses.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvjax train tests kv_cache_eviction

@@ -22,8 +22,11 @@ from kvjax.types import (
 SUBMODULES = (
     "adapters", "bench", "dynamics", "env", "leaderboard", "observations", "policies",
     "reference", "rewards", "rollout", "scenarios", "serve", "session", "spaces", "types",
-    "viz",
+    "validation", "viz",
 )
+
+# gymnax.make("kv-cache-v0" / "kv-cache-flat-v0") once gymnax (the optional extra) is imported.
+_importlib.import_module("kvjax.gymnax_hook").install()
 
 
 def __getattr__(name: str):
