@@ -183,6 +183,7 @@ class Plan(NamedTuple):
     admit: chex.Array  # bool [S] waiting or swapped requests admitted
     admit_pos: chex.Array  # int32 [S] place among this iteration's admissions
     hit: chex.Array  # int32 [S] prefix tokens an admitted request finds cached
+    load_before: chex.Array  # int32 [S] CPU blocks of loads admitted ahead (the link's queue)
     evict: chex.Array  # bool [G] cached segments evicted
     retracted: chex.Array  # bool, a preemption happened
 
@@ -193,9 +194,10 @@ def running_order_keys(req: RequestTable, params: ServeParams, cfg: ServeConfig)
     last scheduled is preempted first); SGLang: most decoded first (fewest decoded retracted
     first, ties: longest prompt)."""
     sgl = params.engine == SGLANG
+    # Priority and (SGLang) decoded tokens packed in one key: each key costs an [S, S] compare.
+    fewest = 0xFFFF - jnp.minimum(req.generated, 0xFFFF)
     return (
-        (cfg.priority_levels - 1) - req.priority,
-        jnp.where(sgl, -req.generated, 0),
+        ((cfg.priority_levels - 1) - req.priority) * 0x10000 + jnp.where(sgl, fewest, 0),
         jnp.where(sgl, req.prompt, 0),
         req.run_key,
     )
@@ -216,7 +218,8 @@ def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig) -> Plan:
     running = req.status == RUNNING
     before_run = ops.before_matrix(running_order_keys(req, params, cfg), running)
     need = jnp.where(running, jnp.maximum(req.target - req.computed, 1), 0)
-    run_tok = jnp.clip(budget - ops.prefix_sum(before_run, need), 0, need)
+    # (needs clipped to the budget: the same decisions, and the float prefix sums stay exact)
+    run_tok = jnp.clip(budget - ops.prefix_sum(before_run, jnp.minimum(need, budget)), 0, need)
     run_tok = jnp.where(running, run_tok, 0)
     own = req.computed - jnp.where(req.attached, req.prefix_len, 0)
     demand = jnp.where(running, ceil_blocks(own + run_tok) - ceil_blocks(own), 0)
@@ -257,7 +260,8 @@ def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig) -> Plan:
                      - kept_demand)
     used_tokens = jnp.sum(run_tok)
     w_need = jnp.where(waiting & ~swapped, req.target - hit, 0)
-    w_tok = jnp.clip(budget - used_tokens - ops.prefix_sum(before_wait, w_need), 0, w_need)
+    w_ahead = ops.prefix_sum(before_wait, jnp.minimum(w_need, budget))
+    w_tok = jnp.clip(budget - used_tokens - w_ahead, 0, w_need)
     w_blocks = jnp.where(swapped, req.cpu_blocks, ceil_blocks(w_tok))
     cum_blocks = ops.prefix_sum(before_wait, w_blocks, inclusive=True)
     n_running = jnp.sum(running | (req.status == LOADING))
@@ -307,11 +311,16 @@ def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig) -> Plan:
                                    & (hit > 0)[:, None], axis=0)
     before_seg = ops.before_matrix((seg.priority, seg.last_access), keep_seg)
     evict = keep_seg & (ops.prefix_sum(before_seg, seg_blocks) < shortfall)
-    return Plan(tokens, preempt, preempt_pos, admit, admit_pos, hit, evict, retracted)
+    load_before = ops.prefix_sum(before_wait, jnp.where(admit & swapped, req.cpu_blocks, 0))
+    return Plan(tokens, preempt, preempt_pos, admit, admit_pos, hit, load_before, evict,
+                retracted)
 
 
 # -- phase 5: execute --------------------------------------------------------------------------
-def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig) -> ServeState:
+def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig,
+            live: chex.Array = True) -> ServeState:
+    """Apply the plan and advance the clock; `live` False (past the horizon) writes nothing to
+    the finished-request log (the caller discards the rest)."""
     req, seg, m = state.requests, state.segments, state.metrics
     G, R = cfg.max_segments, cfg.finished_log
     swapped = req.status == SWAPPED
@@ -335,10 +344,7 @@ def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig
     # after the prefix-cache hit.
     load_start = jnp.maximum(state.clock, state.link_free[1])
     load = plan.admit & swapped
-    load_blocks_before = ops.prefix_sum(
-        ops.before_matrix((req.queue_key,), load), jnp.where(load, req.cpu_blocks, 0))
-    load_done = load_start + latency.transfer_time(
-        params, load_blocks_before + jnp.where(load, req.cpu_blocks, 0))
+    load_done = load_start + latency.transfer_time(params, plan.load_before + req.cpu_blocks)
     link_in = jnp.where(jnp.any(load), jnp.max(jnp.where(load, load_done, 0.0)),
                         state.link_free[1])
     fresh = plan.admit & ~swapped
@@ -416,7 +422,7 @@ def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig
                      / jnp.maximum(req.generated - 1, 1).astype(jnp.float32), 0.0)
     good = done & (ttft <= params.ttft_slo) & (tpot <= params.tpot_slo)
     slot = m.log_count + jnp.cumsum(done) - 1
-    pos = jnp.where(done, slot % R, R)
+    pos = jnp.where(done & live, slot % R, R)
     n_done = jnp.sum(done).astype(jnp.int32)
     avg = lambda x: jnp.sum(jnp.where(done, x, 0.0)) / jnp.maximum(n_done, 1)  # noqa: E731
     blend = jnp.where(n_done > 0, 0.2, 0.0)
@@ -460,9 +466,13 @@ def iterate(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ServeSt
     nxt = arrivals(state, params, cfg)
     nxt = transfers(nxt)
     nxt = timeouts(nxt, params)
-    nxt = execute(nxt, schedule(nxt, params, cfg), params, cfg)
     live = state.clock < params.horizon
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), nxt, state)
+    nxt = execute(nxt, schedule(nxt, params, cfg), params, cfg, live)
+    # Past the horizon keep the old state; the [R] logs were not written (no [R] select).
+    logs = dict(log_ttft=nxt.metrics.log_ttft, log_tpot=nxt.metrics.log_tpot)
+    old = state.replace(metrics=state.metrics.replace(**logs))
+    out = jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), nxt, old)
+    return out
 
 
 def run(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ServeState:

@@ -33,8 +33,15 @@ def before_matrix(keys: Sequence[chex.Array], valid: chex.Array) -> chex.Array:
 
 
 def prefix_sum(before: chex.Array, x: chex.Array, inclusive: bool = False) -> chex.Array:
-    """Sum of `x` over the rows before each row (plus the row itself if `inclusive`)."""
-    s = jnp.einsum("ij,j->i", before.astype(x.dtype), x, precision="highest")
+    """Sum of `x` over the rows before each row (plus the row itself if `inclusive`).
+
+    The product runs in float32 (XLA's CPU backend has no fast integer dot; exact while the
+    sums stay below 2^24) and is cast back to x's dtype."""
+    s = jnp.einsum("ij,j->i", before.astype(jnp.float32), x.astype(jnp.float32),
+                   precision="highest")
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        s = jnp.round(s)
+    s = s.astype(x.dtype)
     return s + x if inclusive else s
 
 
