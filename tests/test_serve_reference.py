@@ -44,6 +44,20 @@ CASES = {
                               client_timeout=3.0, pin_ttl=1.0)),
 }
 
+# Longer (marked slow): another workload, other engine knobs and config shapes, more segments.
+SLOW_CASES = {
+    "code": dict(CASES["tight"], seed=5,
+                 params=dict(CASES["tight"]["params"], workload_name="synthetic-code")),
+    "knobs": dict(config=dict(CASES["tight"]["config"], max_arrivals_per_iter=1,
+                              iterations_per_step=4, priority_levels=2),
+                  loads=(0.7, 3.0), max_steps=900,
+                  params=dict(CASES["tight"]["params"], max_partial_prefills=2,
+                              max_batched_tokens=512, horizon=5.0)),
+    "prefixes": dict(config=dict(reserve_levels=(0.0, 0.3)), loads=(1.0, 4.0), max_steps=300,
+                     params=dict(horizon=8.0, num_prefixes=8, prefix_share=0.9,
+                                 gpu_pool_tokens=40000)),
+}
+
 
 def scenarios(case: dict):
     envs, plist, names = [], [], []
@@ -100,7 +114,8 @@ def random_action(rng: np.random.Generator, ref: ref_mod.ReferenceEngine, busy: 
 
 
 def run_case(name: str, seed: int = 0):
-    case = CASES[name]
+    case = {**CASES, **SLOW_CASES}[name]
+    seed = case.get("seed", seed)
     env, plist, names = scenarios(case)
     cfg = env.config
     n = len(plist)
@@ -132,7 +147,7 @@ def run_case(name: str, seed: int = 0):
         if np.all(host.clock >= horizon):
             break
     assert np.all(host.clock >= horizon), "episodes did not reach the horizon"
-    return refs, names, steps
+    return refs, names, steps, host
 
 
 def total(refs, key, which=None):
@@ -141,7 +156,7 @@ def total(refs, key, which=None):
 
 
 def test_parity_toy_preset():
-    refs, names, steps = run_case("toy")
+    refs, names, steps, _ = run_case("toy")
     assert steps >= 700
     assert total(refs, "completions") > 500
     assert total(refs, "hits") > 0 and total(refs, "inserts") > 0
@@ -151,7 +166,7 @@ def test_parity_toy_preset():
 
 
 def test_parity_tight_memory():
-    refs, names, steps = run_case("tight")
+    refs, names, steps, _ = run_case("tight")
     assert steps >= 800
     eng = lambda e: lambda r: r.p.engine == ENGINES.index(e)  # noqa: E731
     assert total(refs, "preempted", eng("vllm")) > 0  # engine preemptions by recompute
@@ -308,3 +323,12 @@ def test_parity_crafted_states():
     assert total(refs, "evictions") > 0 and total(refs, "hits") > 0
     assert total(refs, "loads_done") > 0 and total(refs, "offloads_done") > 0
     assert total(refs, "timeouts") > 0 and total(refs, "inserts") > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SLOW_CASES))
+def test_parity_more_cases(name):
+    refs, names, steps, _ = run_case(name)
+    assert steps >= 600
+    assert total(refs, "preempted") > 0 and total(refs, "hits") > 0
+    assert total(refs, "loads_done") > 0 and total(refs, "completions") > 0

@@ -7,8 +7,13 @@ request that fails - and independent of serve/engine.py's prefix-sum / order-mat
 formulation. It is the test oracle (tests/test_serve_reference.py) and the speed baseline.
 
     ref = ReferenceEngine.from_state(state, params, cfg)   # e.g. right after env.reset
+    ref = ReferenceEngine(params, cfg, Stream(seed, params))  # or an idle engine at time 0
     ref.step(action)            # action dict (as env.step), then k engine iterations
-    ref.snapshot()              # comparable with snapshot_of_state(jax_state)
+    ref.apply(action); ref.iterate()                         # the two halves
+    diff(ref.snapshot(), snapshot_of_state(jax_state, cfg))  # [] when they agree
+
+On the `toy` preset it runs ~4,500 engine iterations per second on one CPU core (vLLM rules,
+load 1.0, no-op actions).
 
 The request stream is shared input: request attributes come from
 `workload.request_stream(seed, n, params)` (the reference tests the engine rules, not the
