@@ -182,20 +182,23 @@ class EnvParams:
 
 _POS = validation.Spec(0.0, lo_open=True)
 _NONNEG = validation.Spec(0.0)
-# The allowed values of every EnvParams field (checked on construction and replace).
+# The allowed values of every EnvParams field (checked on construction and replace). Physical
+# quantities are bounded so that every float32 quantity of an episode stays finite (capacity
+# bytes / bytes-per-token, transfer seconds, stall seconds, the weighted total).
 PARAM_SPECS: dict[str, validation.Spec] = {
     "difficulty": validation.Spec(integer=True, choices=dict(enumerate(
         ("easy", "medium", "hard", "all")))),
-    "kv_cache_bytes": _POS,
-    "kv_bytes_per_token": _POS,
-    "swap_bandwidth": _POS,
-    "step_seconds": _POS,
+    "kv_cache_bytes": validation.Spec(1.0, 2.0**60),  # 1 B .. 1 EiB
+    "kv_bytes_per_token": validation.Spec(1.0, 2.0**30),  # 1 B .. 1 GiB per token
+    "swap_bandwidth": validation.Spec(1.0, 1e15),  # 1 B/s .. 1 PB/s
+    "step_seconds": validation.Spec(0.0, 86400.0, lo_open=True),  # up to a day per step
     "decode_tokens_per_step": validation.Spec(1, integer=True),
     "arrival_scale": _NONNEG,
     "admit_watermark": validation.Spec(0.0, 1.0),
     "max_wait_steps": validation.Spec(1, integer=True),
-    **{f"w_{k}": _NONNEG for k in ("failure", "throughput", "headroom", "memory_efficiency",
-                                   "eviction_quality", "latency", "risky_eviction")},
+    **{f"w_{k}": validation.Spec(0.0, 1e6) for k in (
+        "failure", "throughput", "headroom", "memory_efficiency", "eviction_quality", "latency",
+        "risky_eviction")},
     "throughput_target_tokens": _POS,
     "latency_scale": _NONNEG,
     "latency_cap": _NONNEG,

@@ -20,8 +20,9 @@ from kvjax.validation import batch_layout
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="hard")
 
 BAD_PARAMS = [
-    ("swap_bandwidth", 0, "> 0"),  # audit 2: NaN reward on a keep() step
-    ("swap_bandwidth", -1.0, "> 0"),  # audit 2: mean total 8.1e7
+    ("swap_bandwidth", 0, ">= 1"),  # audit 2: NaN reward on a keep() step
+    ("swap_bandwidth", -1.0, ">= 1"),  # audit 2: mean total 8.1e7
+    ("swap_bandwidth", 1e-30, ">= 1"),  # an infinite latency metric (adversarial pass)
     ("difficulty", 7, "3 (all)"),  # audit 2: easy budgets labelled tier 7
     ("difficulty", True, "0 (easy)"),
     ("difficulty", "hard", "0 (easy)"),
@@ -29,13 +30,16 @@ BAD_PARAMS = [
     ("arrival_scale", -0.5, ">= 0"),
     ("kv_cache_bytes", math.inf, "finite"),
     ("kv_cache_bytes", 1e300, "finite"),  # inf in float32
-    ("kv_bytes_per_token", 0.0, "> 0"),
+    ("kv_bytes_per_token", 0.0, ">= 1"),
+    ("kv_bytes_per_token", 3e38, "<= 1.07374e+09"),  # capacity underflows: usage inf
     ("step_seconds", -0.1, "> 0"),
+    ("step_seconds", 3e38, "<= 86400"),  # stall latency inf
     ("decode_tokens_per_step", 2.5, "integer"),
     ("decode_tokens_per_step", 0, ">= 1"),
     ("max_wait_steps", 2**40, "integer"),  # would wrap in int32
     ("admit_watermark", 1.5, "<= 1"),
     ("w_failure", -0.4, ">= 0"),
+    ("w_failure", 3e38, "<= 1e+06"),  # the weighted total overflows
     ("throughput_target_tokens", 0.0, "> 0"),
     ("latency_cap", math.nan, ">= 0"),
 ]
