@@ -22,8 +22,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
+# Files kept in `ruff format` style (the rest of the tree predates it; add files as they are
+# formatted - never reformat kvjax/serve/ from here).
+FORMATTED := kvjax/validation.py kvjax/gymnax_env.py kvjax/gymnax_hook.py tests/conftest.py \
+	tests/test_validation.py tests/test_readme.py tests/test_gymnax_env.py \
+	scripts/adversarial_probe.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check kvjax train tests kv_cache_eviction
+	$(BIN)/ruff format --check $(FORMATTED)
 
 bench: $(STAMP)
 	$(BIN)/kvjax bench

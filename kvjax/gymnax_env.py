@@ -37,14 +37,18 @@ from kvjax.types import EnvConfig, EnvParams, EnvState
 
 def flat_size(config: EnvConfig) -> int:
     """Length of a kv-cache-flat-v0 observation vector."""
-    return (config.max_seqs * len(observations.SLOT_FEATURES)
-            + len(observations.GLOBAL_FEATURES) + config.num_action_ids)
+    return (
+        config.max_seqs * len(observations.SLOT_FEATURES)
+        + len(observations.GLOBAL_FEATURES)
+        + config.num_action_ids
+    )
 
 
 def flatten_observation(obs: observations.Observation) -> chex.Array:
     """Observation -> [slots.ravel(), globals, action_mask as 0/1] (float32, 1-D)."""
-    return jnp.concatenate([obs.slots.reshape(-1), obs.globals,
-                            obs.action_mask.astype(jnp.float32)]).astype(jnp.float32)
+    return jnp.concatenate(
+        [obs.slots.reshape(-1), obs.globals, obs.action_mask.astype(jnp.float32)]
+    ).astype(jnp.float32)
 
 
 class TieredKVCacheEnv(KVCacheEnv):
@@ -94,13 +98,23 @@ class KVCacheFlatEnv(environment.Environment):
     ) -> tuple[chex.Array, EnvState, chex.Array, chex.Array, dict[str, Any]]:
         action = jnp.asarray(action)
         if action.shape != ():
-            raise ValueError(f"kv-cache-flat-v0 takes one action id per step (a scalar in "
-                             f"[0, {self.num_actions})), got shape {action.shape}")
-        ids = jnp.zeros((self.config.max_actions,), jnp.int32).at[0].set(
-            jnp.where((action >= 0) & (action < self.num_actions), action, -1).astype(jnp.int32))
+            raise ValueError(
+                f"kv-cache-flat-v0 takes one action id per step (a scalar in "
+                f"[0, {self.num_actions})), got shape {action.shape}"
+            )
+        ids = (
+            jnp.zeros((self.config.max_actions,), jnp.int32)
+            .at[0]
+            .set(
+                jnp.where((action >= 0) & (action < self.num_actions), action, -1).astype(jnp.int32)
+            )
+        )
         obs, nxt, reward, terminated, _, info = self.core.step_env(key, state, ids, params)
-        info = {"invalid_actions": info["invalid_actions"], "failures": info["failures"],
-                "action_mask": obs.action_mask}
+        info = {
+            "invalid_actions": info["invalid_actions"],
+            "failures": info["failures"],
+            "action_mask": obs.action_mask,
+        }
         return flatten_observation(obs), nxt, reward, terminated, info
 
     def is_truncated(self, state: EnvState, params: EnvParams) -> chex.Array:

@@ -27,9 +27,16 @@ class Spec:
     """Allowed values of one numeric field: `integer` (a count) or real; bounds with open or
     closed ends; or a finite set of `choices`."""
 
-    def __init__(self, lo: float | None = None, hi: float | None = None, *,
-                 lo_open: bool = False, hi_open: bool = False, integer: bool = False,
-                 choices: Mapping[int, str] | None = None):
+    def __init__(
+        self,
+        lo: float | None = None,
+        hi: float | None = None,
+        *,
+        lo_open: bool = False,
+        hi_open: bool = False,
+        integer: bool = False,
+        choices: Mapping[int, str] | None = None,
+    ):
         self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
         self.integer, self.choices = integer, choices
 
@@ -76,8 +83,9 @@ def check_field(owner: str, name: str, value: Any, spec: Spec) -> None:
         return
     allowed = spec.describe()
     if arr.dtype.kind == "b" or arr.dtype.kind not in "iuf":
-        raise ValueError(f"{owner}.{name} must be {allowed}, got {value!r} "
-                         f"(type {type(value).__name__})")
+        raise ValueError(
+            f"{owner}.{name} must be {allowed}, got {value!r} (type {type(value).__name__})"
+        )
     if spec.integer and arr.dtype.kind == "f":
         raise ValueError(f"{owner}.{name} must be {allowed} (an integer type), got {value!r}")
     x = arr.astype(np.float64)
@@ -151,7 +159,8 @@ def seed_arg(text: str) -> int:
         return check_seed(int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be an integer in [0, 4294967295], got {text!r}") from None
+            f"must be an integer in [0, 4294967295], got {text!r}"
+        ) from None
 
 
 def positive_int(text: str) -> int:
@@ -165,8 +174,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def real_arg(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-             hi_open: bool = False):
+def real_arg(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+):
     """argparse type factory: a finite float within the given bounds."""
     spec = Spec(lo, hi, lo_open=lo_open, hi_open=hi_open)
 
@@ -174,8 +188,7 @@ def real_arg(lo: float | None = None, hi: float | None = None, *, lo_open: bool 
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"must be {spec.describe()}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be {spec.describe()}, got {text!r}") from None
         if not bool(spec.ok(np.float64(value))):
             raise argparse.ArgumentTypeError(f"must be {spec.describe()}, got {text}")
         return value

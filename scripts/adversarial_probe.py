@@ -87,13 +87,22 @@ def probe_cli(name: str, main, argv: list[str]) -> None:
     elif code in (0, None):
         RESULTS.append((name, "silent clamp", f"exit {code}: {out.getvalue()[-120:]}"))
     else:
-        RESULTS.append((name, "traceback", f"exit {code}, {len(lines)} lines: "
-                        f"{err.getvalue()[-160:]}"))
+        RESULTS.append(
+            (name, "traceback", f"exit {code}, {len(lines)} lines: {err.getvalue()[-160:]}")
+        )
 
 
 def params_probes() -> None:
-    bad = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "-1": -1.0, "1e300": 1e300,
-           "True": True, "str": "1", "-0.5": -0.5}
+    bad = {
+        "nan": math.nan,
+        "inf": math.inf,
+        "-inf": -math.inf,
+        "-1": -1.0,
+        "1e300": 1e300,
+        "True": True,
+        "str": "1",
+        "-0.5": -0.5,
+    }
     for field, spec in PARAM_SPECS.items():
         values = dict(bad)
         if spec.integer:
@@ -107,23 +116,35 @@ def params_probes() -> None:
         if field == "admit_watermark":
             values["1.5"] = 1.5
         for label, v in values.items():
-            probe(f"EnvParams({field}={label})", lambda f=field, v=v: EnvParams(**{f: v}),
-                  "reject")
-            probe(f"params.replace({field}={label})",
-                  lambda f=field, v=v: EnvParams().replace(**{f: v}), "reject")
-        probe(f"EnvParams({field}=np array with one bad)",
-              lambda f=field: EnvParams(**{f: np.array([getattr(EnvParams(), f), -7])}),
-              "reject")
+            probe(f"EnvParams({field}={label})", lambda f=field, v=v: EnvParams(**{f: v}), "reject")
+            probe(
+                f"params.replace({field}={label})",
+                lambda f=field, v=v: EnvParams().replace(**{f: v}),
+                "reject",
+            )
+        probe(
+            f"EnvParams({field}=np array with one bad)",
+            lambda f=field: EnvParams(**{f: np.array([getattr(EnvParams(), f), -7])}),
+            "reject",
+        )
 
 
 def make_probes() -> None:
     for d in ("extreme", 7, None, 3.0, "HARD"):
-        probe(f"make(difficulty={d!r})", lambda d=d: kvjax.make("kv-cache-v0", difficulty=d),
-              "reject")
-    for k, v in (("max_seqs", 0), ("max_seqs", -1), ("max_seqs", True), ("max_seqs", 2.5),
-                 ("max_seqs", "8"), ("max_seqs", 10**9), ("max_arrivals", 99), ("bogus", 1)):
-        probe(f"make({k}={v!r})", lambda k=k, v=v: kvjax.make("kv-cache-v0", **{k: v}),
-              "reject")
+        probe(
+            f"make(difficulty={d!r})", lambda d=d: kvjax.make("kv-cache-v0", difficulty=d), "reject"
+        )
+    for k, v in (
+        ("max_seqs", 0),
+        ("max_seqs", -1),
+        ("max_seqs", True),
+        ("max_seqs", 2.5),
+        ("max_seqs", "8"),
+        ("max_seqs", 10**9),
+        ("max_arrivals", 99),
+        ("bogus", 1),
+    ):
+        probe(f"make({k}={v!r})", lambda k=k, v=v: kvjax.make("kv-cache-v0", **{k: v}), "reject")
     probe("make('kv-cache-v1')", lambda: kvjax.make("kv-cache-v1"), "reject")
     probe("EnvConfig(max_pending=0)", lambda: EnvConfig(max_pending=0), "reject")
 
@@ -132,13 +153,18 @@ def state_probes(env, params, single, batch) -> None:
     probe("rubric(batch-leading)", lambda: kvjax.rubric(batch, params), "reject")
     probe("observe(batch-leading)", lambda: kvjax.observe(batch, params), "reject")
     probe("summarize(batch-leading)", lambda: kvjax.summarize(batch, params), "reject")
-    probe("step_env(batch-leading)",
-          lambda: env.step_env(None, batch, jnp.zeros(3, jnp.int32), params), "reject")
-    probe("reset_env(batched keys)",
-          lambda: env.reset_env(jax.random.split(jax.random.PRNGKey(0), 4), params), "reject")
+    probe(
+        "step_env(batch-leading)",
+        lambda: env.step_env(None, batch, jnp.zeros(3, jnp.int32), params),
+        "reject",
+    )
+    probe(
+        "reset_env(batched keys)",
+        lambda: env.reset_env(jax.random.split(jax.random.PRNGKey(0), 4), params),
+        "reject",
+    )
     probe("rubric(single)", lambda: kvjax.rubric(single, params), "ok")
-    probe("rubric(trailing)", lambda: kvjax.rubric(kvjax.rollout.to_trailing(batch), params),
-          "ok")
+    probe("rubric(trailing)", lambda: kvjax.rubric(kvjax.rollout.to_trailing(batch), params), "ok")
     step = env.step_env
 
     def counted_invalid(action, n_invalid=1):
@@ -147,22 +173,28 @@ def state_probes(env, params, single, batch) -> None:
             return None  # wrapped into a valid action: reported as a clamp below
         return "counted invalid"
 
-    for label, action in (("int64 2**32+1", np.array([2**32 + 1, 0, 0], np.int64)),
-                          ("list 2**32+1", [2**32 + 1, 0, 0]),
-                          ("uint32 2**31+5", np.array([2**31 + 5, 0, 0], np.uint32)),
-                          ("int64 -2**32+1", np.array([-(2**32) + 1, 0, 0], np.int64)),
-                          ("int32 97", np.array([97, 0, 0], np.int32)),
-                          ("jnp int32 -1", jnp.array([-1, 0, 0], jnp.int32))):
+    for label, action in (
+        ("int64 2**32+1", np.array([2**32 + 1, 0, 0], np.int64)),
+        ("list 2**32+1", [2**32 + 1, 0, 0]),
+        ("uint32 2**31+5", np.array([2**31 + 5, 0, 0], np.uint32)),
+        ("int64 -2**32+1", np.array([-(2**32) + 1, 0, 0], np.int64)),
+        ("int32 97", np.array([97, 0, 0], np.int32)),
+        ("jnp int32 -1", jnp.array([-1, 0, 0], jnp.int32)),
+    ):
+
         def run(action=action):
             r = counted_invalid(action)
             if r is None:
                 raise RuntimeError("out-of-range id acted (wrapped)")
             return r
+
         probe(f"step_env action {label}", run, "ok")
-    for label, action in (("float", np.array([1.0, 0, 0])), ("shape (2,)", np.zeros(2, int)),
-                          ("shape (3,1)", np.zeros((3, 1), int))):
-        probe(f"step_env action {label}", lambda a=action: step(None, single, a, params),
-              "reject")
+    for label, action in (
+        ("float", np.array([1.0, 0, 0])),
+        ("shape (2,)", np.zeros(2, int)),
+        ("shape (3,1)", np.zeros((3, 1), int)),
+    ):
+        probe(f"step_env action {label}", lambda a=action: step(None, single, a, params), "reject")
 
 
 def session_probes() -> None:
@@ -189,19 +221,31 @@ def session_probes() -> None:
         "bad json": ("evict", '{"seq_id": '),
     }
     for label, (name, args) in calls.items():
+
         def run(name=name, args=args):
             r = s.call(name, args)
             if r.ok:
                 raise RuntimeError(f"accepted: {r.text}")
             return r.text
+
         probe(f"Session.call {label}", run, "ok")
-    for label, kw in (("seed -1", dict(seed=-1)), ("seed 2**32", dict(seed=2**32)),
-                      ("seed 2**63", dict(seed=2**63)), ("seed '1'", dict(seed="1")),
-                      ("seed 1.5", dict(seed=1.5)), ("seed True", dict(seed=True)),
-                      ("index -1", dict(index=-1)), ("index 2**40", dict(index=2**40)),
-                      ("index 1.0", dict(index=1.0)), ("difficulty 7", dict(difficulty=7))):
-        probe(f"Session.new {label}", lambda kw=kw: Session.new(**{"difficulty": "hard", **kw}),
-              "reject")
+    for label, kw in (
+        ("seed -1", dict(seed=-1)),
+        ("seed 2**32", dict(seed=2**32)),
+        ("seed 2**63", dict(seed=2**63)),
+        ("seed '1'", dict(seed="1")),
+        ("seed 1.5", dict(seed=1.5)),
+        ("seed True", dict(seed=True)),
+        ("index -1", dict(index=-1)),
+        ("index 2**40", dict(index=2**40)),
+        ("index 1.0", dict(index=1.0)),
+        ("difficulty 7", dict(difficulty=7)),
+    ):
+        probe(
+            f"Session.new {label}",
+            lambda kw=kw: Session.new(**{"difficulty": "hard", **kw}),
+            "reject",
+        )
     data = s.to_json()
     muts = {
         "no version": lambda d: d.pop("version"),
@@ -230,10 +274,12 @@ def session_probes() -> None:
         "rewards str": lambda d: d.__setitem__("rewards", ["0.1"]),
     }
     for label, mut in muts.items():
+
         def run(mut=mut):
             d = copy.deepcopy(data)
             mut(d)
             return Session.from_json(d)
+
         probe(f"Session.from_json {label}", run, "reject")
     probe("Session.from_json list", lambda: Session.from_json([1]), "reject")
 
@@ -241,39 +287,57 @@ def session_probes() -> None:
 def rollout_probes(env, params) -> None:
     pol = kvjax.policies.POLICIES["keep"]
     key = jax.random.PRNGKey(0)
-    for label, kw in (("n=0", dict(n=0)), ("n=-1", dict(n=-1)), ("n=2.5", dict(n=2.5)),
-                      ("n=True", dict(n=True)), ("n='4'", dict(n="4")), ("n=2**40", dict(n=2**40)),
-                      ("chunk 0", dict(chunk_size=0)), ("chunk 2.5", dict(chunk_size=2.5)),
-                      ("micro -1", dict(micro_batch=-1)),
-                      ("keys batch", dict(key=jax.random.split(key, 3))),
-                      ("params tree_map nan", dict(params=jax.tree_util.tree_map(
-                          lambda x: math.nan, params))),
-                      ("policy None", dict(policy=None))):
+    for label, kw in (
+        ("n=0", dict(n=0)),
+        ("n=-1", dict(n=-1)),
+        ("n=2.5", dict(n=2.5)),
+        ("n=True", dict(n=True)),
+        ("n='4'", dict(n="4")),
+        ("n=2**40", dict(n=2**40)),
+        ("chunk 0", dict(chunk_size=0)),
+        ("chunk 2.5", dict(chunk_size=2.5)),
+        ("micro -1", dict(micro_batch=-1)),
+        ("keys batch", dict(key=jax.random.split(key, 3))),
+        ("params tree_map nan", dict(params=jax.tree_util.tree_map(lambda x: math.nan, params))),
+        ("policy None", dict(policy=None)),
+    ):
         kw = dict(kw)
         n = kw.pop("n", 4)
         k = kw.pop("key", key)
         p = kw.pop("params", params)
         po = kw.pop("policy", pol)
-        probe(f"rollout {label}",
-              lambda n=n, k=k, p=p, po=po, kw=kw: rollout(po, k, n, p, env, progress=False, **kw),
-              "reject")
+        probe(
+            f"rollout {label}",
+            lambda n=n, k=k, p=p, po=po, kw=kw: rollout(po, k, n, p, env, progress=False, **kw),
+            "reject",
+        )
     probe("rollout ok", lambda: rollout(pol, key, 4, params, env, progress=False)["total"], "ok")
     # Extreme but allowed values: whole episodes must stay finite (no silent NaN / inf).
     va = kvjax.policies.POLICIES["value_aware"]
     extremes = {  # each field's allowed extremes (kvjax.types.PARAM_SPECS)
-        "kv_cache_bytes": (1.0, 2.0**60), "kv_bytes_per_token": (1.0, 2.0**30),
-        "swap_bandwidth": (1.0, 1e15), "step_seconds": (1e-30, 86400.0),
-        "decode_tokens_per_step": (1, 2**31 - 1), "arrival_scale": (0.0, 3e38),
-        "admit_watermark": (0.0, 1.0), "max_wait_steps": (1, 2**31 - 1),
-        "throughput_target_tokens": (1e-30, 3e38), "latency_scale": (0.0, 3e38),
-        "latency_cap": (0.0, 3e38), "w_failure": (0.0, 1e6), "w_latency": (0.0, 1e6),
+        "kv_cache_bytes": (1.0, 2.0**60),
+        "kv_bytes_per_token": (1.0, 2.0**30),
+        "swap_bandwidth": (1.0, 1e15),
+        "step_seconds": (1e-30, 86400.0),
+        "decode_tokens_per_step": (1, 2**31 - 1),
+        "arrival_scale": (0.0, 3e38),
+        "admit_watermark": (0.0, 1.0),
+        "max_wait_steps": (1, 2**31 - 1),
+        "throughput_target_tokens": (1e-30, 3e38),
+        "latency_scale": (0.0, 3e38),
+        "latency_cap": (0.0, 3e38),
+        "w_failure": (0.0, 1e6),
+        "w_latency": (0.0, 1e6),
     }
     for field, values in extremes.items():
         for v in values:
             p = params.replace(**{field: v})
             for pname, po in (("keep", pol), ("value_aware", va)):
-                probe(f"episode {pname} {field}={v:g}",
-                      lambda p=p, po=po: rollout(po, key, 8, p, env, progress=False), "ok")
+                probe(
+                    f"episode {pname} {field}={v:g}",
+                    lambda p=p, po=po: rollout(po, key, 8, p, env, progress=False),
+                    "ok",
+                )
 
 
 def cli_probes(tmp: str) -> None:
@@ -313,21 +377,53 @@ def cli_probes(tmp: str) -> None:
         probe_cli("kvjax " + " ".join(argv)[:70], cli.main, argv)
     from train import evaluate, ppo
 
-    for argv in (["--lr", "nan"], ["--lr", "-1"], ["--lr", "inf"], ["--ent-coef", "nan"],
-                 ["--time-limit", "-1"], ["--seed", str(2**32)], ["--seeds", "0"],
-                 ["--num-envs", "0"], ["--num-envs", "10", "--minibatches", "4", "--out", tmp],
-                 ["--total-steps", "1.5"], ["--hidden", "-1"], ["--difficulty", "x"],
-                 ["--out", a_file], ["--resume", os.path.join(tmp, "missing.msgpack")],
-                 ["--resume", a_file], ["--cpu-devices", "0"]):
+    for argv in (
+        ["--lr", "nan"],
+        ["--lr", "-1"],
+        ["--lr", "inf"],
+        ["--ent-coef", "nan"],
+        ["--time-limit", "-1"],
+        ["--seed", str(2**32)],
+        ["--seeds", "0"],
+        ["--num-envs", "0"],
+        ["--num-envs", "10", "--minibatches", "4", "--out", tmp],
+        ["--total-steps", "1.5"],
+        ["--hidden", "-1"],
+        ["--difficulty", "x"],
+        ["--out", a_file],
+        ["--resume", os.path.join(tmp, "missing.msgpack")],
+        ["--resume", a_file],
+        ["--cpu-devices", "0"],
+    ):
         probe_cli("train.ppo " + " ".join(argv)[:60], ppo.main, argv)
-    for argv in ([os.path.join(tmp, "missing.msgpack")], [a_file],
-                 ["x", "--difficulty", "extreme"], ["x", "--num-scenarios", "1"],
-                 ["x", "--eval-seed", "-1"], ["x", "--out", os.path.join(a_file, "t.md")]):
+    for argv in (
+        [os.path.join(tmp, "missing.msgpack")],
+        [a_file],
+        ["x", "--difficulty", "extreme"],
+        ["x", "--num-scenarios", "1"],
+        ["x", "--eval-seed", "-1"],
+        ["x", "--out", os.path.join(a_file, "t.md")],
+    ):
         probe_cli("train.evaluate " + " ".join(argv)[:60], evaluate.main, argv)
+    from train import bench as train_bench
+
+    for argv in (
+        ["--updates", "0"],
+        ["--repeats", "-1"],
+        ["--cpu-devices", "0"],
+        ["--configs", "64:16:1:3"],
+        ["--configs", "64:16"],
+        ["--configs", "64:16:1:4", "--difficulty", "x"],
+    ):
+        probe_cli("train.bench " + " ".join(argv), train_bench.main, argv)
     from kvjax.session import main as session_main
 
-    for argv in (["--seed", "-1"], ["-n", "0"], ["--policy", "nope", "-n", "1"],
-                 ["--difficulty", "x"]):
+    for argv in (
+        ["--seed", "-1"],
+        ["-n", "0"],
+        ["--policy", "nope", "-n", "1"],
+        ["--difficulty", "x"],
+    ):
         probe_cli("kvjax.session " + " ".join(argv), session_main, argv)
 
 
@@ -337,12 +433,26 @@ def train_probes() -> None:
     from train.ppo import PPOConfig
 
     base = PPOConfig()
-    for k, v in (("lr", math.nan), ("lr", 0.0), ("lr", -1.0), ("gamma", 1.5), ("gamma", math.nan),
-                 ("gae_lambda", -0.1), ("clip_eps", 0.0), ("ent_coef", math.inf),
-                 ("vf_coef", -1.0), ("max_grad_norm", 0.0), ("num_envs", 2.5), ("hidden", True),
-                 ("total_steps", 0), ("anneal_lr", "yes"), ("difficulty", "x")):
-        probe(f"PPOConfig({k}={v!r})", lambda k=k, v=v: dataclasses.replace(base, **{k: v}),
-              "reject")
+    for k, v in (
+        ("lr", math.nan),
+        ("lr", 0.0),
+        ("lr", -1.0),
+        ("gamma", 1.5),
+        ("gamma", math.nan),
+        ("gae_lambda", -0.1),
+        ("clip_eps", 0.0),
+        ("ent_coef", math.inf),
+        ("vf_coef", -1.0),
+        ("max_grad_norm", 0.0),
+        ("num_envs", 2.5),
+        ("hidden", True),
+        ("total_steps", 0),
+        ("anneal_lr", "yes"),
+        ("difficulty", "x"),
+    ):
+        probe(
+            f"PPOConfig({k}={v!r})", lambda k=k, v=v: dataclasses.replace(base, **{k: v}), "reject"
+        )
 
 
 def main() -> int:
@@ -350,7 +460,8 @@ def main() -> int:
     env, params = kvjax.make("kv-cache-v0", difficulty="hard")
     _, single = env.reset_env(jax.random.PRNGKey(0), params)
     _, batch = jax.vmap(env.reset_env, in_axes=(0, None))(
-        jax.random.split(jax.random.PRNGKey(0), 4), params)
+        jax.random.split(jax.random.PRNGKey(0), 4), params
+    )
     params_probes()
     make_probes()
     state_probes(env, params, single, batch)
@@ -359,8 +470,10 @@ def main() -> int:
     train_probes()
     with tempfile.TemporaryDirectory() as tmp:
         cli_probes(tmp)
-    counts = {k: sum(1 for _, o, _ in RESULTS if o == k)
-              for k in ("ok", "traceback", "silent NaN", "silent clamp")}
+    counts = {
+        k: sum(1 for _, o, _ in RESULTS if o == k)
+        for k in ("ok", "traceback", "silent NaN", "silent clamp")
+    }
     for name, outcome, detail in RESULTS:
         if verbose or outcome != "ok":
             print(f"[{outcome}] {name}: {detail}")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trees_equal
 
 import kvjax
 from kvjax import dynamics
@@ -27,14 +28,7 @@ def from_trailing(tree):
 
 def assert_trees_match(lead, trail):
     """Integers and bools exactly; floats to float32 rounding (sums may associate differently)."""
-    flat = jax.tree_util.tree_leaves_with_path(lead)
-    for (path, x), y in zip(flat, jax.tree_util.tree_leaves(trail), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        name = jax.tree_util.keystr(path)
-        if np.issubdtype(x.dtype, np.floating):
-            np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-5, err_msg=name)
-        else:
-            np.testing.assert_array_equal(y, x, err_msg=name)
+    assert_trees_equal(lead, trail, rtol=1e-6, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

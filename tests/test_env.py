@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import trees_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,11 +53,7 @@ def batch():
 
 
 def tree_equal(a, b, atol=0.0) -> bool:
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    if len(la) != len(lb):
-        return False
-    pairs = zip(la, lb, strict=True)
-    return all(np.allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0) for x, y in pairs)
+    return trees_equal(a, b, atol=atol)
 
 
 # -- API and batching ---------------------------------------------------------------------------

@@ -35,12 +35,15 @@ ENV_NAME = "kv-cache-flat-v0"
 @pytest.mark.parametrize("first", ["kvjax", "gymnax"])
 def test_either_import_order_registers_both_ids(first):
     second = "gymnax" if first == "kvjax" else "kvjax"
-    code = (f"import {first}, {second}, gymnax\n"
-            "print(sorted(i for i in gymnax.registered_envs if i.startswith('kv-cache')))\n"
-            "env, params = gymnax.make('kv-cache-v0', difficulty='hard')\n"
-            "print(type(env).__name__, int(params.difficulty))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True).stdout.splitlines()
+    code = (
+        f"import {first}, {second}, gymnax\n"
+        "print(sorted(i for i in gymnax.registered_envs if i.startswith('kv-cache')))\n"
+        "env, params = gymnax.make('kv-cache-v0', difficulty='hard')\n"
+        "print(type(env).__name__, int(params.difficulty))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    ).stdout.splitlines()
     assert out == ["['kv-cache-flat-v0', 'kv-cache-v0']", "TieredKVCacheEnv 2"]
 
 
@@ -54,7 +57,7 @@ def test_flat_spaces_pass_gymnax_isinstance_checks_and_the_mask_is_documented():
     obs, state = env.reset(jax.random.PRNGKey(0), params)
     assert obs.shape == obs_space.shape and obs.dtype == jnp.float32
     mask = kvjax.action_mask(state)
-    np.testing.assert_array_equal(obs[-env.num_actions:], mask.astype(np.float32))
+    np.testing.assert_array_equal(obs[-env.num_actions :], mask.astype(np.float32))
     _, _, _, _, _, info = env.step(jax.random.PRNGKey(1), state, 0, params)
     assert info["action_mask"].shape == (env.num_actions,)
     # FlattenObservationWrapper's own assertion (isinstance Box) passes.
@@ -114,8 +117,9 @@ def make_train(config):
         rng, _rng = jax.random.split(rng)
         init_x = jnp.zeros(env.observation_space(env_params).shape)
         params = network.init(_rng, init_x)
-        tx = optax.chain(optax.clip_by_global_norm(config["MAX_GRAD_NORM"]),
-                         optax.adam(config["LR"], eps=1e-5))
+        tx = optax.chain(
+            optax.clip_by_global_norm(config["MAX_GRAD_NORM"]), optax.adam(config["LR"], eps=1e-5)
+        )
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
         rng, _rng = jax.random.split(rng)
         reset_rng = jax.random.split(_rng, config["NUM_ENVS"])
@@ -130,25 +134,31 @@ def make_train(config):
                 log_prob = pi.log_prob(action)
                 rng, _rng = jax.random.split(rng)
                 rng_step = jax.random.split(_rng, config["NUM_ENVS"])
-                obsv, env_state, reward, done, info = jax.vmap(
-                    env.step, in_axes=(0, 0, 0, None))(rng_step, env_state, action, env_params)
+                obsv, env_state, reward, done, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+                    rng_step, env_state, action, env_params
+                )
                 transition = Transition(done, action, value, reward, log_prob, last_obs, info)
                 return (train_state, env_state, obsv, rng), transition
 
             runner_state, traj_batch = jax.lax.scan(
-                _env_step, runner_state, None, config["NUM_STEPS"])
+                _env_step, runner_state, None, config["NUM_STEPS"]
+            )
             train_state, env_state, last_obs, rng = runner_state
             _, last_val = network.apply(train_state.params, last_obs)
 
             def _get_advantages(gae_and_next_value, transition):
                 gae, next_value = gae_and_next_value
-                delta = (transition.reward + config["GAMMA"] * next_value * (1 - transition.done)
-                         - transition.value)
+                delta = (
+                    transition.reward
+                    + config["GAMMA"] * next_value * (1 - transition.done)
+                    - transition.value
+                )
                 gae = delta + config["GAMMA"] * config["GAE_LAMBDA"] * (1 - transition.done) * gae
                 return (gae, transition.value), gae
 
             _, advantages = jax.lax.scan(
-                _get_advantages, (jnp.zeros_like(last_val), last_val), traj_batch, reverse=True)
+                _get_advantages, (jnp.zeros_like(last_val), last_val), traj_batch, reverse=True
+            )
             targets = advantages + traj_batch.value
 
             def _update_epoch(update_state, unused):
@@ -158,20 +168,29 @@ def make_train(config):
                     def _loss_fn(params, traj_batch, gae, targets):
                         pi, value = network.apply(params, traj_batch.obs)
                         log_prob = pi.log_prob(traj_batch.action)
-                        value_pred_clipped = traj_batch.value + (
-                            value - traj_batch.value).clip(-config["CLIP_EPS"], config["CLIP_EPS"])
-                        value_loss = 0.5 * jnp.maximum(
-                            jnp.square(value - targets),
-                            jnp.square(value_pred_clipped - targets)).mean()
+                        value_pred_clipped = traj_batch.value + (value - traj_batch.value).clip(
+                            -config["CLIP_EPS"], config["CLIP_EPS"]
+                        )
+                        value_loss = (
+                            0.5
+                            * jnp.maximum(
+                                jnp.square(value - targets),
+                                jnp.square(value_pred_clipped - targets),
+                            ).mean()
+                        )
                         ratio = jnp.exp(log_prob - traj_batch.log_prob)
                         gae = (gae - gae.mean()) / (gae.std() + 1e-8)
                         loss_actor = -jnp.minimum(
                             ratio * gae,
                             jnp.clip(ratio, 1.0 - config["CLIP_EPS"], 1.0 + config["CLIP_EPS"])
-                            * gae).mean()
+                            * gae,
+                        ).mean()
                         entropy = pi.entropy().mean()
-                        total = (loss_actor + config["VF_COEF"] * value_loss
-                                 - config["ENT_COEF"] * entropy)
+                        total = (
+                            loss_actor
+                            + config["VF_COEF"] * value_loss
+                            - config["ENT_COEF"] * entropy
+                        )
                         return total, (value_loss, loss_actor, entropy)
 
                     grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
@@ -184,25 +203,26 @@ def make_train(config):
                 permutation = jax.random.permutation(_rng, batch_size)
                 batch = jax.tree_util.tree_map(
                     lambda x: x.reshape((batch_size,) + x.shape[2:]),
-                    (traj_batch, advantages, targets))
-                shuffled = jax.tree_util.tree_map(
-                    lambda x: jnp.take(x, permutation, axis=0), batch)
+                    (traj_batch, advantages, targets),
+                )
+                shuffled = jax.tree_util.tree_map(lambda x: jnp.take(x, permutation, axis=0), batch)
                 minibatches = jax.tree_util.tree_map(
                     lambda x: jnp.reshape(x, [config["NUM_MINIBATCHES"], -1] + list(x.shape[1:])),
-                    shuffled)
+                    shuffled,
+                )
                 train_state, total_loss = jax.lax.scan(_update_minbatch, train_state, minibatches)
                 return (train_state, traj_batch, advantages, targets, rng), total_loss
 
             update_state = (train_state, traj_batch, advantages, targets, rng)
             update_state, loss_info = jax.lax.scan(
-                _update_epoch, update_state, None, config["UPDATE_EPOCHS"])
+                _update_epoch, update_state, None, config["UPDATE_EPOCHS"]
+            )
             train_state, rng = update_state[0], update_state[-1]
             return (train_state, env_state, last_obs, rng), (traj_batch.info, loss_info)
 
         rng, _rng = jax.random.split(rng)
         runner_state = (train_state, env_state, obsv, _rng)
-        runner_state, metric = jax.lax.scan(
-            _update_step, runner_state, None, config["NUM_UPDATES"])
+        runner_state, metric = jax.lax.scan(_update_step, runner_state, None, config["NUM_UPDATES"])
         return {"runner_state": runner_state, "metrics": metric}
 
     return train
@@ -210,10 +230,21 @@ def make_train(config):
 
 @pytest.mark.slow
 def test_purejaxrl_ppo_runs_on_kv_cache_flat_v0():
-    config = {"LR": 2.5e-4, "NUM_ENVS": 8, "NUM_STEPS": 15, "TOTAL_TIMESTEPS": 8 * 15 * 3,
-              "UPDATE_EPOCHS": 2, "NUM_MINIBATCHES": 2, "GAMMA": 0.99, "GAE_LAMBDA": 0.95,
-              "CLIP_EPS": 0.2, "ENT_COEF": 0.01, "VF_COEF": 0.5, "MAX_GRAD_NORM": 0.5,
-              "ENV_NAME": ENV_NAME}
+    config = {
+        "LR": 2.5e-4,
+        "NUM_ENVS": 8,
+        "NUM_STEPS": 15,
+        "TOTAL_TIMESTEPS": 8 * 15 * 3,
+        "UPDATE_EPOCHS": 2,
+        "NUM_MINIBATCHES": 2,
+        "GAMMA": 0.99,
+        "GAE_LAMBDA": 0.95,
+        "CLIP_EPS": 0.2,
+        "ENT_COEF": 0.01,
+        "VF_COEF": 0.5,
+        "MAX_GRAD_NORM": 0.5,
+        "ENV_NAME": ENV_NAME,
+    }
     out = jax.jit(make_train(config))(jax.random.PRNGKey(42))
     info, (loss, _) = out["metrics"]
     assert np.isfinite(np.asarray(loss)).all()

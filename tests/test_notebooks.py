@@ -67,6 +67,7 @@ def test_committed_clean_and_portable(path):
                 assert m in PUBLIC, f"{path.name} imports non-public module {m}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
 def test_runs_and_draws(path, kernel_path, monkeypatch):
     """Execute in a fresh kernel of this interpreter with KVJAX_NB_SMALL=1; every notebook

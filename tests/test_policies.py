@@ -138,6 +138,7 @@ def hard_results():
                        progress=False)["total"] for n in POLICY_NAMES}
 
 
+@pytest.mark.slow  # every policy on thousands of hard scenarios
 def test_oracle_bounds_every_policy_and_value_aware_beats_baselines(hard_results):
     means = {n: float(np.mean(v)) for n, v in hard_results.items()}
     for n in POLICY_NAMES:

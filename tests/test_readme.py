@@ -31,8 +31,11 @@ def test_every_python_block_runs_and_the_rollout_one_liner_too():
     assert np.isfinite(np.asarray(results["total"])).all()
 
     # The inline one-liner after the block, in the namespace the block left.
-    one_liners = [e for e in re.findall(r"`(kvjax\.rollout\.rollout\(.*?\))`", README, flags=re.S)
-                  if "make_policy" in e]
+    one_liners = [
+        e
+        for e in re.findall(r"`(kvjax\.rollout\.rollout\(.*?\))`", README, flags=re.S)
+        if "make_policy" in e
+    ]
     assert one_liners
     for expr in one_liners:
         expr = " ".join(expr.split()).replace("4096", str(SMALL))

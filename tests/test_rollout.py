@@ -65,6 +65,7 @@ def test_results_do_not_depend_on_chunk_size(batched):
         np.testing.assert_array_equal(v, batched[k][:14], err_msg=k)
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded_on_four_devices(tmp_path):
     script = tmp_path / "shard.py"
     script.write_text(textwrap.dedent("""

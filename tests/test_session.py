@@ -10,6 +10,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import trees_equal
 
 import kvjax
 from kvjax import reference
@@ -24,20 +25,8 @@ def ident(kind: str, slot: int) -> int:
     return kvjax.encode_action(kind, slot, S)
 
 
-def close_tree(a, b) -> bool:
-    """Integer/bool leaves equal, float leaves within 1e-6 (eager vs jitted float rounding)."""
-    def ok(x, y):
-        x, y = np.asarray(x), np.asarray(y)
-        if np.issubdtype(x.dtype, np.floating):
-            return bool(np.allclose(x, y, rtol=1e-6, atol=1e-6))
-        return bool(np.array_equal(x, y))
-    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(ok, a, b)))
-
-
 def same_tree(a, b) -> bool:
-    eq = jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))),
-                                a, b)
-    return all(jax.tree_util.tree_leaves(eq))
+    return trees_equal(a, b)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import trees_equal
 
 import kvjax
 from kvjax.dynamics import apply_actions
@@ -36,11 +37,8 @@ CFG = PPOConfig(difficulty="easy", num_envs=64, total_steps=64 * 15, update_epoc
 
 
 def _tree_equal(a, b) -> bool:
-    """Same structure (array leaves only) and bit-identical leaves."""
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return len(la) == len(lb) and all(
-        np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
-        for x, y in zip(la, lb, strict=True))
+    """Same structure (array leaves only) and bit-identical leaves of the same dtype."""
+    return trees_equal(a, b, check_dtype=True)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +179,7 @@ def test_exponential_race_samples_the_categorical():
 
 # -- training ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_vmapped_train_updates_and_differs_across_seeds():
     """jax.vmap(train) over two seeds: one PPO update each changes the parameters, the seeds end
     with different parameters, and no invalid action is ever played."""
@@ -227,6 +226,7 @@ def test_checkpoint_resume_round_trips_exactly(tmp_path, update, runner0):
         checkpoint.save(ppath, params, {}, kind="weights")
 
 
+@pytest.mark.slow
 def test_tiny_training_improves_over_untrained(update, runner0):
     """A few updates on easy raise the mean return of the (sampling) policy on a fixed easy
     scenario set (fixed keys: the score is deterministic)."""
@@ -271,6 +271,7 @@ print(json.dumps(dict(
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_matches_one_device(update, runner0):
     """Two forced host devices: the env batch sharded over a 1-D mesh gives the same episode
     returns (same scenarios, same actions; the mean only up to reduction order) and the same
@@ -344,6 +345,7 @@ def test_committed_checkpoint_loads_and_plays_valid_actions():
     np.testing.assert_array_equal(after, before)
 
 
+@pytest.mark.slow
 def test_bench_cli_prints_every_field(capsys):
     """`python -m train.bench` on a tiny config: one JSON line per config with the timing,
     throughput and load fields (values are not checked: timing is machine-dependent)."""
@@ -462,3 +464,18 @@ def test_ppo_config_validates_hyperparameters():
                 dict(num_envs=2.5), dict(hidden=True), dict(anneal_lr="yes")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             dataclasses.replace(CFG, **bad)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--updates", "0"], "--updates"),
+    (["--cpu-devices", "-1"], "--cpu-devices"),
+    (["--configs", "64:16:1:3"], "divisible"),  # was a traceback from inside the benchmark
+    (["--configs", "64:16"], "num_envs:hidden:epochs:minibatches"),
+    (["--configs", "64:16:1:4", "--difficulty", "x"], "medium+hard"),
+])
+def test_train_bench_cli_bad_arguments_one_line_exit_2(argv, says, capsys):
+    from train import bench
+
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -65,16 +65,21 @@ def test_traced_params_and_pytree_plumbing_are_not_checked():
     # jit / vmap / tree_map rebuild EnvParams from tracers or placeholders: no check, no error.
     f = jax.jit(lambda p: p.replace(swap_bandwidth=p.swap_bandwidth * 0.5))
     assert float(f(PARAMS).swap_bandwidth) == pytest.approx(25e9)
-    assert jax.vmap(lambda d: PARAMS.replace(difficulty=d).difficulty)(jnp.arange(4)).tolist() \
-        == [0, 1, 2, 3]
+    assert jax.vmap(lambda d: PARAMS.replace(difficulty=d).difficulty)(jnp.arange(4)).tolist() == [
+        0,
+        1,
+        2,
+        3,
+    ]
     axes = jax.tree_util.tree_map(lambda _: None, PARAMS)  # a vmap in_axes spec
     assert axes.swap_bandwidth is None
     zeros = jax.tree_util.tree_map(lambda x: 0, PARAMS)  # e.g. a gradient-shaped tree
     assert zeros.swap_bandwidth == 0
     # ... but the rollout entry checks the concrete values it is given.
     with pytest.raises(ValueError, match=r"EnvParams\.\w+ must be"):
-        rollout(kvjax.policies.POLICIES["keep"], jax.random.PRNGKey(0), 4, zeros, ENV,
-                progress=False)
+        rollout(
+            kvjax.policies.POLICIES["keep"], jax.random.PRNGKey(0), 4, zeros, ENV, progress=False
+        )
 
 
 def test_make_and_env_config_reject_bad_config():
@@ -109,8 +114,12 @@ def test_rubric_rejects_a_batch_leading_state_and_points_at_vmap():
 def test_out_of_range_int64_action_ids_are_counted_invalid_not_wrapped():
     # audit 8: 2**32 + 1 wrapped to 1 (evict slot 0, the system prompt) and was not counted.
     _, st = ENV.reset_env(jax.random.PRNGKey(0), PARAMS)
-    for action in (np.array([2**32 + 1, 0, 0], np.int64), [2**32 + 1, 0, 0],
-                   np.array([2**31 + 5, 0, 0], np.uint32), np.array([-3, 0, 0], np.int64)):
+    for action in (
+        np.array([2**32 + 1, 0, 0], np.int64),
+        [2**32 + 1, 0, 0],
+        np.array([2**31 + 5, 0, 0], np.uint32),
+        np.array([-3, 0, 0], np.int64),
+    ):
         _, s1, *_ = ENV.step_env(None, st, action, PARAMS)
         assert int(s1.counters.invalid_actions) == 1 and int(s1.counters.evictions) == 0
     _, s1, *_ = ENV.step_env(None, st, np.array([1, 0, 0], np.int64), PARAMS)
@@ -172,16 +181,26 @@ def test_session_construction_and_json_reject_bad_values():
             pytest.fail(what)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(num_scenarios=0), "num_scenarios"),
-    (dict(num_scenarios=2.5), "num_scenarios"),
-    (dict(num_scenarios=True), "num_scenarios"),
-    (dict(num_scenarios=4, chunk_size=0), "chunk_size"),
-    (dict(num_scenarios=4, micro_batch=-1), "micro_batch"),
-    (dict(num_scenarios=4, key=jnp.zeros((3, 2), jnp.uint32)), "key"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_scenarios=0), "num_scenarios"),
+        (dict(num_scenarios=2.5), "num_scenarios"),
+        (dict(num_scenarios=True), "num_scenarios"),
+        (dict(num_scenarios=4, chunk_size=0), "chunk_size"),
+        (dict(num_scenarios=4, micro_batch=-1), "micro_batch"),
+        (dict(num_scenarios=4, key=jnp.zeros((3, 2), jnp.uint32)), "key"),
+    ],
+)
 def test_rollout_rejects_bad_arguments(kwargs, match):
     args = dict(key=jax.random.PRNGKey(0), params=PARAMS) | kwargs
     with pytest.raises(ValueError, match=match):
-        rollout(kvjax.policies.POLICIES["keep"], args.pop("key"), args.pop("num_scenarios"),
-                args.pop("params"), ENV, progress=False, **args)
+        rollout(
+            kvjax.policies.POLICIES["keep"],
+            args.pop("key"),
+            args.pop("num_scenarios"),
+            args.pop("params"),
+            ENV,
+            progress=False,
+            **args,
+        )

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trees_equal
 from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.image import AxesImage
 
@@ -394,5 +395,4 @@ def test_record_replays_the_env(episode, tmp_path):
 
 def chex_equal(a, b):
     """Trees equal: ints exactly, floats to float32 rounding (XLA fuses differently in a scan)."""
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    assert_trees_equal(a, b, rtol=1e-6, atol=1e-6)

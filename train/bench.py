@@ -21,7 +21,6 @@ Each piece is also given as the env-steps/s it alone would allow. The machine is
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -143,14 +142,18 @@ def bench_config(config: PPOConfig, updates: int = 2, repeats: int = 3,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n")[0])
+    from kvjax.validation import ArgumentParser, fail, positive_int
+
+    ap = ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
                     help="num_envs:hidden:epochs:minibatches (default: %(default)s)")
-    ap.add_argument("--updates", type=int, default=2, help="updates per timed train call")
-    ap.add_argument("--repeats", type=int, default=3, help="timed calls per piece (median)")
+    ap.add_argument("--updates", type=positive_int, default=2,
+                    help="updates per timed train call")
+    ap.add_argument("--repeats", type=positive_int, default=3,
+                    help="timed calls per piece (median)")
     ap.add_argument("--difficulty", default="medium+hard")
     ap.add_argument("--train-only", action="store_true", help="skip the env/policy/learn pieces")
-    ap.add_argument("--cpu-devices", type=int, default=1,
+    ap.add_argument("--cpu-devices", type=positive_int, default=1,
                     help="XLA CPU devices (the env batch is sharded over them)")
     try:
         a = ap.parse_args(argv)
@@ -158,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if a.updates < 1 or a.repeats < 1 or a.cpu_devices < 1:
-        print("--updates, --repeats and --cpu-devices must be positive", file=sys.stderr)
-        return 2
+        return fail("python -m train.bench", str(e))
     force_cpu_devices(a.cpu_devices)
     print(json.dumps(dict(backend=jax.default_backend(), devices=jax.device_count(),
                           cpus=os.cpu_count(), jax=jax.__version__)), flush=True)

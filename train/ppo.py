@@ -100,6 +100,9 @@ class PPOConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
                 raise ValueError(f"{name} must be a positive int (< 2**31), got {v!r}")
+        if self.num_envs % self.num_minibatches:
+            raise ValueError(f"num_envs {self.num_envs} must be divisible by num_minibatches "
+                             f"{self.num_minibatches}")
         for name, spec in REAL_SPECS.items():
             check_field("PPOConfig", name, getattr(self, name), spec)
         for name in ("anneal_lr", "attention", "shard"):
