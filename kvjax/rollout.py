@@ -16,11 +16,15 @@ over a 1-D `jax.sharding.Mesh` of all devices (`mesh=None`: every device of ever
 after `jax.distributed.initialize()` each process feeds its own part with
 `jax.make_array_from_process_local_data` and the results are gathered).
 
-Returns numpy arrays of shape [num_scenarios]: every rubric component, the four metrics and
-`total` (`kvjax.rewards.rubric` of the final state), plus `tier`, `regime`, `invalid_actions`,
-`completed`, `evictions`, `compressions`, `swaps`, `preemptions`. With `return_trajectory=True`
-also `trajectory`: a dict of [num_scenarios, T, ...] arrays - `action` [.., A], `reward`,
-`usage_peak`, `failures`, `pending` (queue length after the step).
+Any kvjax environment: kv-cache-v0 episodes are `episode_len` steps (`lax.scan`); kv-serve-v0
+episodes run until truncation (the clock reaches the horizon; `lax.while_loop`, at most
+`max_steps`) and return `kvjax.serve.episode_metrics` of the final state.
+
+For kv-cache-v0, returns numpy arrays of shape [num_scenarios]: every rubric component, the
+four metrics and `total` (`kvjax.rewards.rubric` of the final state), plus `tier`, `regime`,
+`invalid_actions`, `completed`, `evictions`, `compressions`, `swaps`, `preemptions`. With
+`return_trajectory=True` also `trajectory`: a dict of [num_scenarios, T, ...] arrays - `action`
+[.., A], `reward`, `usage_peak`, `failures`, `pending` (queue length after the step).
 """
 
 from __future__ import annotations
@@ -119,6 +123,37 @@ def episode(
     return out
 
 
+def env_for(cfg):
+    """The environment a static config describes (configs key the compile cache)."""
+    if isinstance(cfg, EnvConfig):
+        return KVCacheEnv(cfg)
+    from kvjax.serve.env import ServeEnv
+
+    return ServeEnv(cfg)
+
+
+def episode_until_truncated(policy, env, key: chex.PRNGKey, index: chex.Array, params):
+    """One scenario's episode (unbatched) for an env whose episodes end at a variable step
+    (kv-serve-v0): reset, then policy + step_env until terminated or truncated, at most
+    `max_steps`; under vmap the loop runs until every scenario is done, finished ones frozen.
+    Returns `env.metrics(final_state, params)`."""
+    k_reset, k_policy = scenario_keys(key, index)
+    _, state = env.reset_env(k_reset, params)
+
+    def cond(carry):
+        t, _, done = carry
+        return ~done & (t < env.config.max_steps)
+
+    def body(carry):
+        t, st, _ = carry
+        action = policy(jax.random.fold_in(k_policy, t), st, params)
+        _, nxt, _, terminated, truncated, _ = env.step_env(k_policy, st, action, params)
+        return t + 1, nxt, terminated | truncated
+
+    _, final, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, jnp.bool_(False)))
+    return env.metrics(final, params)
+
+
 def to_trailing(tree):
     """Batch-leading pytree [n, ...] -> the dynamics' batch-trailing layout [..., n]."""
     return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, -1), tree)
@@ -164,8 +199,14 @@ def _compiled(policy, cfg: EnvConfig, return_trajectory: bool, mesh: Mesh | None
     count, so results are bit-identical across them (XLA may otherwise vectorise float sums
     differently for different batch shapes). With a mesh, `shard_map` gives each device its
     own micro-batches (a 1-D mesh over the batch axis)."""
-    env = KVCacheEnv(cfg)
-    if getattr(policy, "batch_polymorphic", False):
+    env = env_for(cfg)
+    if not isinstance(env, KVCacheEnv):
+        if return_trajectory:
+            raise ValueError(f"return_trajectory is not supported for {env.name} (episodes "
+                             "have a variable number of steps)")
+        one = jax.vmap(lambda key, idx, params: episode_until_truncated(
+            policy, env, key, idx, params), in_axes=(None, 0, None))
+    elif getattr(policy, "batch_polymorphic", False):
         def one(key, idx, params):
             return episodes_trailing(policy, env, key, idx, params, return_trajectory)
     else:
@@ -187,10 +228,11 @@ def _compiled(policy, cfg: EnvConfig, return_trajectory: bool, mesh: Mesh | None
     return jax.jit(sharded)
 
 
-def default_micro_batch(num_scenarios: int, policy=None) -> int:
+def default_micro_batch(num_scenarios: int, policy=None, env=None) -> int:
     """Scenarios vectorised together: the next power of two >= num_scenarios, capped at
     DEFAULT_MICRO (1,024 on CPU; DEFAULT_MICRO_TRAILING for a batch-polymorphic `policy`) or
-    DEFAULT_MICRO_ACCEL on accelerators. Depends on nothing else, so results do not depend on
+    DEFAULT_MICRO_ACCEL on accelerators, and for kv-serve-v0 at 65,536 / max_requests (its
+    step holds [S, S] order matrices). Depends on nothing else, so results do not depend on
     the device count."""
     if jax.default_backend() != "cpu":
         cap = DEFAULT_MICRO_ACCEL
@@ -198,6 +240,9 @@ def default_micro_batch(num_scenarios: int, policy=None) -> int:
         cap = DEFAULT_MICRO_TRAILING
     else:
         cap = DEFAULT_MICRO
+    rows = getattr(getattr(env, "config", None), "max_requests", None)
+    if rows:
+        cap = max(1, min(cap, 65536 // rows))
     return int(min(cap, 2 ** math.ceil(math.log2(max(int(num_scenarios), 1)))))
 
 
@@ -251,7 +296,7 @@ def rollout(
     env = env or KVCacheEnv()
     mesh = mesh or default_mesh()
     n_dev = mesh.devices.size
-    micro = int(micro_batch or default_micro_batch(num_scenarios, policy))
+    micro = int(micro_batch or default_micro_batch(num_scenarios, policy, env))
     chunk = int(chunk_size or max(micro, min(DEFAULT_CHUNK, int(num_scenarios))))
     if chunk < 1 or micro < 1:
         raise ValueError(f"chunk_size and micro_batch must be >= 1, got {chunk_size}, "
@@ -317,6 +362,8 @@ def summarize_results(results: dict[str, Any], z: float = 1.96) -> dict[str, dic
 __all__ = [
     "default_mesh",
     "default_micro_batch",
+    "env_for",
+    "episode_until_truncated",
     "episode",
     "normalize_params",
     "rollout",
