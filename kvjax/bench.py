@@ -49,9 +49,21 @@ def time_policy(
     device's share); `kvjax bench` exposes one XLA CPU device per core
     (`cli.use_all_cpu_cores`)."""
     policy = make_policy(name, env)
+    row, _ = time_rollout(policy, env, params, batch, repeats, seed)
+    row["steps_per_s"] = batch * env.config.episode_len / row["median_s"]
+    row["path"] = "batch-trailing" if getattr(policy, "batch_polymorphic", False) else "vmap"
+    return row
+
+
+def time_rollout(
+    policy, env: Any, params: Any, batch: int, repeats: int, seed: int = 0
+) -> tuple[dict[str, float], list[dict[str, np.ndarray]]]:
+    """Time the rollout engine's program for `batch` whole episodes of any kvjax env: compile
+    seconds apart, then a warm-up and `repeats` calls on fresh scenarios. Returns the timing
+    row and each timed call's per-scenario results."""
     mesh = default_mesh()
     n_dev = mesh.devices.size if batch % mesh.devices.size == 0 else 1
-    micro = min(default_micro_batch(batch, policy), batch // n_dev)
+    micro = min(default_micro_batch(batch, policy, env), batch // n_dev)
     if batch % (micro * n_dev):
         micro = batch // n_dev
     fn = _compiled(policy, env.config, False, mesh if n_dev > 1 else None)
@@ -67,17 +79,16 @@ def time_policy(
     compiled = fn.lower(key, idx, params).compile()
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(key, idx, params))  # warm-up
-    times = []
+    times, outs = [], []
     for r in range(repeats):
         idx_r = indices((r + 1) * batch)  # fresh scenarios each repeat
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(key, idx_r, params))
+        out = jax.block_until_ready(compiled(key, idx_r, params))
         times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    steps = batch * env.config.episode_len
-    return {"compile_s": compile_s, "median_s": med, "min_s": min(times),
-            "steps_per_s": steps / med, "micro_batch": micro, "devices": n_dev,
-            "path": "batch-trailing" if getattr(policy, "batch_polymorphic", False) else "vmap"}
+        outs.append(jax.tree_util.tree_map(np.asarray, out))
+    row = {"compile_s": compile_s, "median_s": statistics.median(times), "min_s": min(times),
+           "micro_batch": micro, "devices": n_dev}
+    return row, outs
 
 
 def reference_steps_per_s(
@@ -199,5 +210,101 @@ def summary_line(record: dict[str, Any]) -> str:
             + ("" if sp is None else f" ({sp:,.0f}x the pure-Python reference)"))
 
 
+SERVE_PRESETS = ("toy", "h100-llama3-8b")
+SERVE_CPU_BATCHES = (1, 64, 1024, 4096)
+SERVE_ACCEL_BATCHES = (1, 1024, 16384, 65536)
+SERVE_HORIZON = 5.0  # simulated seconds per benchmark episode (a rate, not an outcome)
+
+
+def serve_reference_iterations_per_s(preset: str, seconds: float = 2.0, seed: int = 0) -> float:
+    """Engine iterations/s of kv-serve-v0's pure-Python reference (one scenario, no-op actions)
+    on a preset, over at least `seconds` of wall time."""
+    from kvjax.serve import reference
+
+    env, params = kvjax.make("kv-serve-v0", preset=preset, load=0.8, horizon=SERVE_HORIZON)
+    _, state = jax.jit(env.reset_env)(jax.random.PRNGKey(seed), params)
+    ref = reference.ReferenceEngine.from_state(state, params, env.config)
+    noop = jax.tree_util.tree_map(np.asarray, env.noop_action())
+    iterations, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        before = ref.clock
+        ref.step(noop)
+        iterations += env.config.iterations_per_step
+        if ref.clock >= SERVE_HORIZON or ref.clock == before:
+            break
+    return iterations / (time.perf_counter() - t0)
+
+
+def run_serve_benchmark(
+    presets: Sequence[str] = SERVE_PRESETS,
+    batch_sizes: Sequence[int] | None = None,
+    repeats: int = 3,
+    engine: str = "vllm",
+    load: float = 0.8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """kv-serve-v0 speed: simulated engine iterations per wall second and simulated seconds per
+    wall second, per preset and batch size (the engine default's whole episodes of
+    SERVE_HORIZON simulated seconds), with the pure-Python reference's rate in the same run."""
+    from kvjax.serve.policies import make_policy as make_serve_policy
+
+    accel = jax.default_backend() != "cpu"
+    batch_sizes = tuple(int(b) for b in (batch_sizes or (
+        SERVE_ACCEL_BATCHES if accel else SERVE_CPU_BATCHES)))
+    if any(b < 1 for b in batch_sizes) or repeats < 1:
+        raise ValueError(f"batch sizes and repeats must be >= 1, got {batch_sizes}, {repeats}")
+    rows = []
+    jobs = [(p, b) for p in presets for b in batch_sizes]
+    for preset, batch in tqdm(jobs, desc="bench kv-serve-v0", disable=not progress):
+        env, params = kvjax.make("kv-serve-v0", preset=preset, engine=engine, load=load,
+                                 horizon=SERVE_HORIZON)
+        policy = make_serve_policy("engine_default", env)
+        row, outs = time_rollout(policy, env, params, batch, repeats)
+        per_call = [(float(o["iterations"].sum()), float(np.minimum(
+            o["clock"], SERVE_HORIZON).sum())) for o in outs]
+        its = statistics.median(i for i, _ in per_call)
+        sim = statistics.median(c for _, c in per_call)
+        rows.append({"preset": preset, "batch": batch, **row,
+                     "iterations_per_s": its / row["median_s"],
+                     "sim_s_per_wall_s": sim / row["median_s"],
+                     "iterations_per_episode": its / batch})
+    ref = {p: serve_reference_iterations_per_s(p) for p in presets}
+    for r in rows:
+        r["speedup_vs_reference"] = r["iterations_per_s"] / ref[r["preset"]]
+    return {"machine": machine_info(), "env": "kv-serve-v0",
+            "config": {"engine": engine, "load": load, "horizon_s": SERVE_HORIZON,
+                       "repeats": repeats, "policy": "engine_default"},
+            "reference_iterations_per_s": ref, "results": rows}
+
+
+def serve_markdown_table(record: dict[str, Any]) -> str:
+    """The kv-serve-v0 record as a markdown table (preset x batch)."""
+    lines = [
+        "| preset | batch | engine iterations/s | simulated s / wall s | x reference | "
+        "s per call | compile s | iterations / episode |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in record["results"]:
+        lines.append(
+            f"| {r['preset']} | {r['batch']:,} | {_fmt_rate(r['iterations_per_s'])} | "
+            f"{r['sim_s_per_wall_s']:,.0f} | {r['speedup_vs_reference']:,.1f}x | "
+            f"{r['median_s']:.3f} | {r['compile_s']:.1f} | {r['iterations_per_episode']:,.0f} |")
+    lines.append("")
+    lines.append("Pure-Python reference (`kvjax.serve.reference`, one scenario): " + ", ".join(
+        f"{k} {v:,.0f} iterations/s" for k, v in record["reference_iterations_per_s"].items()))
+    return "\n".join(lines)
+
+
+def serve_summary_line(record: dict[str, Any]) -> str:
+    """The acceptance number: toy at batch 4,096 (target 0.5M iterations/s, 10,000x real
+    time on the 2-core machine)."""
+    rows = [r for r in record["results"] if r["preset"] == "toy"] or record["results"]
+    best = min(rows, key=lambda r: abs(r["batch"] - TARGET_BATCH))
+    return (f"{best['preset']} @ batch {best['batch']:,}: {best['iterations_per_s']:,.0f} "
+            f"engine iterations/s, {best['sim_s_per_wall_s']:,.0f}x real time "
+            f"({best['speedup_vs_reference']:,.0f}x the pure-Python reference)")
+
+
 __all__ = ["BENCH_POLICIES", "default_batch_sizes", "markdown_table", "reference_steps_per_s",
-           "run_benchmark", "summary_line", "time_policy", "machine_info"]
+           "run_benchmark", "run_serve_benchmark", "serve_markdown_table", "serve_summary_line",
+           "summary_line", "time_policy", "time_rollout", "machine_info"]

@@ -2,7 +2,10 @@
 
     kvjax demo [--num-scenarios 4096] [--seed 0] [--out-dir runs]
     kvjax eval --policy NAME --difficulty TIER [--num-scenarios N] [--seed S] [--json]
+    kvjax eval --env kv-serve-v0 --policy engine_default [--preset toy] [--engine vllm]
+               [--load 0.8] [--workload synthetic] [--horizon 60]
     kvjax bench [--json] [--batch-sizes 1 1024 4096] [--repeats R] [--write PATH]
+    kvjax bench --env kv-serve-v0 [--presets toy h100-llama3-8b] [--write PATH]
     kvjax leaderboard [--num-scenarios 4096] [--seed 0] [--output docs/leaderboard.md]
     kvjax eval-llm -m MODEL --base-url URL [--api-key-var VAR] [--difficulty T] [-n N]
     kvjax eval-llm --policy NAME [--difficulty T] [-n N]      (docs/llm-eval.md)
@@ -19,11 +22,59 @@ import time
 from pathlib import Path
 
 from kvjax.adapters import add_eval_llm_parser, cmd_eval_llm
+from kvjax.env import ENV_IDS
 from kvjax.policies import POLICY_NAMES
 from kvjax.types import DIFFICULTIES
-from kvjax.validation import ArgumentParser, check_writable_dir, check_writable_file, fail
+from kvjax.validation import ArgumentParser, check_writable_dir, check_writable_file, fail, real_arg
 from kvjax.validation import positive_int as _positive
 from kvjax.validation import seed_arg as _seed
+
+SERVE_OPTIONS = ("preset", "engine", "load", "workload", "horizon")
+
+
+def _serve_names():
+    from kvjax.serve import ENGINES, PRESETS, WORKLOADS
+    from kvjax.serve.policies import SERVE_POLICY_NAMES
+    from kvjax.serve.workload import ALIASES
+
+    return dict(presets=list(PRESETS), engines=list(ENGINES),
+                workloads=sorted(WORKLOADS + tuple(ALIASES)), policies=list(SERVE_POLICY_NAMES))
+
+
+def _add_serve_options(p: argparse.ArgumentParser, presets_plural: bool = False) -> None:
+    """kv-serve-v0's scenario options (errors when given for kv-cache-v0)."""
+    names = _serve_names()
+    if presets_plural:
+        p.add_argument("--presets", nargs="+", choices=names["presets"], default=None)
+    else:
+        p.add_argument("--preset", choices=names["presets"], default=None)
+    p.add_argument("--engine", choices=names["engines"], default=None)
+    p.add_argument("--load", type=real_arg(0.0, None, lo_open=True), default=None,
+                   help="offered load, a fraction of the preset's roofline capacity")
+    if not presets_plural:
+        p.add_argument("--workload", choices=names["workloads"], default=None)
+        p.add_argument("--horizon", type=real_arg(0.0, None, lo_open=True), default=None,
+                       help="simulated seconds per episode")
+
+
+def check_env_options(args: argparse.Namespace) -> None:
+    """ValueError when options of one environment are given for the other."""
+    env = getattr(args, "env", None)
+    if env is None:
+        return
+    given = [o for o in SERVE_OPTIONS + ("presets",) if getattr(args, o, None) is not None]
+    if env == "kv-cache-v0" and given:
+        raise ValueError(f"--{given[0]} applies to --env kv-serve-v0 only")
+    policies = [args.policy] if getattr(args, "policy", None) else []
+    if env == "kv-serve-v0":
+        allowed = _serve_names()["policies"]
+        if getattr(args, "difficulty", None) not in (None, "medium"):
+            raise ValueError("--difficulty applies to kv-cache-v0 only (kv-serve-v0 has presets)")
+    else:
+        allowed = list(POLICY_NAMES)
+    for name in policies:
+        if name not in allowed:
+            raise ValueError(f"unknown {env} policy {name!r}; allowed: {allowed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=list(POLICY_NAMES))
 
     ev = sub.add_parser("eval", help="one policy on one tier: rubric means and 95%% intervals")
-    ev.add_argument("--policy", required=True, choices=POLICY_NAMES)
+    ev.add_argument("--env", choices=ENV_IDS, default="kv-cache-v0")
+    ev.add_argument("--policy", required=True,
+                    choices=list(POLICY_NAMES) + _serve_names()["policies"])
     ev.add_argument("--difficulty", default="medium", choices=DIFFICULTIES)
     ev.add_argument("--num-scenarios", type=_positive, default=1024)
     ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON record")
+    _add_serve_options(ev)
 
     be = sub.add_parser("bench", help="env-steps/s per policy and batch size vs the reference")
+    be.add_argument("--env", choices=ENV_IDS, default="kv-cache-v0")
     be.add_argument("--json", action="store_true", help="print one JSON record")
     be.add_argument("--batch-sizes", type=_positive, nargs="+", default=None)
     be.add_argument("--repeats", type=_positive, default=5)
@@ -53,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                     default=["keep", "random", "value_aware"])
     be.add_argument("--write", default=None, metavar="PATH",
                     help="also write the markdown report (e.g. docs/benchmarks.md)")
+    _add_serve_options(be, presets_plural=True)
 
     lb = sub.add_parser("leaderboard", help="regenerate docs/leaderboard.md")
     lb.add_argument("--num-scenarios", type=_positive, default=4096)
@@ -71,6 +127,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from kvjax.policies import make_policy
     from kvjax.rollout import rollout, summarize_results
 
+    if args.env == "kv-serve-v0":
+        return _cmd_eval_serve(args)
     env, params = kvjax.make("kv-cache-v0", difficulty=args.difficulty)
     t0 = time.perf_counter()
     res = rollout(make_policy(args.policy, env), jax.random.PRNGKey(args.seed),
@@ -86,6 +144,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
           f"(seed {args.seed}, {record['seconds']:.1f} s incl. compile)")
     for k, v in summary.items():
         print(f"  {k:<26} {v['mean']:+.4f} ± {v['ci95']:.4f}")
+    return 0
+
+
+def _cmd_eval_serve(args: argparse.Namespace) -> int:
+    import jax
+
+    import kvjax
+    from kvjax.rollout import rollout, summarize_results
+    from kvjax.serve.policies import make_policy
+
+    scenario = dict(preset=args.preset or "toy", engine=args.engine or "vllm",
+                    workload_name=args.workload or "synthetic", load=args.load or 0.8)
+    extra = {} if args.horizon is None else {"horizon": args.horizon}
+    env, params = kvjax.make("kv-serve-v0", **scenario, **extra)
+    t0 = time.perf_counter()
+    res = rollout(make_policy(args.policy, env), jax.random.PRNGKey(args.seed),
+                  args.num_scenarios, params, env, progress=not args.json)
+    summary = summarize_results(res)
+    record = {"env": args.env, "policy": args.policy, **scenario,
+              "horizon_s": float(params.horizon), "arrival_rate": float(params.arrival_rate),
+              "num_scenarios": args.num_scenarios, "seed": args.seed,
+              "seconds": round(time.perf_counter() - t0, 3), "results": summary}
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(f"{args.policy} on kv-serve-v0 {scenario['preset']} / {scenario['engine']} / "
+          f"{scenario['workload_name']} at load {scenario['load']:g} "
+          f"({float(params.arrival_rate):.2f} req/s, {float(params.horizon):g} s), "
+          f"{args.num_scenarios:,} scenarios (seed {args.seed}, {record['seconds']:.1f} s)")
+    for k, v in summary.items():
+        print(f"  {k:<22} {v['mean']:>12.4f} ± {v['ci95']:.4f}")
     return 0
 
 
@@ -120,6 +209,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kvjax import bench
+
+    if args.env == "kv-serve-v0":
+        record = bench.run_serve_benchmark(
+            args.presets or bench.SERVE_PRESETS, args.batch_sizes, args.repeats,
+            engine=args.engine or "vllm", load=args.load or 0.8, progress=not args.json)
+        table = bench.serve_markdown_table(record)
+        if args.write:
+            Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.write).write_text(serve_benchmarks_document(record, table))
+        print(json.dumps(record) if args.json else table + "\n" + bench.serve_summary_line(
+            record))
+        return 0
 
     record = bench.run_benchmark(args.batch_sizes, args.policies, args.repeats,
                                  progress=not args.json)
@@ -164,6 +265,36 @@ def benchmarks_document(record: dict, table: str) -> str:
         "",
         f"Target (issue 3): at least 1,000,000 env-steps/s and 100x the reference for value_aware "
         f"at batch 4,096 on the 2-core CI machine: {_target_status(record)}.",
+        "",
+    ])
+
+
+def serve_benchmarks_document(record: dict, table: str) -> str:
+    """The docs/serving-benchmarks.md text for one kv-serve-v0 benchmark record."""
+    from kvjax import bench
+
+    m, cfg = record["machine"], record["config"]
+    return "\n".join([
+        "# kv-serve-v0 benchmarks",
+        "",
+        "Regenerate with `kvjax bench --env kv-serve-v0 --write docs/serving-benchmarks.md`. "
+        "One jitted call resets `batch` scenarios and plays whole episodes of "
+        f"{cfg['horizon_s']:g} simulated seconds with the engine default ({cfg['engine']} rules, "
+        f"load {cfg['load']:g}, the synthetic conversation workload); median of "
+        f"{cfg['repeats']} calls after a warm-up, compile time apart. Engine iterations/s "
+        "counts the simulated engine iterations of all scenarios per wall second; simulated "
+        "s / wall s is the simulated time of all scenarios per wall second.",
+        "",
+        f"Machine: {m['backend']} / {m['device']} x{m['device_count']}, {m['cpu_count']} CPU "
+        f"cores ({m['processor']}), Python {m['python']}, jax {m['jax']}; 1-minute load "
+        f"average at the end of the run {m['load_avg_1m']}.",
+        "",
+        table,
+        "",
+        f"Headline: {bench.serve_summary_line(record)}.",
+        "",
+        "Target (kv-serve-v0 issue): `toy` at 0.5M engine iterations/s at batch 4,096 on the "
+        "2-core machine (10,000x real time).",
         "",
     ])
 
@@ -238,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_outputs(args)
+        check_env_options(args)
     except ValueError as e:
         return fail(f"kvjax {args.command}", str(e))
     use_all_cpu_cores()
