@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 def before_matrix(keys: Sequence[chex.Array], valid: chex.Array) -> chex.Array:
     """bool [n, n]: entry [i, j] is True when row j comes strictly before row i in the
-    lexicographic order of `keys` (each int [n]; the row index breaks ties), invalid rows
-    after every valid row (their own order is unspecified and never used)."""
+    lexicographic order of `keys` (each an int or float [n]; the row index breaks ties),
+    invalid rows after every valid row (their own order is unspecified and never used)."""
     n = valid.shape[-1]
     idx = jnp.arange(n)
     # Start from the row-index tie-break and fold keys from the least to the most significant.

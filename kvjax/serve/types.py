@@ -134,7 +134,7 @@ class SegmentTable:
 class Metrics:
     """Episode accumulators (per scenario)."""
 
-    arrived: chex.Array  # int32 requests whose arrival time has passed (offered)
+    arrived: chex.Array  # int32 requests that entered the table (offered; see engine.arrivals)
     finished: chex.Array  # int32
     good: chex.Array  # int32 finished within both SLOs
     timed_out: chex.Array  # int32 dropped by the client timeout
@@ -143,7 +143,7 @@ class Metrics:
     offloads: chex.Array  # int32 offload commands carried out
     invalid_commands: chex.Array  # int32 commands that named nothing valid
     output_tokens: chex.Array  # int32 tokens generated
-    prompt_tokens: chex.Array  # int32 prompt tokens of admitted requests (first admission)
+    prompt_tokens: chex.Array  # int32 tokens looked up in the prefix cache at fresh admissions
     hit_tokens: chex.Array  # int32 prompt tokens served from the prefix cache
     recomputed_tokens: chex.Array  # int32 tokens prefilled again after preemptions
     prefill_tokens: chex.Array  # int32 tokens prefilled in all
