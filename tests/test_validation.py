@@ -111,18 +111,19 @@ def test_rubric_rejects_a_batch_leading_state_and_points_at_vmap():
     np.testing.assert_allclose(vm["total"], tr["total"], atol=1e-6)
 
 
-def test_out_of_range_int64_action_ids_are_counted_invalid_not_wrapped():
+def test_out_of_range_int64_action_ids_are_counted_invalid_not_wrapped(hard_env):
+    env, params = hard_env
     # audit 8: 2**32 + 1 wrapped to 1 (evict slot 0, the system prompt) and was not counted.
-    _, st = ENV.reset_env(jax.random.PRNGKey(0), PARAMS)
+    _, st = env.reset_env(jax.random.PRNGKey(0), params)
     for action in (
         np.array([2**32 + 1, 0, 0], np.int64),
         [2**32 + 1, 0, 0],
         np.array([2**31 + 5, 0, 0], np.uint32),
         np.array([-3, 0, 0], np.int64),
     ):
-        _, s1, *_ = ENV.step_env(None, st, action, PARAMS)
+        _, s1, *_ = env.step_env(None, st, action, params)
         assert int(s1.counters.invalid_actions) == 1 and int(s1.counters.evictions) == 0
-    _, s1, *_ = ENV.step_env(None, st, np.array([1, 0, 0], np.int64), PARAMS)
+    _, s1, *_ = env.step_env(None, st, np.array([1, 0, 0], np.int64), params)
     assert int(s1.counters.evictions) == 1 and int(s1.counters.invalid_actions) == 0
 
 
