@@ -211,7 +211,9 @@ def summary_line(record: dict[str, Any]) -> str:
 
 
 SERVE_PRESETS = ("toy", "h100-llama3-8b")
-SERVE_CPU_BATCHES = (1, 64, 1024, 4096)
+# Batch sizes per table size on CPU: a large preset's step holds [S, S] order matrices per
+# scenario (S = 512 for h100-llama3-8b), so thousands of them do not fit a 2-core machine.
+SERVE_CPU_BATCHES = {64: (1, 64, 1024, 4096), 0: (1, 16, 64)}
 SERVE_ACCEL_BATCHES = (1, 1024, 16384, 65536)
 SERVE_HORIZON = 5.0  # simulated seconds per benchmark episode (a rate, not an outcome)
 
@@ -247,14 +249,22 @@ def run_serve_benchmark(
     wall second, per preset and batch size (the engine default's whole episodes of
     SERVE_HORIZON simulated seconds), with the pure-Python reference's rate in the same run."""
     from kvjax.serve.policies import make_policy as make_serve_policy
+    from kvjax.serve.presets import PRESETS
 
     accel = jax.default_backend() != "cpu"
-    batch_sizes = tuple(int(b) for b in (batch_sizes or (
-        SERVE_ACCEL_BATCHES if accel else SERVE_CPU_BATCHES)))
-    if any(b < 1 for b in batch_sizes) or repeats < 1:
+
+    def sizes(preset: str) -> tuple[int, ...]:
+        if batch_sizes:
+            return tuple(int(b) for b in batch_sizes)
+        if accel:
+            return SERVE_ACCEL_BATCHES
+        rows = PRESETS[preset]["config"]["max_requests"]
+        return SERVE_CPU_BATCHES.get(rows, SERVE_CPU_BATCHES[0])
+
+    if any(b < 1 for p in presets for b in sizes(p)) or repeats < 1:
         raise ValueError(f"batch sizes and repeats must be >= 1, got {batch_sizes}, {repeats}")
     rows = []
-    jobs = [(p, b) for p in presets for b in batch_sizes]
+    jobs = [(p, b) for p in presets for b in sizes(p)]
     for preset, batch in tqdm(jobs, desc="bench kv-serve-v0", disable=not progress):
         env, params = kvjax.make("kv-serve-v0", preset=preset, engine=engine, load=load,
                                  horizon=SERVE_HORIZON)
