@@ -277,10 +277,11 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
     return st, p
 
 
-def test_parity_crafted_states():
+@pytest.mark.parametrize("batches", [8, pytest.param(96, marks=pytest.mark.slow)])
+def test_parity_crafted_states(batches):
     """Random consistent mid-episode states (every status, little free memory, pinned and
     evictable segments, transfers ending, batch limits varied), a few steps each; batches of
-    the `tight` case's size, so its compile is reused."""
+    the `tight` case's size, so its compile is reused (96 states, or 1,152 when slow)."""
     env, base, names = scenarios(CASES["tight"])
     cfg, m = env.config, len(base)
     vreset, vstep = compiled(env)
@@ -289,7 +290,7 @@ def test_parity_crafted_states():
         lambda *xs: jnp.asarray(np.stack(xs)), *trees)
     pick = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)  # noqa: E731
     refs_all = []
-    for batch_index in range(8):
+    for batch_index in range(batches):
         keys = jax.random.split(jax.random.PRNGKey(100 + batch_index), m)
         host = jax.device_get(vreset(keys, stack(base))[1])
         built, plist, refs = [], [], []
