@@ -9,6 +9,7 @@
     kvjax leaderboard [--num-scenarios 4096] [--seed 0] [--output docs/leaderboard.md]
     kvjax eval-llm -m MODEL --base-url URL [--api-key-var VAR] [--difficulty T] [-n N]
     kvjax eval-llm --policy NAME [--difficulty T] [-n N]      (docs/llm-eval.md)
+    kvjax workload stats NAME_OR_FILE [--plot PATH] [--json]  (a bundled trace or a trace file)
 
 Unknown policy / tier names exit with code 2 and list the allowed values (argparse choices).
 """
@@ -116,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--output", default="docs/leaderboard.md")
     lb.add_argument("--note", default="", help="a line added under the header (e.g. load)")
     add_eval_llm_parser(sub)  # the LLM tool-calling evaluation (kvjax.adapters)
+
+    wl = sub.add_parser("workload", help="request traces for kv-serve-v0 (docs/serving.md)")
+    wl_sub = wl.add_subparsers(dest="action", required=True)
+    ws = wl_sub.add_parser("stats", help="arrival rate, burstiness, length percentiles, "
+                                         "prefix reuse of a trace")
+    ws.add_argument("trace", metavar="NAME_OR_FILE",
+                    help="a bundled trace (azure-conv, azure-code, mooncake-conv, "
+                         "mooncake-synthetic) or an Azure / BurstGPT CSV, Mooncake / "
+                         "Qwen-Bailian JSONL or saved .npz file")
+    ws.add_argument("--plot", default=None, metavar="PATH",
+                    help="also draw arrivals per second and length histograms to a PNG")
+    ws.add_argument("--json", action="store_true", help="print one JSON record")
     return parser
 
 
@@ -323,8 +336,29 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_workload(args: argparse.Namespace) -> int:
+    from kvjax.serve import traces
+
+    try:
+        trace = traces.load_trace(args.trace)
+    except (ValueError, OSError) as e:
+        return fail(f"kvjax workload {args.action}", str(e))
+    stats = traces.trace_stats(trace)
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        traces.plot_trace(trace, args.plot)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(traces.format_stats(stats))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
 COMMANDS = {"demo": _cmd_demo, "eval": _cmd_eval, "bench": _cmd_bench,
-            "leaderboard": _cmd_leaderboard, "eval-llm": cmd_eval_llm}
+            "leaderboard": _cmd_leaderboard, "eval-llm": cmd_eval_llm,
+            "workload": _cmd_workload}
 
 
 def use_all_cpu_cores() -> None:
@@ -351,7 +385,8 @@ def use_all_cpu_cores() -> None:
 
 # Output paths each command writes, checked before any work: (attribute, kind).
 OUTPUTS = {"demo": [("out_dir", "dir")], "bench": [("write", "file")],
-           "leaderboard": [("output", "file")]}  # eval-llm checks its own (adapters)
+           "leaderboard": [("output", "file")],
+           "workload": [("plot", "file")]}  # eval-llm checks its own (adapters)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
