@@ -96,6 +96,19 @@ def test_mooncake_jsonl_prefixes(tmp_path):
     assert r["token_reuse"] == pytest.approx((1024 + 700 + 1536) / 5600)
 
 
+def test_out_of_order_records_are_sorted_before_prefix_matching(tmp_path):
+    rng = np.random.default_rng(1)
+    recs = [{"timestamp": 10 * i, "input_length": 600 * (i % 4 + 1), "output_length": i + 1,
+             "hash_ids": [0, *range(1, i % 4 + 1)] if i % 2 else [0, 100 + i]}
+            for i in range(40)]
+    a = traces.load_trace(jsonl(tmp_path / "a.jsonl", recs))
+    shuffled = [recs[k] for k in rng.permutation(len(recs))]
+    b = traces.load_trace(jsonl(tmp_path / "b.jsonl", shuffled))
+    for k in traces._NPZ_ARRAYS:
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+    assert a.output_len.tolist() == list(range(1, 41))
+
+
 def test_bailian_jsonl_chains(tmp_path):
     f = jsonl(tmp_path / "qwen.jsonl", [
         {"chat_id": 10, "parent_chat_id": -1, "timestamp": 1.0, "input_length": 40,

@@ -119,18 +119,24 @@ class Trace:
     def node_depth(self) -> np.ndarray:
         """Blocks from the root to the end of each segment ([num_nodes] int64)."""
         depth = self.node_blocks.astype(np.int64)
-        # parents precede children (segments are numbered in order of first appearance)
-        for j in np.flatnonzero(self.node_parent >= 0):
-            depth[j] += depth[self.node_parent[j]]
+        up = self.node_parent.astype(np.int64)
+        while (up >= 0).any():  # pointer jumping: O(log height) vector passes
+            has = up >= 0
+            depth = depth + np.where(has, depth[np.maximum(up, 0)], 0)
+            up = np.where(has, up[np.maximum(up, 0)], -1)
         return depth
 
-    def path(self, i: int) -> list[int]:
-        """Segments of request i's blocks, root first."""
-        out, j = [], int(self.node[i])
+    def segment_path(self, j: int) -> list[int]:
+        """Segments from a root down to segment j (empty for j = -1)."""
+        out, j = [], int(j)
         while j >= 0:
             out.append(j)
             j = int(self.node_parent[j])
         return out[::-1]
+
+    def path(self, i: int) -> list[int]:
+        """Segments of request i's blocks, root first."""
+        return self.segment_path(self.node[i])
 
     def columns(self) -> dict[str, np.ndarray]:
         """The per-request arrays by name (equal length), e.g. to put a trace on a device."""
@@ -244,42 +250,38 @@ def _read_csv(path: Path, fmt: str) -> dict[str, np.ndarray | list]:
                 cols[key] = (pos[_norm(name)], name)
         width = len(header)
         out: dict[str, list] = {k: [] for k in cols}
-        buf: dict[str, list[str]] = {k: [] for k in cols}
-        buf_line = 2
+        rows: list[list[str]] = []
+        first = 2  # the line of rows[0]
 
         def flush():
-            nonlocal buf_line
-            if not buf["time"]:
+            if not rows:
                 return
-            for key, (_, name) in cols.items():
-                vals = buf[key]
+            columns = list(zip(*rows, strict=True))
+            for key, (k, name) in cols.items():
+                vals = [v.strip() for v in columns[k]] if key == "time" else list(columns[k])
                 if key == "time" and fmt == "azure":
-                    out[key].append(_to_seconds(vals, path, buf_line, name))
+                    out[key].append(_to_seconds(vals, path, first, name))
                 elif key in ("time", "elapsed"):
-                    out[key].append(_to_float(vals, path, buf_line, name))
+                    out[key].append(_to_float(vals, path, first, name))
                 elif key in ("input", "output", "total"):
-                    out[key].append(_to_int(vals, path, buf_line, name))
+                    out[key].append(_to_int(vals, path, first, name))
                 else:
-                    out[key].extend(vals)
-                buf[key] = []
-            buf_line = line + 1
+                    out[key].extend(v.strip() for v in vals)
+            rows.clear()
 
-        line = 1
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
             if len(row) != width:
+                line = reader.line_num
                 if not row or (len(row) == 1 and not row[0].strip()):
-                    if not buf["time"]:
-                        buf_line = line + 1
-                        continue
-                    flush()  # a blank line: keep line numbers of later chunks right
-                    buf_line = line + 1
+                    flush()  # a blank line: chunks are runs of consecutive lines
+                    first = line + 1
                     continue
                 raise _err(path, line, None, f"expected {width} comma-separated fields "
                                              f"({', '.join(header)}), got {len(row)}")
-            for key, (k, _) in cols.items():
-                buf[key].append(row[k].strip())
-            if len(buf["time"]) >= _CHUNK:
+            rows.append(row)
+            if len(rows) >= _CHUNK:
                 flush()
+                first = reader.line_num + 1
         flush()
     res: dict = {}
     for key in cols:
@@ -340,8 +342,16 @@ def _int_field(path, line, rec, key, lo=0, required=True, default=-1) -> int:
     return v
 
 
+def _check_hashes(path, line, h) -> None:
+    if not isinstance(h, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in h
+    ):
+        raise _err(path, line, "hash_ids",
+                   f"expected a list of non-negative integers, got {str(h)[:60]}")
+
+
 def _read_jsonl(path: Path, fmt: str) -> dict:
-    t, inp, out, nblk, hashes = [], [], [], [], []
+    t, inp, out, nblk, hashes, lines = [], [], [], [], [], []
     chat, parent_chat, kind, turn = [], [], [], []
     with open(path, encoding="utf-8") as f:
         for line, text in enumerate(f, start=1):
@@ -362,16 +372,14 @@ def _read_jsonl(path: Path, fmt: str) -> dict:
             t.append(ts)
             inp.append(_int_field(path, line, rec, "input_length"))
             out.append(_int_field(path, line, rec, "output_length"))
-            h = rec.get("hash_ids", None)
             if "hash_ids" not in rec:
                 raise _err(path, line, "hash_ids", "missing field")
-            if not isinstance(h, list) or not all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in h
-            ):
-                raise _err(path, line, "hash_ids",
-                           f"expected a list of non-negative integers, got {str(h)[:60]}")
+            h = rec["hash_ids"]
+            if type(h) is not list:
+                _check_hashes(path, line, h)
             nblk.append(len(h))
             hashes.extend(h)
+            lines.append(line)
             if fmt == "bailian":
                 if "chat_id" not in rec:
                     raise _err(path, line, "chat_id", "missing field")
@@ -392,6 +400,16 @@ def _read_jsonl(path: Path, fmt: str) -> dict:
                 turn.append(_int_field(path, line, rec, "turn", lo=0, required=False))
     if not t:
         raise _err(path, None, None, "no requests")
+    try:
+        h = np.asarray(hashes)
+        ok = h.dtype.kind in "iu" and (h.size == 0 or h.min() >= 0)
+    except (ValueError, OverflowError):
+        ok = False
+    if not ok:  # locate the first bad list (slow path)
+        off = 0
+        for line, k in zip(lines, nblk, strict=True):
+            _check_hashes(path, line, hashes[off:off + k])
+            off += k
     res = dict(time=np.asarray(t, np.float64), input=np.asarray(inp, np.int64),
                output=np.asarray(out, np.int64), nblk=np.asarray(nblk, np.int64),
                hashes=np.asarray(hashes, np.int64))
@@ -519,10 +537,11 @@ def _build(name: str, fmt: str, time: np.ndarray, inp: np.ndarray, out: np.ndarr
         nblk = np.asarray(nblk, np.int64)
         if not sorted_already:
             off = np.r_[0, np.cumsum(nblk)[:-1]]
-            idx = np.concatenate([np.arange(off[r], off[r] + nblk[r]) for r in order]
-                                 ) if n else np.zeros(0, np.int64)
-            hashes = np.asarray(hashes)[idx.astype(np.int64)]
-            nblk = nblk[order]
+            new_nblk = nblk[order]
+            new_off = np.r_[0, np.cumsum(new_nblk)[:-1]]
+            idx = np.arange(int(new_nblk.sum())) + np.repeat(off[order] - new_off, new_nblk)
+            hashes = np.asarray(hashes)[idx]
+            nblk = new_nblk
         pf = prefix_forest(nblk, hashes, fields["input_len"], block_size)
         pf.pop("matched_blocks")
         fields.update(pf)
@@ -573,12 +592,15 @@ def load_mooncake(path, name: str | None = None, block_size: int = 512) -> Trace
                   nblk=r["nblk"], hashes=r["hashes"], block_size=block_size, path=path)
 
 
-def load_bailian(path, name: str | None = None, block_size: int = 16) -> Trace:
-    """Qwen-Bailian JSONL (chat_id, parent_chat_id, timestamp in s, input_length,
-    output_length, type, turn, hash_ids). parent = the request whose chat_id is the
-    parent_chat_id (-1 if none or not in the file); session = the root of that chain."""
+def load_bailian(path, name: str | None = None, block_size: int = 16,
+                 timestamp_unit: float = 1.0) -> Trace:
+    """Qwen-Bailian JSONL (chat_id, parent_chat_id, timestamp, input_length, output_length,
+    type, turn, hash_ids); timestamps in seconds (`timestamp_unit` = seconds per unit, e.g.
+    1e-3 for ms). parent = the request whose chat_id is the parent_chat_id (-1 if none or not
+    in the file); session = the root of that chain."""
     path = Path(path)
     r = _read_jsonl(path, "bailian")
+    r["time"] = r["time"] * float(timestamp_unit)
     n = r["time"].shape[0]
     index: dict = {}
     for k, cid in enumerate(r["chat"]):
@@ -706,10 +728,12 @@ def bundled_path(name: str):
     return resources.files("kvjax.serve") / "data" / "traces" / f"{BUNDLED[name][0]}.npz"
 
 
-def load_trace(source, format: str | None = None, name: str | None = None) -> Trace:
+def load_trace(source, format: str | None = None, name: str | None = None,
+               **options) -> Trace:
     """A bundled trace by name (TRACE_NAMES) or a file in any of FORMATS (detected from its
-    first line unless `format` is given). ValueError for an unknown name, a missing file or a
-    malformed file (naming the file, line and column)."""
+    first line unless `format` is given; `options` go to its loader, e.g. block_size=).
+    ValueError for an unknown name, a missing file or a malformed file (naming the file, line
+    and column)."""
     if isinstance(source, Trace):
         return source
     if isinstance(source, str) and source in BUNDLED:
@@ -724,7 +748,7 @@ def load_trace(source, format: str | None = None, name: str | None = None) -> Tr
     if format not in LOADERS:
         raise ValueError(f"unknown trace format {format!r}; allowed: {list(FORMATS)}")
     try:
-        return LOADERS[format](path, name=name)
+        return LOADERS[format](path, name=name, **options)
     except UnicodeDecodeError as e:
         raise _err(path, None, None, f"not a UTF-8 text file ({e.reason})") from None
 
