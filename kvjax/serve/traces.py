@@ -793,7 +793,7 @@ def trace_stats(trace: Trace) -> dict:
     st = {
         "name": trace.name, "format": trace.format, "requests": n,
         "duration_s": round(trace.duration, 3),
-        "arrival_rate": n / trace.duration if trace.duration > 0 else float("nan"),
+        "arrival_rate": n / trace.duration if trace.duration > 0 else None,
         "burstiness": float(counts.var() / counts.mean()),
         "input": dict(zip(("p50", "p90", "p99"), percentiles(trace.input_len), strict=True),
                       mean=float(trace.input_len.mean()), max=int(trace.input_len.max())),
@@ -816,7 +816,7 @@ def format_stats(st: dict) -> str:
 
     lines = [f"{st['name']} ({st['format']}): {st['requests']:,} requests over "
              f"{st['duration_s']:,.1f} s",
-             f"  arrival rate    {st['arrival_rate']:.2f} req/s",
+             f"  arrival rate    {st['arrival_rate'] or float('nan'):.2f} req/s",
              f"  burstiness      {st['burstiness']:.3g} (per-second count variance / mean; "
              "Poisson 1)",
              f"  input tokens    {pct(st['input'])}",
