@@ -106,42 +106,50 @@ def arrivals(state: ServeState, params: ServeParams, cfg: ServeConfig,
     stream order. When no row is free they wait behind the pointer, their arrival time kept,
     so their waiting counts in TTFT and the client timeout."""
     req = state.requests
-    rows = jnp.arange(cfg.max_requests)
-    nxt, t_next = state.next_index, state.next_arrival
-    d = workload.draw_request(state.seed, nxt, params)
-    for _ in range(cfg.max_arrivals_per_iter):
-        empty = req.status == EMPTY
-        row = jnp.argmax(empty)  # lowest empty row
-        enter = (t_next <= state.clock) & jnp.any(empty) & live
-        d_next = workload.draw_request(state.seed, nxt + 1, params)
-        put = enter & (rows == row)
-        req = req.replace(
-            status=jnp.where(put, WAITING, req.status),
-            index=jnp.where(put, nxt, req.index),
-            arrival=jnp.where(put, t_next, req.arrival),
-            prompt=jnp.where(put, d["prompt"], req.prompt),
-            output_len=jnp.where(put, d["output_len"], req.output_len),
-            max_tokens=jnp.where(put, d["max_tokens"], req.max_tokens),
-            segment=jnp.where(put, d["segment"], req.segment),
-            prefix_len=jnp.where(put, d["prefix_len"], req.prefix_len),
-            attached=jnp.where(put, False, req.attached),
-            computed=jnp.where(put, 0, req.computed),
-            target=jnp.where(put, d["prompt"], req.target),
-            generated=jnp.where(put, 0, req.generated),
-            queue_key=jnp.where(put, nxt, req.queue_key),
-            run_key=jnp.where(put, 0, req.run_key),
-            priority=jnp.where(put, (cfg.priority_levels - 1) // 2, req.priority),
-            first_token=jnp.where(put, -1.0, req.first_token),
-            last_token=jnp.where(put, -1.0, req.last_token),
-            preemptions=jnp.where(put, 0, req.preemptions),
-            recomputed=jnp.where(put, 0, req.recomputed),
-            hit_tokens=jnp.where(put, 0, req.hit_tokens),
-            xfer_done=jnp.where(put, 0.0, req.xfer_done),
-            cpu_blocks=jnp.where(put, 0, req.cpu_blocks),
-        )
-        t_next = jnp.where(enter, t_next + d_next["gap"], t_next)
-        nxt = nxt + enter.astype(jnp.int32)
-        d = jax.tree_util.tree_map(lambda a, b, e=enter: jnp.where(e, a, b), d_next, d)
+    K = cfg.max_arrivals_per_iter
+    nxt = state.next_index
+    # The next K + 1 requests of the stream (one draw each, vectorised) and their arrival times
+    # as the same float32 running sum the stream defines.
+    d = workload.draw_request(state.seed, nxt + jnp.arange(K + 1), params)
+    times = [state.next_arrival]
+    for k in range(1, K + 1):
+        times.append(times[-1] + d["gap"][k])
+    t = jnp.stack(times)  # t[k]: arrival of request nxt + k
+    empty = req.status == EMPTY
+    # Candidate k enters the k-th empty row (row order) if it has arrived; arrival times
+    # increase, so the entering candidates are a prefix 0..n-1.
+    n = jnp.sum((t[:K] <= state.clock) & (jnp.arange(K) < jnp.sum(empty)) & live)
+    slot = ops.row_prefix_sum(empty.astype(jnp.int32))  # empty rows before each row
+    put = empty & (slot < n)
+    pick = lambda x: sum(jnp.where(slot == k, x[k], 0) for k in range(K))  # noqa: E731
+    prompt = pick(d["prompt"])
+    index = nxt + slot
+    req = req.replace(
+        status=jnp.where(put, WAITING, req.status),
+        index=jnp.where(put, index, req.index),
+        arrival=jnp.where(put, pick(t), req.arrival),
+        prompt=jnp.where(put, prompt, req.prompt),
+        output_len=jnp.where(put, pick(d["output_len"]), req.output_len),
+        max_tokens=jnp.where(put, pick(d["max_tokens"]), req.max_tokens),
+        segment=jnp.where(put, pick(d["segment"]), req.segment),
+        prefix_len=jnp.where(put, pick(d["prefix_len"]), req.prefix_len),
+        attached=jnp.where(put, False, req.attached),
+        computed=jnp.where(put, 0, req.computed),
+        target=jnp.where(put, prompt, req.target),
+        generated=jnp.where(put, 0, req.generated),
+        queue_key=jnp.where(put, index, req.queue_key),
+        run_key=jnp.where(put, 0, req.run_key),
+        priority=jnp.where(put, (cfg.priority_levels - 1) // 2, req.priority),
+        first_token=jnp.where(put, -1.0, req.first_token),
+        last_token=jnp.where(put, -1.0, req.last_token),
+        preemptions=jnp.where(put, 0, req.preemptions),
+        recomputed=jnp.where(put, 0, req.recomputed),
+        hit_tokens=jnp.where(put, 0, req.hit_tokens),
+        xfer_done=jnp.where(put, 0.0, req.xfer_done),
+        cpu_blocks=jnp.where(put, 0, req.cpu_blocks),
+    )
+    nxt = nxt + n.astype(jnp.int32)
+    t_next = jnp.sum(jnp.where(jnp.arange(K + 1) == n, t, 0.0))
     arrived = state.metrics.arrived + (nxt - state.next_index)
     return state.replace(requests=req, next_index=nxt, next_arrival=t_next,
                          metrics=state.metrics.replace(arrived=arrived))
@@ -426,7 +434,7 @@ def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig
     tpot = jnp.where(req.generated > 1, (req.last_token - req.first_token)
                      / jnp.maximum(req.generated - 1, 1).astype(jnp.float32), 0.0)
     good = done & (ttft <= params.ttft_slo) & (tpot <= params.tpot_slo)
-    slot = m.log_count + jnp.cumsum(done) - 1
+    slot = m.log_count + ops.row_prefix_sum(done.astype(jnp.int32))
     pos = jnp.where(done, slot % R, R)
     n_done = jnp.sum(done).astype(jnp.int32)
     avg = lambda x: jnp.sum(jnp.where(done, x, 0.0)) / jnp.maximum(n_done, 1)  # noqa: E731

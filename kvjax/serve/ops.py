@@ -45,6 +45,14 @@ def prefix_sum(before: chex.Array, x: chex.Array, inclusive: bool = False) -> ch
     return s + x if inclusive else s
 
 
+def row_prefix_sum(x: chex.Array, inclusive: bool = False) -> chex.Array:
+    """Sum of `x` over the rows with a smaller index (a cumsum in row order). A product with a
+    constant strictly lower-triangular matrix: `jnp.cumsum` lowers to a reduce-window, which
+    XLA's CPU backend ran ~3x slower per engine iteration in a profile."""
+    n = x.shape[-1]
+    return prefix_sum(jnp.tri(n, k=-1, dtype=bool), x, inclusive)
+
+
 def any_before(before: chex.Array, flag: chex.Array) -> chex.Array:
     """True where some earlier row has `flag` set."""
     return jnp.any(before & flag[None, :], axis=-1)
