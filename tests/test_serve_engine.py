@@ -34,13 +34,36 @@ def iterate(state, params, cfg=CFG, n=1):
 
 def test_preempted_request_is_prepended_and_recomputes_prompt_plus_generated():
     p = small_params(gpu_pool_tokens=160)  # 10 blocks
-    s = build_state(p, CFG, requests=[
-        dict(status=RUNNING, prompt=64, generated=16, computed=80, target=64, run_key=0,
-             output_len=100, first_token=0.0, last_token=0.0),
-        dict(status=RUNNING, prompt=60, generated=20, computed=80, target=60, run_key=1,
-             output_len=100, first_token=0.0, last_token=0.0),
-        dict(status=WAITING, prompt=32, output_len=4, queue_key=5),
-    ], run_counter=2)
+    s = build_state(
+        p,
+        CFG,
+        requests=[
+            dict(
+                status=RUNNING,
+                prompt=64,
+                generated=16,
+                computed=80,
+                target=64,
+                run_key=0,
+                output_len=100,
+                first_token=0.0,
+                last_token=0.0,
+            ),
+            dict(
+                status=RUNNING,
+                prompt=60,
+                generated=20,
+                computed=80,
+                target=60,
+                run_key=1,
+                output_len=100,
+                first_token=0.0,
+                last_token=0.0,
+            ),
+            dict(status=WAITING, prompt=32, output_len=4, queue_key=5),
+        ],
+        run_counter=2,
+    )
     assert int(engine.memory(s, p)["free"]) == 0
     s1 = iterate(s, p)
     r = s1.requests
@@ -64,10 +87,23 @@ def test_preempted_request_is_prepended_and_recomputes_prompt_plus_generated():
 
 def test_readmitted_victim_reprefills_prompt_plus_generated():
     p = small_params(gpu_pool_tokens=4096)
-    s = build_state(p, CFG, requests=[
-        dict(status=WAITING, prompt=60, generated=20, target=80, queue_key=-1,
-             output_len=100, first_token=0.0, last_token=0.0, preemptions=1),
-    ])
+    s = build_state(
+        p,
+        CFG,
+        requests=[
+            dict(
+                status=WAITING,
+                prompt=60,
+                generated=20,
+                target=80,
+                queue_key=-1,
+                output_len=100,
+                first_token=0.0,
+                last_token=0.0,
+                preemptions=1,
+            ),
+        ],
+    )
     s1 = iterate(s, p)
     r = s1.requests
     assert int(r.status[0]) == RUNNING and int(r.computed[0]) == 80
@@ -81,9 +117,14 @@ def test_readmitted_victim_reprefills_prompt_plus_generated():
 @pytest.mark.parametrize("cached", [True, False])
 def test_prefix_hit_skips_the_cached_tokens(cached):
     p = small_params(gpu_pool_tokens=65536)
-    s = build_state(p, CFG, requests=[
-        dict(status=WAITING, prompt=600, segment=0, prefix_len=512, output_len=5),
-    ], segments=[dict(tokens=512, on_gpu=cached)])
+    s = build_state(
+        p,
+        CFG,
+        requests=[
+            dict(status=WAITING, prompt=600, segment=0, prefix_len=512, output_len=5),
+        ],
+        segments=[dict(tokens=512, on_gpu=cached)],
+    )
     s1 = iterate(s, p)
     r, m = s1.requests, s1.metrics
     assert int(r.status[0]) == RUNNING and int(r.computed[0]) == 600
@@ -93,8 +134,9 @@ def test_prefix_hit_skips_the_cached_tokens(cached):
     assert int(m.hit_tokens) == hit and int(m.prompt_tokens) == 600
     assert int(m.prefill_tokens) == 600 - hit
     c = 600 - hit
-    expected = (p.t_cpu + max(p.t_weights, p.lin_a + p.lin_b * c)
-                + p.attn_prefill * c * (hit + c / 2))
+    expected = (
+        p.t_cpu + max(p.t_weights, p.lin_a + p.lin_b * c) + p.attn_prefill * c * (hit + c / 2)
+    )
     np.testing.assert_allclose(float(s1.clock), expected, rtol=1e-6)
     # Either way the segment now holds 32 blocks and the request its 6 private ones.
     mem = engine.memory(s1, p)
@@ -104,13 +146,19 @@ def test_prefix_hit_skips_the_cached_tokens(cached):
 def test_unreferenced_segments_are_evicted_lru_lowest_priority_first():
     p = small_params(gpu_pool_tokens=16 * 40)  # 40 blocks
     cfg = ServeConfig(max_requests=8, max_segments=3, iterations_per_step=1)
-    s = build_state(p, cfg, requests=[
-        dict(status=WAITING, prompt=16 * 30, output_len=3),  # needs 30 blocks
-    ], segments=[
-        dict(tokens=16 * 10, on_gpu=True, last_access=1.0, priority=1),
-        dict(tokens=16 * 10, on_gpu=True, last_access=0.5, priority=1),  # LRU
-        dict(tokens=16 * 10, on_gpu=True, last_access=0.1, priority=3),  # oldest, kept
-    ], clock=2.0)
+    s = build_state(
+        p,
+        cfg,
+        requests=[
+            dict(status=WAITING, prompt=16 * 30, output_len=3),  # needs 30 blocks
+        ],
+        segments=[
+            dict(tokens=16 * 10, on_gpu=True, last_access=1.0, priority=1),
+            dict(tokens=16 * 10, on_gpu=True, last_access=0.5, priority=1),  # LRU
+            dict(tokens=16 * 10, on_gpu=True, last_access=0.1, priority=3),  # oldest, kept
+        ],
+        clock=2.0,
+    )
     s1 = iterate(s, p, cfg)
     assert int(s1.requests.status[0]) == RUNNING
     # 10 free + 10 evicted (the least recent of the priority-1 segments) covers 30 - 10 ... 30
@@ -119,20 +167,41 @@ def test_unreferenced_segments_are_evicted_lru_lowest_priority_first():
 
 def test_pinned_segment_is_not_evicted():
     p = small_params(gpu_pool_tokens=16 * 20)
-    s = build_state(p, CFG, requests=[dict(status=WAITING, prompt=16 * 15, output_len=3)],
-                    segments=[dict(tokens=16 * 10, on_gpu=True, pinned_until=5.0)], clock=1.0)
+    s = build_state(
+        p,
+        CFG,
+        requests=[dict(status=WAITING, prompt=16 * 15, output_len=3)],
+        segments=[dict(tokens=16 * 10, on_gpu=True, pinned_until=5.0)],
+        clock=1.0,
+    )
     s1 = iterate(s, p)
     assert bool(s1.segments.on_gpu[0]) and int(s1.requests.status[0]) == WAITING
 
 
 def test_offload_then_load_back_over_pcie():
     cfg = ServeConfig(max_requests=8, max_segments=2, iterations_per_step=3)
-    env, p = make("toy", arrival_rate=1.0, num_prefixes=0,
-                  config=dict(max_requests=8, max_segments=2, iterations_per_step=3))
-    s = build_state(p, env.config, requests=[
-        dict(status=RUNNING, prompt=150, generated=10, computed=160, target=150,
-             output_len=100, first_token=0.0, last_token=0.0),
-    ])
+    env, p = make(
+        "toy",
+        arrival_rate=1.0,
+        num_prefixes=0,
+        config=dict(max_requests=8, max_segments=2, iterations_per_step=3),
+    )
+    s = build_state(
+        p,
+        env.config,
+        requests=[
+            dict(
+                status=RUNNING,
+                prompt=150,
+                generated=10,
+                computed=160,
+                target=150,
+                output_len=100,
+                first_token=0.0,
+                last_token=0.0,
+            ),
+        ],
+    )
     a = env.noop_action()
     a["commands"] = a["commands"].at[0].set(actions.encode_command("offload", 0, env.config))
     s_off = actions.apply(s, a, p, env.config)
@@ -155,10 +224,22 @@ def test_offload_then_load_back_over_pcie():
 
 
 def test_trt_reserves_max_tokens_and_never_preempts():
-    env, p = make("toy", engine="trt", arrival_rate=30.0, gpu_pool_tokens=16384, horizon=20.0,
-                  config=dict(max_requests=32))
-    _, pv = make("toy", engine="vllm", arrival_rate=30.0, gpu_pool_tokens=16384, horizon=20.0,
-                 config=dict(max_requests=32))
+    env, p = make(
+        "toy",
+        engine="trt",
+        arrival_rate=30.0,
+        gpu_pool_tokens=16384,
+        horizon=20.0,
+        config=dict(max_requests=32),
+    )
+    _, pv = make(
+        "toy",
+        engine="vllm",
+        arrival_rate=30.0,
+        gpu_pool_tokens=16384,
+        horizon=20.0,
+        config=dict(max_requests=32),
+    )
     assert int(p.engine) == TRT
 
     def episode(params):
@@ -179,12 +260,35 @@ def test_trt_reserves_max_tokens_and_never_preempts():
 
 def test_sglang_retracts_fewest_decoded_first():
     p = small_params(gpu_pool_tokens=160, engine="sglang")
-    s = build_state(p, CFG, requests=[
-        dict(status=RUNNING, prompt=60, generated=20, computed=80, target=60, run_key=0,
-             output_len=100, first_token=0.0, last_token=0.0),  # fewer decoded: victim
-        dict(status=RUNNING, prompt=40, generated=40, computed=80, target=40, run_key=1,
-             output_len=100, first_token=0.0, last_token=0.0),
-    ], run_counter=2)
+    s = build_state(
+        p,
+        CFG,
+        requests=[
+            dict(
+                status=RUNNING,
+                prompt=60,
+                generated=20,
+                computed=80,
+                target=60,
+                run_key=0,
+                output_len=100,
+                first_token=0.0,
+                last_token=0.0,
+            ),  # fewer decoded: victim
+            dict(
+                status=RUNNING,
+                prompt=40,
+                generated=40,
+                computed=80,
+                target=40,
+                run_key=1,
+                output_len=100,
+                first_token=0.0,
+                last_token=0.0,
+            ),
+        ],
+        run_counter=2,
+    )
     s1 = iterate(s, p)
     assert int(s1.requests.status[0]) == WAITING and int(s1.requests.status[1]) == RUNNING
     assert float(s1.new_token_ratio) == pytest.approx(float(p.sglang_ratio_init))
@@ -193,10 +297,30 @@ def test_sglang_retracts_fewest_decoded_first():
 def test_agent_priority_picks_the_victim():
     p = small_params(gpu_pool_tokens=160)
     rows = [
-        dict(status=RUNNING, prompt=64, generated=16, computed=80, target=64, run_key=0,
-             output_len=100, first_token=0.0, last_token=0.0, priority=0),
-        dict(status=RUNNING, prompt=60, generated=20, computed=80, target=60, run_key=1,
-             output_len=100, first_token=0.0, last_token=0.0, priority=3),
+        dict(
+            status=RUNNING,
+            prompt=64,
+            generated=16,
+            computed=80,
+            target=64,
+            run_key=0,
+            output_len=100,
+            first_token=0.0,
+            last_token=0.0,
+            priority=0,
+        ),
+        dict(
+            status=RUNNING,
+            prompt=60,
+            generated=20,
+            computed=80,
+            target=60,
+            run_key=1,
+            output_len=100,
+            first_token=0.0,
+            last_token=0.0,
+            priority=3,
+        ),
     ]
     s1 = iterate(build_state(p, CFG, requests=rows, run_counter=2), p)
     # The first-admitted request has the lowest retention priority: it is the victim.

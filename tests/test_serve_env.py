@@ -17,8 +17,9 @@ SMALL = dict(max_requests=16, max_segments=4, iterations_per_step=8)
 
 @pytest.fixture(scope="module")
 def small():
-    return kvjax.make("kv-serve-v0", preset="toy", load=1.2, horizon=4.0,
-                      gpu_pool_tokens=32768, config=SMALL)
+    return kvjax.make(
+        "kv-serve-v0", preset="toy", load=1.2, horizon=4.0, gpu_pool_tokens=32768, config=SMALL
+    )
 
 
 def random_action(env, key, state, params):
@@ -26,8 +27,9 @@ def random_action(env, key, state, params):
     k1, k2, k3 = jax.random.split(key, 3)
     a = env.action_space(params).sample(k1)
     mask = actions.command_mask(state, params, env.config)
-    valid = jax.random.categorical(k2, jnp.where(mask, 0.0, -jnp.inf),
-                                   shape=(env.config.max_commands,))
+    valid = jax.random.categorical(
+        k2, jnp.where(mask, 0.0, -jnp.inf), shape=(env.config.max_commands,)
+    )
     use = jax.random.bernoulli(k3, 0.5, (env.config.max_commands,))
     a["commands"] = jnp.where(use, valid, a["commands"]).astype(jnp.int32)
     return a
@@ -40,8 +42,9 @@ def rollout(env, params, key, steps, policy="random"):
         a = random_action(env, k, s, params) if policy == "random" else env.noop_action()
         obs, s2, r, term, trunc, info = env.step_env(k, s, a, params)
         mem = engine.memory(s2, params)
-        return s2, dict(r=r, s=s2, free=mem["free"], cpu=mem["cpu_used"], obs=obs,
-                        cpu_pool=mem["cpu_pool"])
+        return s2, dict(
+            r=r, s=s2, free=mem["free"], cpu=mem["cpu_used"], obs=obs, cpu_pool=mem["cpu_pool"]
+        )
 
     return s0, jax.lax.scan(body, s0, jax.random.split(key, steps))
 
@@ -83,8 +86,9 @@ def test_invariants_hold_on_random_episodes(small):
     assert int(final.metrics.invalid_commands.sum()) > 0
     assert int(final.metrics.hit_tokens.sum()) > 0
     # The return is the final score.
-    np.testing.assert_allclose(np.asarray(tr["r"]).sum(1),
-                               np.asarray(metrics.score(final, p)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(tr["r"]).sum(1), np.asarray(metrics.score(final, p)), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_episodes_are_deterministic_and_vmap_matches_single(small):
@@ -94,10 +98,10 @@ def test_episodes_are_deterministic_and_vmap_matches_single(small):
     again = jax.jit(jax.vmap(lambda k: rollout(env, p, k, 20)[1][0]))(keys)
     single = jax.jit(lambda k: rollout(env, p, k, 20)[1][0])(keys[2])
     chex.assert_trees_all_equal(batched, again)
-    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[2], batched), single,
-                                rtol=1e-6)
+    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[2], batched), single, rtol=1e-6)
     assert int(batched.metrics.finished[0]) != int(batched.metrics.finished[1]) or int(
-        batched.next_index[0]) != int(batched.next_index[1])
+        batched.next_index[0]
+    ) != int(batched.next_index[1])
 
 
 def test_no_retracing_across_params_and_steps(small):
@@ -134,8 +138,10 @@ def test_invalid_commands_are_counted_noops(small):
     env, p = small
     _, s = env.reset(jax.random.PRNGKey(0), p)
     a = env.noop_action()
-    a["commands"] = jnp.array([actions.encode_command("preempt", 3, env.config),
-                               env.config.num_command_ids + 5], jnp.int32)  # empty row, range
+    a["commands"] = jnp.array(
+        [actions.encode_command("preempt", 3, env.config), env.config.num_command_ids + 5],
+        jnp.int32,
+    )  # empty row, range
     a["request_priority"] = a["request_priority"].at[0].set(99)
     s2 = actions.apply(s, a, p, env.config)
     assert int(s2.metrics.invalid_commands) == 3
@@ -145,8 +151,13 @@ def test_invalid_commands_are_counted_noops(small):
 def test_command_encoding_round_trips():
     cfg = ServeConfig(max_requests=5, max_segments=3)
     ids = set()
-    for kind, n in (("offload", 5), ("preempt", 5), ("pin", 3), ("drop", 3),
-                    ("reserve", len(cfg.reserve_levels))):
+    for kind, n in (
+        ("offload", 5),
+        ("preempt", 5),
+        ("pin", 3),
+        ("drop", 3),
+        ("reserve", len(cfg.reserve_levels)),
+    ):
         for t in range(n):
             i = actions.encode_command(kind, t, cfg)
             assert actions.decode_command(i, cfg) == (kind, t)
@@ -158,22 +169,25 @@ def test_command_encoding_round_trips():
         actions.encode_command("offload", 5, cfg)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(preset="a100"), "toy"),
-    (dict(engine="tgi"), "sglang"),
-    (dict(kv_dtype="int4"), "fp8"),
-    (dict(load=0.0), "load"),
-    (dict(load=math.nan), "load"),
-    (dict(workload_name="nope"), "synthetic-conv"),
-    (dict(horizon=-1.0), "horizon"),
-    (dict(arrival_rate=math.inf), "arrival_rate"),
-    (dict(max_num_seqs=2.5), "max_num_seqs"),
-    (dict(prefix_share=1.5), "prefix_share"),
-    (dict(bogus=1), "allowed"),
-    (dict(config=dict(max_requests=0)), "max_requests"),
-    (dict(config=dict(slots=3)), "allowed"),
-    (dict(difficulty="hard"), "tiers"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(preset="a100"), "toy"),
+        (dict(engine="tgi"), "sglang"),
+        (dict(kv_dtype="int4"), "fp8"),
+        (dict(load=0.0), "load"),
+        (dict(load=math.nan), "load"),
+        (dict(workload_name="nope"), "synthetic-conv"),
+        (dict(horizon=-1.0), "horizon"),
+        (dict(arrival_rate=math.inf), "arrival_rate"),
+        (dict(max_num_seqs=2.5), "max_num_seqs"),
+        (dict(prefix_share=1.5), "prefix_share"),
+        (dict(bogus=1), "allowed"),
+        (dict(config=dict(max_requests=0)), "max_requests"),
+        (dict(config=dict(slots=3)), "allowed"),
+        (dict(difficulty="hard"), "tiers"),
+    ],
+)
 def test_bad_arguments_raise_a_clear_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         kvjax.make("kv-serve-v0", **kwargs)

@@ -63,7 +63,8 @@ def test_fp8_kv_halves_decode_attention_and_transfers():
     attn = float(p.attn_decode) * 256 * 1536
     assert bf - f8 == pytest.approx(attn / 2, rel=1e-4)
     assert float(latency.transfer_time(p8, 10)) == pytest.approx(
-        float(latency.transfer_time(p, 10)) / 2)
+        float(latency.transfer_time(p, 10)) / 2
+    )
 
 
 def test_h200_presets_are_faster_per_iteration():
@@ -71,4 +72,5 @@ def test_h200_presets_are_faster_per_iteration():
     _, h200 = make("h200-llama3-8b")
     for args in ((1, 0, 0.0), (256, 256 * 1536, 0.0)):
         assert float(latency.iteration_time(h200, *args)) < float(
-            latency.iteration_time(h100, *args))
+            latency.iteration_time(h100, *args)
+        )

@@ -43,6 +43,7 @@ def test_any_before_and_vmap():
     valid = jnp.ones((2, 3), bool)
     flag = jnp.array([[True, False, False], [True, False, False]])
     got = jax.vmap(lambda kk, vv, ff: ops.any_before(ops.before_matrix((kk,), vv), ff))(
-        k, valid, flag)
+        k, valid, flag
+    )
     # row 0 has key 2 (last) in the first case; key 0 (first) in the second
     np.testing.assert_array_equal(np.asarray(got), [[False, False, False], [False, True, True]])

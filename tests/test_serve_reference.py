@@ -31,39 +31,71 @@ RTOL = 1e-5
 # One compile per case; scenarios = engines x dtypes x loads.
 CASES = {
     # The `toy` preset as shipped (shorter horizon), light and overloaded.
-    "toy": dict(config=None, loads=(0.5, 1.5), max_steps=200,
-                params=dict(horizon=12.0)),
+    "toy": dict(config=None, loads=(0.5, 1.5), max_steps=200, params=dict(horizon=12.0)),
     # A small engine under memory pressure: 16 rows, a 512-block pool, a small CPU tier and a
     # short client timeout, so preemption, prefix hits and evictions, timeouts, arrivals held
     # behind a full table and offload / load round trips all happen.
-    "tight": dict(config=dict(max_requests=16, max_segments=4, finished_log=64), loads=(0.7, 3.0),
-                  max_steps=260,
-                  params=dict(horizon=10.0, gpu_pool_tokens=8192, cpu_pool_tokens=6144,
-                              max_num_seqs=12, max_batched_tokens=1024, max_tokens=128,
-                              max_model_len=4096, num_prefixes=3, prefix_share=0.7,
-                              client_timeout=3.0, pin_ttl=1.0)),
+    "tight": dict(
+        config=dict(max_requests=16, max_segments=4, finished_log=64),
+        loads=(0.7, 3.0),
+        max_steps=260,
+        params=dict(
+            horizon=10.0,
+            gpu_pool_tokens=8192,
+            cpu_pool_tokens=6144,
+            max_num_seqs=12,
+            max_batched_tokens=1024,
+            max_tokens=128,
+            max_model_len=4096,
+            num_prefixes=3,
+            prefix_share=0.7,
+            client_timeout=3.0,
+            pin_ttl=1.0,
+        ),
+    ),
 }
 
 # Longer (marked slow): another workload, other engine knobs and config shapes, more segments.
 SLOW_CASES = {
-    "code": dict(CASES["tight"], seed=5,
-                 params=dict(CASES["tight"]["params"], workload_name="synthetic-code")),
-    "knobs": dict(config=dict(CASES["tight"]["config"], max_arrivals_per_iter=1,
-                              iterations_per_step=4, priority_levels=2),
-                  loads=(0.7, 3.0), max_steps=900,
-                  params=dict(CASES["tight"]["params"], max_partial_prefills=2,
-                              max_batched_tokens=512, horizon=5.0)),
-    "prefixes": dict(config=dict(reserve_levels=(0.0, 0.3)), loads=(1.0, 4.0), max_steps=300,
-                     params=dict(horizon=8.0, num_prefixes=8, prefix_share=0.9,
-                                 gpu_pool_tokens=40000)),
+    "code": dict(
+        CASES["tight"],
+        seed=5,
+        params=dict(CASES["tight"]["params"], workload_name="synthetic-code"),
+    ),
+    "knobs": dict(
+        config=dict(
+            CASES["tight"]["config"],
+            max_arrivals_per_iter=1,
+            iterations_per_step=4,
+            priority_levels=2,
+        ),
+        loads=(0.7, 3.0),
+        max_steps=900,
+        params=dict(
+            CASES["tight"]["params"], max_partial_prefills=2, max_batched_tokens=512, horizon=5.0
+        ),
+    ),
+    "prefixes": dict(
+        config=dict(reserve_levels=(0.0, 0.3)),
+        loads=(1.0, 4.0),
+        max_steps=300,
+        params=dict(horizon=8.0, num_prefixes=8, prefix_share=0.9, gpu_pool_tokens=40000),
+    ),
 }
 
 
 def scenarios(case: dict):
     envs, plist, names = [], [], []
     for engine, dtype, load in itertools.product(ENGINES, KV_DTYPES, case["loads"]):
-        env, p = kvjax.make("kv-serve-v0", preset="toy", engine=engine, kv_dtype=dtype,
-                            load=load, config=case["config"], **case["params"])
+        env, p = kvjax.make(
+            "kv-serve-v0",
+            preset="toy",
+            engine=engine,
+            kv_dtype=dtype,
+            load=load,
+            config=case["config"],
+            **case["params"],
+        )
         envs.append(env)
         plist.append(p)
         names.append(f"{engine}/{dtype}/load={load}")
@@ -137,8 +169,9 @@ def run_case(name: str, seed: int = 0):
         host, rewards = jax.device_get((states, rewards))
         for i in range(n):
             reward = refs[i].step(acts[i])
-            errs = ref_mod.diff(refs[i].snapshot(), ref_mod.snapshot_of_state(pick(host, i), cfg),
-                                rtol=RTOL)
+            errs = ref_mod.diff(
+                refs[i].snapshot(), ref_mod.snapshot_of_state(pick(host, i), cfg), rtol=RTOL
+            )
             if not np.isclose(reward, rewards[i], rtol=RTOL, atol=1e-6):
                 errs.append(f"reward: ref {reward} jax {rewards[i]}")
             if errs:
@@ -151,8 +184,11 @@ def run_case(name: str, seed: int = 0):
 
 
 def total(refs, key, which=None):
-    return sum(r.events[key] if key in r.events else r.metrics[key]
-               for r in refs if which is None or which(r))
+    return sum(
+        r.events[key] if key in r.events else r.metrics[key]
+        for r in refs
+        if which is None or which(r)
+    )
 
 
 def test_parity_toy_preset():
@@ -221,12 +257,25 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
         negative = s in (3, 4) or (s == 1 and (gen > 0 or rng.random() < 0.3))
         neg += negative
         rq_row = dict(
-            status=s, index=int(idx[r]), arrival=arrival, prompt=prompt, output_len=out,
-            max_tokens=p.max_tokens, segment=seg, prefix_len=plen if has else 0,
-            attached=attached, computed=comp, target=target, generated=gen,
-            queue_key=-neg if negative else int(idx[r]), run_key=int(rng.integers(0, 1000)),
-            priority=int(rng.integers(L)), first_token=first, last_token=last,
-            preemptions=int(rng.integers(0, 3)), recomputed=int(rng.integers(0, 500)),
+            status=s,
+            index=int(idx[r]),
+            arrival=arrival,
+            prompt=prompt,
+            output_len=out,
+            max_tokens=p.max_tokens,
+            segment=seg,
+            prefix_len=plen if has else 0,
+            attached=attached,
+            computed=comp,
+            target=target,
+            generated=gen,
+            queue_key=-neg if negative else int(idx[r]),
+            run_key=int(rng.integers(0, 1000)),
+            priority=int(rng.integers(L)),
+            first_token=first,
+            last_token=last,
+            preemptions=int(rng.integers(0, 3)),
+            recomputed=int(rng.integers(0, 500)),
             hit_tokens=int(rng.choice([0, plen])),
             xfer_done=np.float32(clock + rng.uniform(-0.05, 0.2)) if s in (3, 5) else 0.0,
             cpu_blocks=-(-comp // 16) if s in (3, 4, 5) else 0,
@@ -236,8 +285,7 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
     # negative queue keys are a permutation of -1..-neg (most recent first)
     negs = rq["queue_key"] < 0
     rq["queue_key"][negs] = -1 - rng.permutation(int(negs.sum()))
-    sg = {k: np.array(getattr(st.segments, k)) for k in vars(st.segments)
-          if not k.startswith("_")}
+    sg = {k: np.array(getattr(st.segments, k)) for k in vars(st.segments) if not k.startswith("_")}
     sg["on_gpu"] = sg["valid"] & (seg_on | (rng.random(G) < 0.6))
     if rng.random() < 0.5:
         sg["last_access"] = (clock - rng.uniform(0.0, 3.0, G)).astype(np.float32)
@@ -246,8 +294,9 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
         ms = np.floor(float(clock) * 1e3 - 500.0) / 1e3
         sg["last_access"] = (ms + 5e-5 + rng.uniform(0.0, 8e-4, G)).astype(np.float32)
         sg["priority"] = np.full(G, (L - 1) // 2, np.int32)
-    sg["pinned_until"] = np.where(rng.random(G) < 0.4, clock + rng.uniform(-1.0, 1.0, G),
-                                  0.0).astype(np.float32)
+    sg["pinned_until"] = np.where(
+        rng.random(G) < 0.4, clock + rng.uniform(-1.0, 1.0, G), 0.0
+    ).astype(np.float32)
     on = np.isin(rq["status"], (2, 3, 5))
     own = rq["computed"] - np.where(rq["attached"], rq["prefix_len"], 0)
     used = int(np.sum(np.where(on, -(-own // 16), 0)))
@@ -265,11 +314,14 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
     )
     st = st.replace(
         requests=type(q)(**{k: jnp.asarray(v, getattr(q, k).dtype) for k, v in rq.items()}),
-        segments=type(st.segments)(**{k: jnp.asarray(v, getattr(st.segments, k).dtype)
-                                      for k, v in sg.items()}),
-        clock=jnp.float32(clock), next_index=jnp.int32(n),
+        segments=type(st.segments)(
+            **{k: jnp.asarray(v, getattr(st.segments, k).dtype) for k, v in sg.items()}
+        ),
+        clock=jnp.float32(clock),
+        next_index=jnp.int32(n),
         next_arrival=jnp.float32(stream.arrival[n]),
-        run_counter=jnp.int32(1000), preempt_counter=jnp.int32(neg + int(rng.integers(0, 3))),
+        run_counter=jnp.int32(1000),
+        preempt_counter=jnp.int32(neg + int(rng.integers(0, 3))),
         new_token_ratio=jnp.float32(rng.uniform(0.1, 0.7)),
         reserve_level=jnp.int32(rng.choice([0, 0, 1, 2, 3])),
         link_free=jnp.asarray(clock + rng.uniform(-1.0, 0.3, 2), jnp.float32),
@@ -287,7 +339,8 @@ def test_parity_crafted_states(batches):
     vreset, vstep = compiled(env)
     rng = np.random.default_rng(1)
     stack = lambda trees: jax.tree_util.tree_map(  # noqa: E731
-        lambda *xs: jnp.asarray(np.stack(xs)), *trees)
+        lambda *xs: jnp.asarray(np.stack(xs)), *trees
+    )
     pick = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)  # noqa: E731
     refs_all = []
     for batch_index in range(batches):
@@ -310,11 +363,14 @@ def test_parity_crafted_states(batches):
             host = jax.device_get(states)
             for i in range(m):
                 refs[i].step(acts[i])
-                errs = ref_mod.diff(refs[i].snapshot(),
-                                    ref_mod.snapshot_of_state(pick(host, i), cfg), rtol=RTOL)
+                errs = ref_mod.diff(
+                    refs[i].snapshot(), ref_mod.snapshot_of_state(pick(host, i), cfg), rtol=RTOL
+                )
                 if errs:
-                    pytest.fail(f"crafted batch {batch_index} scenario {i} ({names[i]}) step "
-                                f"{refs[i].steps}: " + "; ".join(errs[:8]))
+                    pytest.fail(
+                        f"crafted batch {batch_index} scenario {i} ({names[i]}) step "
+                        f"{refs[i].steps}: " + "; ".join(errs[:8])
+                    )
         refs_all += refs
     refs = refs_all
     eng = lambda e: lambda r: r.p.engine == ENGINES.index(e)  # noqa: E731

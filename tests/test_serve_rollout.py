@@ -15,16 +15,16 @@ from kvjax.serve.policies import SERVE_POLICY_NAMES, make_policy
 
 @pytest.fixture(scope="module")
 def short():
-    return kvjax.make("kv-serve-v0", preset="toy", load=1.0, horizon=3.0,
-                      config=dict(max_requests=32))
+    return kvjax.make(
+        "kv-serve-v0", preset="toy", load=1.0, horizon=3.0, config=dict(max_requests=32)
+    )
 
 
 def test_rollout_runs_episodes_to_the_horizon_and_is_batching_invariant(short):
     env, p = short
     pol = make_policy("random", env)
     a = rollout(pol, jax.random.PRNGKey(0), 12, p, env, progress=False, micro_batch=4)
-    b = rollout(pol, jax.random.PRNGKey(0), 12, p, env, progress=False, micro_batch=4,
-                chunk_size=8)
+    b = rollout(pol, jax.random.PRNGKey(0), 12, p, env, progress=False, micro_batch=4, chunk_size=8)
     assert set(METRICS) <= set(a)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -52,8 +52,15 @@ def test_rollout_matches_a_hand_written_episode(short):
 def test_trajectories_are_refused_for_variable_length_episodes(short):
     env, p = short
     with pytest.raises(ValueError, match="return_trajectory"):
-        rollout(make_policy("engine_default", env), jax.random.PRNGKey(0), 2, p, env,
-                return_trajectory=True, progress=False)
+        rollout(
+            make_policy("engine_default", env),
+            jax.random.PRNGKey(0),
+            2,
+            p,
+            env,
+            return_trajectory=True,
+            progress=False,
+        )
 
 
 def test_unknown_serve_policy_names_the_allowed_values(short):
@@ -64,22 +71,41 @@ def test_unknown_serve_policy_names_the_allowed_values(short):
 
 
 def test_cli_eval_kv_serve_json(capsys):
-    rc = cli.main(["eval", "--env", "kv-serve-v0", "--policy", "engine_default",
-                   "--num-scenarios", "2", "--horizon", "1", "--load", "0.5", "--json"])
+    rc = cli.main(
+        [
+            "eval",
+            "--env",
+            "kv-serve-v0",
+            "--policy",
+            "engine_default",
+            "--num-scenarios",
+            "2",
+            "--horizon",
+            "1",
+            "--load",
+            "0.5",
+            "--json",
+        ]
+    )
     assert rc == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["env"] == "kv-serve-v0" and rec["preset"] == "toy"
     assert 0.0 <= rec["results"]["score"]["mean"] <= 1.5
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["eval", "--env", "kv-serve-v0", "--policy", "value_aware"], "allowed"),
-    (["eval", "--policy", "keep", "--preset", "toy"], "kv-serve-v0 only"),
-    (["eval", "--env", "kv-serve-v0", "--policy", "random", "--load", "-1"], "load"),
-    (["bench", "--env", "kv-serve-v0", "--presets", "a100"], "invalid choice"),
-    (["eval", "--env", "kv-serve-v0", "--policy", "random", "--difficulty", "hard"],
-     "difficulty"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["eval", "--env", "kv-serve-v0", "--policy", "value_aware"], "allowed"),
+        (["eval", "--policy", "keep", "--preset", "toy"], "kv-serve-v0 only"),
+        (["eval", "--env", "kv-serve-v0", "--policy", "random", "--load", "-1"], "load"),
+        (["bench", "--env", "kv-serve-v0", "--presets", "a100"], "invalid choice"),
+        (
+            ["eval", "--env", "kv-serve-v0", "--policy", "random", "--difficulty", "hard"],
+            "difficulty",
+        ),
+    ],
+)
 def test_cli_bad_serve_arguments_exit_2_with_one_line(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
         rc = cli.main(argv)

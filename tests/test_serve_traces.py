@@ -30,33 +30,41 @@ def jsonl(path: Path, records: list[dict]) -> Path:
 
 # -- loaders ---------------------------------------------------------------------------------
 def test_azure_2023_and_2024_csv(tmp_path):
-    f = write(tmp_path / "az.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n"
-              "2023-11-16 18:15:46.6805900,374,44\n"
-              "2023-11-16 18:15:50.9951690,396,109\n"
-              "2023-11-16 18:15:50.9951690,7,1\n")
+    f = write(
+        tmp_path / "az.csv",
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:50.9951690,396,109\n"
+        "2023-11-16 18:15:50.9951690,7,1\n",
+    )
     tr = traces.load_trace(f)
     assert tr.format == "azure" and tr.name == "az" and len(tr) == 3
     np.testing.assert_allclose(tr.arrival, [0.0, 4.314579, 4.314579], atol=1e-6)
     assert tr.input_len.tolist() == [374, 396, 7] and tr.output_len.tolist() == [44, 109, 1]
     assert not tr.has_prefixes and (tr.session == -1).all() and (tr.prefix_node == -1).all()
     # 2024: a UTC offset; rows out of order are sorted (stable)
-    f = write(tmp_path / "az24.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n"
-              "2024-05-10 00:00:02.5+00:00,10,2\n"
-              "2024-05-10 00:00:00.009930+00:00,20,3\n"
-              "2024-05-10 01:00:01+01:00,30,4\n")
+    f = write(
+        tmp_path / "az24.csv",
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2024-05-10 00:00:02.5+00:00,10,2\n"
+        "2024-05-10 00:00:00.009930+00:00,20,3\n"
+        "2024-05-10 01:00:01+01:00,30,4\n",
+    )
     tr = traces.load_trace(f)
     np.testing.assert_allclose(tr.arrival, [0.0, 0.990070, 2.490070], atol=1e-6)
     assert tr.input_len.tolist() == [20, 30, 10]
 
 
 def test_burstgpt_csv_sessions_and_categories(tmp_path):
-    f = write(tmp_path / "burst.csv",
-              "Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,"
-              "Total tokens,Log Type\n"
-              "5,s1,1.5,ChatGPT,100,20,120,Conversation log\n"
-              "6,,0.7,GPT-4,50,0,50,API log\n"
-              "9.5,s1,2.0,ChatGPT,300,30,330,Conversation log\n"
-              "12,s2,1.0,ChatGPT,10,5,15,Conversation log\n")
+    f = write(
+        tmp_path / "burst.csv",
+        "Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,"
+        "Total tokens,Log Type\n"
+        "5,s1,1.5,ChatGPT,100,20,120,Conversation log\n"
+        "6,,0.7,GPT-4,50,0,50,API log\n"
+        "9.5,s1,2.0,ChatGPT,300,30,330,Conversation log\n"
+        "12,s2,1.0,ChatGPT,10,5,15,Conversation log\n",
+    )
     tr = traces.load_trace(f)
     assert tr.format == "burstgpt" and len(tr) == 4
     np.testing.assert_allclose(tr.arrival, [0.0, 1.0, 4.5, 7.0])
@@ -67,20 +75,25 @@ def test_burstgpt_csv_sessions_and_categories(tmp_path):
     assert tr.categories == ("ChatGPT / Conversation log", "GPT-4 / API log")
     assert tr.category.tolist() == [0, 1, 0, 0]
     # the minimal column set (BurstGPT v1)
-    f = write(tmp_path / "b1.csv", "Timestamp,Model,Request tokens,Response tokens,Total "
-              "tokens,Log Type\n0,ChatGPT,1,2,3,API log\n")
+    f = write(
+        tmp_path / "b1.csv",
+        "Timestamp,Model,Request tokens,Response tokens,Total "
+        "tokens,Log Type\n0,ChatGPT,1,2,3,API log\n",
+    )
     assert traces.load_trace(f).input_len.tolist() == [1]
 
 
 def test_mooncake_jsonl_prefixes(tmp_path):
-    f = jsonl(tmp_path / "mc.jsonl", [
-        {"timestamp": 0, "input_length": 1500, "output_length": 5, "hash_ids": [0, 1, 2]},
-        {"timestamp": 250, "input_length": 1100, "output_length": 6, "hash_ids": [0, 1, 3]},
-        {"timestamp": 1000, "input_length": 700, "output_length": 7, "hash_ids": [0, 1]},
-        {"timestamp": 1500, "input_length": 300, "output_length": 8, "hash_ids": [9]},
-        {"timestamp": 2000, "input_length": 2000, "output_length": 9,
-         "hash_ids": [0, 1, 2, 4]},
-    ])
+    f = jsonl(
+        tmp_path / "mc.jsonl",
+        [
+            {"timestamp": 0, "input_length": 1500, "output_length": 5, "hash_ids": [0, 1, 2]},
+            {"timestamp": 250, "input_length": 1100, "output_length": 6, "hash_ids": [0, 1, 3]},
+            {"timestamp": 1000, "input_length": 700, "output_length": 7, "hash_ids": [0, 1]},
+            {"timestamp": 1500, "input_length": 300, "output_length": 8, "hash_ids": [9]},
+            {"timestamp": 2000, "input_length": 2000, "output_length": 9, "hash_ids": [0, 1, 2, 4]},
+        ],
+    )
     tr = traces.load_trace(f)
     assert tr.format == "mooncake" and tr.block_size == 512
     np.testing.assert_allclose(tr.arrival, [0, 0.25, 1.0, 1.5, 2.0])
@@ -98,9 +111,15 @@ def test_mooncake_jsonl_prefixes(tmp_path):
 
 def test_out_of_order_records_are_sorted_before_prefix_matching(tmp_path):
     rng = np.random.default_rng(1)
-    recs = [{"timestamp": 10 * i, "input_length": 600 * (i % 4 + 1), "output_length": i + 1,
-             "hash_ids": [0, *range(1, i % 4 + 1)] if i % 2 else [0, 100 + i]}
-            for i in range(40)]
+    recs = [
+        {
+            "timestamp": 10 * i,
+            "input_length": 600 * (i % 4 + 1),
+            "output_length": i + 1,
+            "hash_ids": [0, *range(1, i % 4 + 1)] if i % 2 else [0, 100 + i],
+        }
+        for i in range(40)
+    ]
     a = traces.load_trace(jsonl(tmp_path / "a.jsonl", recs))
     shuffled = [recs[k] for k in rng.permutation(len(recs))]
     b = traces.load_trace(jsonl(tmp_path / "b.jsonl", shuffled))
@@ -110,16 +129,51 @@ def test_out_of_order_records_are_sorted_before_prefix_matching(tmp_path):
 
 
 def test_bailian_jsonl_chains(tmp_path):
-    f = jsonl(tmp_path / "qwen.jsonl", [
-        {"chat_id": 10, "parent_chat_id": -1, "timestamp": 1.0, "input_length": 40,
-         "output_length": 8, "type": "text", "turn": 1, "hash_ids": [5, 6, 7]},
-        {"chat_id": 11, "parent_chat_id": -1, "timestamp": 1.5, "input_length": 20,
-         "output_length": 4, "type": "image", "turn": 1, "hash_ids": [5, 8]},
-        {"chat_id": 12, "parent_chat_id": 10, "timestamp": 3.0, "input_length": 70,
-         "output_length": 9, "type": "text", "turn": 2, "hash_ids": [5, 6, 7, 9, 10]},
-        {"chat_id": 13, "parent_chat_id": 12, "timestamp": 4.25, "input_length": 90,
-         "output_length": 3, "type": "text", "turn": 3, "hash_ids": [5, 6, 7, 9, 10, 11]},
-    ])
+    f = jsonl(
+        tmp_path / "qwen.jsonl",
+        [
+            {
+                "chat_id": 10,
+                "parent_chat_id": -1,
+                "timestamp": 1.0,
+                "input_length": 40,
+                "output_length": 8,
+                "type": "text",
+                "turn": 1,
+                "hash_ids": [5, 6, 7],
+            },
+            {
+                "chat_id": 11,
+                "parent_chat_id": -1,
+                "timestamp": 1.5,
+                "input_length": 20,
+                "output_length": 4,
+                "type": "image",
+                "turn": 1,
+                "hash_ids": [5, 8],
+            },
+            {
+                "chat_id": 12,
+                "parent_chat_id": 10,
+                "timestamp": 3.0,
+                "input_length": 70,
+                "output_length": 9,
+                "type": "text",
+                "turn": 2,
+                "hash_ids": [5, 6, 7, 9, 10],
+            },
+            {
+                "chat_id": 13,
+                "parent_chat_id": 12,
+                "timestamp": 4.25,
+                "input_length": 90,
+                "output_length": 3,
+                "type": "text",
+                "turn": 3,
+                "hash_ids": [5, 6, 7, 9, 10, 11],
+            },
+        ],
+    )
     tr = traces.load_trace(f)
     assert tr.format == "bailian" and tr.block_size == 16
     np.testing.assert_allclose(tr.arrival, [0.0, 0.5, 2.0, 3.25])
@@ -135,33 +189,57 @@ def test_bailian_jsonl_chains(tmp_path):
 
 
 AZ = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\n"
-BG = ("Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,Total tokens,"
-      "Log Type\n1,s,1,ChatGPT,10,2,12,Conversation log\n")
+BG = (
+    "Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,Total tokens,"
+    "Log Type\n1,s,1,ChatGPT,10,2,12,Conversation log\n"
+)
 MC = '{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [0]}\n'
-QW = ('{"chat_id": 1, "parent_chat_id": -1, "timestamp": 0.5, "input_length": 10, '
-      '"output_length": 1, "type": "text", "turn": 1, "hash_ids": [0]}\n')
+QW = (
+    '{"chat_id": 1, "parent_chat_id": -1, "timestamp": 0.5, "input_length": 10, '
+    '"output_length": 1, "type": "text", "turn": 1, "hash_ids": [0]}\n'
+)
 
 
-@pytest.mark.parametrize("name, text, line, column", [
-    ("a.csv", AZ + "2023-11-16 18:15:47.00,12x,4\n", 3, "ContextTokens"),
-    ("a.csv", AZ + "2023-11-16 18:15:47.00,12,-4\n", 3, "GeneratedTokens"),
-    ("a.csv", AZ + "yesterday,12,4\n", 3, "TIMESTAMP"),
-    ("a.csv", AZ + "2023-11-16 18:15:47.00,12\n", 3, None),
-    ("a.csv", "TIMESTAMP,ContextTokens,Tokens\n2023-11-16 18:15:46,3,4\n", 1,
-     "GeneratedTokens"),
-    ("b.csv", BG + "2,s,1,ChatGPT,10,2.5,12,Conversation log\n", 3, "Response tokens"),
-    ("b.csv", BG + "nan,s,1,ChatGPT,10,2,12,Conversation log\n", 3, "Timestamp"),
-    ("m.jsonl", MC + '{"timestamp": 5, "input_length": 10, "output_length": 1}\n', 2,
-     "hash_ids"),
-    ("m.jsonl", MC + MC + '{"timestamp": 5, "input_length": "10", "output_length": 1, '
-     '"hash_ids": []}\n', 3, "input_length"),
-    ("m.jsonl", MC + '{"timestamp": 5, "input_length": 10, "output_length": 1, '
-     '"hash_ids": [1, -2]}\n', 2, "hash_ids"),
-    ("m.jsonl", MC + '{"timestamp": 5, "input_length": 10,\n', 2, None),
-    ("q.jsonl", QW + QW.replace('"turn": 1', '"turn": "two"'), 2, "turn"),
-    ("q.jsonl", QW + QW.replace('"timestamp": 0.5', '"timestamp": null'), 2, "timestamp"),
-    ("q.jsonl", QW + QW.replace('"chat_id": 1, ', ""), 2, "chat_id"),
-])
+@pytest.mark.parametrize(
+    "name, text, line, column",
+    [
+        ("a.csv", AZ + "2023-11-16 18:15:47.00,12x,4\n", 3, "ContextTokens"),
+        ("a.csv", AZ + "2023-11-16 18:15:47.00,12,-4\n", 3, "GeneratedTokens"),
+        ("a.csv", AZ + "yesterday,12,4\n", 3, "TIMESTAMP"),
+        ("a.csv", AZ + "2023-11-16 18:15:47.00,12\n", 3, None),
+        (
+            "a.csv",
+            "TIMESTAMP,ContextTokens,Tokens\n2023-11-16 18:15:46,3,4\n",
+            1,
+            "GeneratedTokens",
+        ),
+        ("b.csv", BG + "2,s,1,ChatGPT,10,2.5,12,Conversation log\n", 3, "Response tokens"),
+        ("b.csv", BG + "nan,s,1,ChatGPT,10,2,12,Conversation log\n", 3, "Timestamp"),
+        (
+            "m.jsonl",
+            MC + '{"timestamp": 5, "input_length": 10, "output_length": 1}\n',
+            2,
+            "hash_ids",
+        ),
+        (
+            "m.jsonl",
+            MC + MC + '{"timestamp": 5, "input_length": "10", "output_length": 1, '
+            '"hash_ids": []}\n',
+            3,
+            "input_length",
+        ),
+        (
+            "m.jsonl",
+            MC + '{"timestamp": 5, "input_length": 10, "output_length": 1, "hash_ids": [1, -2]}\n',
+            2,
+            "hash_ids",
+        ),
+        ("m.jsonl", MC + '{"timestamp": 5, "input_length": 10,\n', 2, None),
+        ("q.jsonl", QW + QW.replace('"turn": 1', '"turn": "two"'), 2, "turn"),
+        ("q.jsonl", QW + QW.replace('"timestamp": 0.5', '"timestamp": null'), 2, "timestamp"),
+        ("q.jsonl", QW + QW.replace('"chat_id": 1, ', ""), 2, "chat_id"),
+    ],
+)
 def test_malformed_files_name_the_line_and_column(tmp_path, name, text, line, column):
     f = write(tmp_path / name, text)
     with pytest.raises(ValueError) as e:
@@ -189,11 +267,11 @@ def brute_force(seqs):
     seen, matched = {}, []
     for s in seqs:
         m = 0
-        while m < len(s) and tuple(s[:m + 1]) in seen:
+        while m < len(s) and tuple(s[: m + 1]) in seen:
             m += 1
         matched.append(m)
         for k in range(len(s)):
-            seen.setdefault(tuple(s[:k + 1]), len(seen))
+            seen.setdefault(tuple(s[: k + 1]), len(seen))
     return matched, seen
 
 
@@ -214,17 +292,27 @@ def test_prefix_forest_matches_a_brute_force_trie():
     matched, trie = brute_force(seqs)
     assert pf["matched_blocks"].tolist() == matched
     assert pf["prefix_tokens"].tolist() == np.minimum(np.array(matched) * 16, inp).tolist()
-    tr = traces.Trace(name="t", format="t", arrival=np.arange(len(seqs), dtype=float),
-                      input_len=inp, output_len=inp, session=inp, parent=inp, turn=inp,
-                      category=inp, categories=(), block_size=16,
-                      **{k: v for k, v in pf.items() if k != "matched_blocks"})
+    tr = traces.Trace(
+        name="t",
+        format="t",
+        arrival=np.arange(len(seqs), dtype=float),
+        input_len=inp,
+        output_len=inp,
+        session=inp,
+        parent=inp,
+        turn=inp,
+        category=inp,
+        categories=(),
+        block_size=16,
+        **{k: v for k, v in pf.items() if k != "matched_blocks"},
+    )
     depth = tr.node_depth()
     label = {}
     for i, s in enumerate(seqs):
         blocks = [(j, o) for j in tr.path(i) for o in range(tr.node_blocks[j])]
         assert len(blocks) == len(s)
         for k in range(len(s)):  # one label per trie node, and distinct trie nodes differ
-            assert label.setdefault(tuple(s[:k + 1]), blocks[k]) == blocks[k]
+            assert label.setdefault(tuple(s[: k + 1]), blocks[k]) == blocks[k]
         p = pf["prefix_node"][i]
         assert (depth[p] if p >= 0 else 0) == matched[i]
         assert p < 0 or p in tr.path(i)
@@ -271,7 +359,8 @@ def test_bundled_files_are_small_packaged_and_licensed():
     assert {"LICENSE-azure-CC-BY-4.0.txt", "LICENSE-mooncake-Apache-2.0.txt"} <= set(files)
     assert sum((data / f).stat().st_size for f in files) < 2 * 2**20
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["kvjax.serve"]
+        "package-data"
+    ]["kvjax.serve"]
     for f in files:
         assert any(fnmatch.fnmatch(f"data/traces/{f}", g) for g in globs), f
     notice = (ROOT / "kvjax" / "serve" / "NOTICE").read_text()
@@ -280,8 +369,10 @@ def test_bundled_files_are_small_packaged_and_licensed():
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="source traces not on this machine")
-@pytest.mark.parametrize("name, fname", [("azure-code", "azure2023_code.csv"),
-                                         ("mooncake-synthetic", "mooncake_synthetic.jsonl")])
+@pytest.mark.parametrize(
+    "name, fname",
+    [("azure-code", "azure2023_code.csv"), ("mooncake-synthetic", "mooncake_synthetic.jsonl")],
+)
 def test_bundled_equals_source(name, fname):
     a, b = traces.load_trace(name), traces.load_trace(SHARED / fname)
     for k in traces._NPZ_ARRAYS:
@@ -305,10 +396,13 @@ def test_cli_workload_stats(capsys, tmp_path):
     assert rec["requests"] == 3993 and round(rec["prefix_reuse"]["block_reuse"], 2) == 0.64
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["workload", "stats", "azure-chat"], "unknown trace 'azure-chat'"),
-    (["workload", "stats", "BAD"], "line 3, column 'GeneratedTokens'"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["workload", "stats", "azure-chat"], "unknown trace 'azure-chat'"),
+        (["workload", "stats", "BAD"], "line 3, column 'GeneratedTokens'"),
+    ],
+)
 def test_cli_workload_errors_one_line_exit_2(capsys, tmp_path, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "BAD", AZ + "2023-11-16 18:15:47.00,12,x\n")
@@ -319,8 +413,11 @@ def test_cli_workload_errors_one_line_exit_2(capsys, tmp_path, monkeypatch, argv
 
 
 def test_cli_workload_usage_errors(capsys, tmp_path):
-    for argv in (["workload"], ["workload", "stats"],
-                 ["workload", "stats", "azure-conv", "--plot", str(tmp_path)]):
+    for argv in (
+        ["workload"],
+        ["workload", "stats"],
+        ["workload", "stats", "azure-conv", "--plot", str(tmp_path)],
+    ):
         try:
             code = cli.main(argv)
         except SystemExit as e:

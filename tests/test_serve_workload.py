@@ -11,10 +11,12 @@ from kvjax.serve.env import make
 
 # serving.md section 6: rate, per-second variance/mean, input and output p50/p90/p99.
 AZURE = {
-    "synthetic-conv": dict(rate=5.53, dispersion=1.39, input=(1020, 2734, 4142),
-                           output=(129, 424, 601)),
-    "synthetic-code": dict(rate=2.57, dispersion=13.2, input=(1469, 5186, 7436),
-                           output=(13, 55, 249)),
+    "synthetic-conv": dict(
+        rate=5.53, dispersion=1.39, input=(1020, 2734, 4142), output=(129, 424, 601)
+    ),
+    "synthetic-code": dict(
+        rate=2.57, dispersion=13.2, input=(1469, 5186, 7436), output=(13, 55, 249)
+    ),
 }
 N = 200_000
 

@@ -17,7 +17,20 @@ from kvjax.serve.types import ENGINES, KV_DTYPES, ServeConfig, ServeParams, Serv
 from kvjax.serve.workload import WORKLOADS
 
 __all__ = [
-    "ENGINES", "ENV_ID", "KV_DTYPES", "METRICS", "PRESETS", "WORKLOADS", "ServeConfig",
-    "ServeEnv", "ServeObservation", "ServeParams", "ServeState", "episode_metrics", "make",
-    "normalize_params", "score", "validate_params",
+    "ENGINES",
+    "ENV_ID",
+    "KV_DTYPES",
+    "METRICS",
+    "PRESETS",
+    "WORKLOADS",
+    "ServeConfig",
+    "ServeEnv",
+    "ServeObservation",
+    "ServeParams",
+    "ServeState",
+    "episode_metrics",
+    "make",
+    "normalize_params",
+    "score",
+    "validate_params",
 ]

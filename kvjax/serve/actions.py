@@ -34,8 +34,14 @@ from kvjax.serve.types import (
 def command_offsets(cfg: ServeConfig) -> dict[str, int]:
     """First id of each command kind."""
     S, G = cfg.max_requests, cfg.max_segments
-    return dict(noop=0, offload=1, preempt=1 + S, pin=1 + 2 * S, drop=1 + 2 * S + G,
-                reserve=1 + 2 * S + 2 * G)
+    return dict(
+        noop=0,
+        offload=1,
+        preempt=1 + S,
+        pin=1 + 2 * S,
+        drop=1 + 2 * S + G,
+        reserve=1 + 2 * S + 2 * G,
+    )
 
 
 def encode_command(kind: str, target: int, cfg: ServeConfig) -> int:
@@ -44,8 +50,13 @@ def encode_command(kind: str, target: int, cfg: ServeConfig) -> int:
         raise ValueError(f"unknown command {kind!r}; allowed: {list(COMMAND_KINDS)}")
     if kind == "noop":
         return 0
-    size = dict(offload=cfg.max_requests, preempt=cfg.max_requests, pin=cfg.max_segments,
-                drop=cfg.max_segments, reserve=len(cfg.reserve_levels))[kind]
+    size = dict(
+        offload=cfg.max_requests,
+        preempt=cfg.max_requests,
+        pin=cfg.max_segments,
+        drop=cfg.max_segments,
+        reserve=len(cfg.reserve_levels),
+    )[kind]
     if not 0 <= int(target) < size:
         raise ValueError(f"{kind} target must be in [0, {size}), got {target}")
     return command_offsets(cfg)[kind] + int(target)
@@ -83,10 +94,16 @@ def command_mask(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ch
     offload = running & (req.computed > 0) & (need_cpu <= mem["cpu_pool"] - mem["cpu_used"])
     cached = seg.valid & seg.on_gpu
     refs = engine.segment_refs(req, cfg.max_segments)
-    return jnp.concatenate([
-        jnp.ones((1,), bool), offload, running, cached, cached & (refs == 0),
-        jnp.ones((len(cfg.reserve_levels),), bool),
-    ])
+    return jnp.concatenate(
+        [
+            jnp.ones((1,), bool),
+            offload,
+            running,
+            cached,
+            cached & (refs == 0),
+            jnp.ones((len(cfg.reserve_levels),), bool),
+        ]
+    )
 
 
 def apply(state: ServeState, action: dict, params: ServeParams, cfg: ServeConfig) -> ServeState:
@@ -128,8 +145,7 @@ def apply(state: ServeState, action: dict, params: ServeParams, cfg: ServeConfig
         blocks = engine.ceil_blocks(req.computed)
         start = jnp.maximum(state.clock, state.link_free[0])
         done_at = start + latency.transfer_time(params, blocks)
-        link_out = jnp.where(is_off, jnp.sum(jnp.where(r_off, done_at, 0.0)),
-                             state.link_free[0])
+        link_out = jnp.where(is_off, jnp.sum(jnp.where(r_off, done_at, 0.0)), state.link_free[0])
         # preempt: the engine's recompute preemption (never a silent delete).
         lost = req.computed - jnp.where(req.attached, req.prefix_len, 0)
         pc = state.preempt_counter + (is_off | is_pre).astype(jnp.int32)
@@ -146,8 +162,9 @@ def apply(state: ServeState, action: dict, params: ServeParams, cfg: ServeConfig
             recomputed=req.recomputed + jnp.where(r_pre, lost, 0),
         )
         seg = seg.replace(
-            pinned_until=jnp.where(g_pin, state.clock + params.pin_ttl,
-                                   jnp.where(g_drop, 0.0, seg.pinned_until)),
+            pinned_until=jnp.where(
+                g_pin, state.clock + params.pin_ttl, jnp.where(g_drop, 0.0, seg.pinned_until)
+            ),
             on_gpu=seg.on_gpu & ~g_drop,
         )
         m = m.replace(
@@ -156,7 +173,10 @@ def apply(state: ServeState, action: dict, params: ServeParams, cfg: ServeConfig
             recomputed_tokens=m.recomputed_tokens + jnp.sum(jnp.where(r_pre, lost, 0)),
         )
         state = state.replace(
-            requests=req, segments=seg, metrics=m, preempt_counter=pc,
+            requests=req,
+            segments=seg,
+            metrics=m,
+            preempt_counter=pc,
             link_free=state.link_free.at[0].set(link_out),
             reserve_level=jnp.where(is_res, cid - off["reserve"], state.reserve_level),
         )
@@ -164,5 +184,4 @@ def apply(state: ServeState, action: dict, params: ServeParams, cfg: ServeConfig
     return state.replace(metrics=m.replace(invalid_commands=m.invalid_commands + invalid))
 
 
-__all__ = ["apply", "command_mask", "decode_command", "encode_command",
-           "noop_action"]
+__all__ = ["apply", "command_mask", "decode_command", "encode_command", "noop_action"]

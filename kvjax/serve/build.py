@@ -42,8 +42,11 @@ def build_state(
         row = {**defaults, **row}
         row["index"] = i if row["index"] is None else row["index"]
         row["queue_key"] = row["index"] if row["queue_key"] is None else row["queue_key"]
-        row["target"] = (row.get("prompt", 0) + row.get("generated", 0)
-                         if row["target"] is None else row["target"])
+        row["target"] = (
+            row.get("prompt", 0) + row.get("generated", 0)
+            if row["target"] is None
+            else row["target"]
+        )
         row.setdefault("priority", (cfg.priority_levels - 1) // 2)
         for k, v in row.items():
             fields[k][i] = v
@@ -57,6 +60,7 @@ def build_state(
             for k, v in row.items():
                 sf[k][g] = v
         seg = seg.replace(**{k: jnp.asarray(v) for k, v in sf.items()})
-    state = state.replace(requests=req, segments=seg, clock=jnp.float32(clock),
-                          next_arrival=jnp.float32(next_arrival))
+    state = state.replace(
+        requests=req, segments=seg, clock=jnp.float32(clock), next_arrival=jnp.float32(next_arrival)
+    )
     return state.replace(**{k: jnp.asarray(v, getattr(state, k).dtype) for k, v in scalars.items()})

@@ -19,15 +19,19 @@ from kvjax.serve.types import ServeParams
 def capacity_rps(params: ServeParams) -> float:
     """Requests per second at saturation (float; params must be concrete)."""
     w = int(params.workload)
-    e_in, e_in2, e_out = workload.length_moments(w, int(params.max_tokens),
-                                                 int(params.max_model_len))
+    e_in, e_in2, e_out = workload.length_moments(
+        w, int(params.max_tokens), int(params.max_model_len)
+    )
     kv = 0.5 if int(params.kv_dtype) == 1 else 1.0
     context = e_in + e_out / 2
     pool = float(params.gpu_pool_tokens) / kv
     batch = max(1.0, min(float(params.max_num_seqs), pool / context))
-    dt = (float(params.t_cpu) + max(float(params.t_weights),
-                                    float(params.lin_a) + float(params.lin_b) * batch)
-          + float(params.attn_decode) * kv * batch * context)
-    per_request = e_out * dt / batch + float(params.lin_b) * e_in + float(
-        params.attn_prefill) * e_in2 / 2
+    dt = (
+        float(params.t_cpu)
+        + max(float(params.t_weights), float(params.lin_a) + float(params.lin_b) * batch)
+        + float(params.attn_decode) * kv * batch * context
+    )
+    per_request = (
+        e_out * dt / batch + float(params.lin_b) * e_in + float(params.attn_prefill) * e_in2 / 2
+    )
     return 1.0 / per_request

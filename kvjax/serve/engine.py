@@ -95,13 +95,20 @@ def memory(state: ServeState, params: ServeParams) -> dict[str, chex.Array]:
     cached = jnp.sum(segment_blocks(state.segments))
     pool = pool_blocks(params)
     cpu_used = jnp.sum(jnp.where(state.requests.status != EMPTY, state.requests.cpu_blocks, 0))
-    return dict(pool=pool, used=used, cached=cached, free=pool - used - cached,
-                cpu_used=cpu_used, cpu_pool=cpu_pool_blocks(params))
+    return dict(
+        pool=pool,
+        used=used,
+        cached=cached,
+        free=pool - used - cached,
+        cpu_used=cpu_used,
+        cpu_pool=cpu_pool_blocks(params),
+    )
 
 
 # -- phase 1: arrivals -------------------------------------------------------------------------
-def arrivals(state: ServeState, params: ServeParams, cfg: ServeConfig,
-             live: chex.Array = True) -> ServeState:
+def arrivals(
+    state: ServeState, params: ServeParams, cfg: ServeConfig, live: chex.Array = True
+) -> ServeState:
     """Move up to K arrived requests (arrival <= clock) from the stream into empty rows, in
     stream order. When no row is free they wait behind the pointer, their arrival time kept,
     so their waiting counts in TTFT and the client timeout."""
@@ -151,8 +158,12 @@ def arrivals(state: ServeState, params: ServeParams, cfg: ServeConfig,
     nxt = nxt + n.astype(jnp.int32)
     t_next = jnp.sum(jnp.where(jnp.arange(K + 1) == n, t, 0.0))
     arrived = state.metrics.arrived + (nxt - state.next_index)
-    return state.replace(requests=req, next_index=nxt, next_arrival=t_next,
-                         metrics=state.metrics.replace(arrived=arrived))
+    return state.replace(
+        requests=req,
+        next_index=nxt,
+        next_arrival=t_next,
+        metrics=state.metrics.replace(arrived=arrived),
+    )
 
 
 # -- phase 2: transfers ------------------------------------------------------------------------
@@ -176,12 +187,17 @@ def timeouts(state: ServeState, params: ServeParams, live: chex.Array = True) ->
     """Drop waiting requests that have produced no token within the client timeout (the only
     way a request leaves unserved; counted)."""
     req = state.requests
-    drop = ((req.status == WAITING) & (req.first_token < 0)
-            & (state.clock - req.arrival > params.client_timeout) & live)
+    drop = (
+        (req.status == WAITING)
+        & (req.first_token < 0)
+        & (state.clock - req.arrival > params.client_timeout)
+        & live
+    )
     req = req.replace(status=jnp.where(drop, EMPTY, req.status))
     m = state.metrics
-    return state.replace(requests=req, metrics=m.replace(
-        timed_out=m.timed_out + jnp.sum(drop).astype(jnp.int32)))
+    return state.replace(
+        requests=req, metrics=m.replace(timed_out=m.timed_out + jnp.sum(drop).astype(jnp.int32))
+    )
 
 
 # -- phase 4: schedule -------------------------------------------------------------------------
@@ -212,8 +228,9 @@ def running_order_keys(req: RequestTable, params: ServeParams, cfg: ServeConfig)
     )
 
 
-def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig,
-             live: chex.Array = True) -> Plan:
+def schedule(
+    state: ServeState, params: ServeParams, cfg: ServeConfig, live: chex.Array = True
+) -> Plan:
     """The iteration's decisions (no state change); nothing at all when not `live`."""
     req, seg = state.requests, state.segments
     G = cfg.max_segments
@@ -239,14 +256,17 @@ def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig,
     # plus what preempting every later request frees (victims are taken from the tail).
     can_preempt = params.engine != TRT
     demand_incl = ops.prefix_sum(before_run, demand, inclusive=True)
-    held_after = jnp.sum(jnp.where(running, held, 0)) - ops.prefix_sum(before_run, held,
-                                                                        inclusive=True)
+    held_after = jnp.sum(jnp.where(running, held, 0)) - ops.prefix_sum(
+        before_run, held, inclusive=True
+    )
     shortage = jnp.sum(demand) > available
     # SGLang retracts until every kept request has retract_tokens free for its next decodes.
     kept_count = ops.prefix_sum(before_run, running.astype(jnp.int32), inclusive=True)
     sgl_headroom = jnp.where(
         (params.engine == SGLANG) & shortage,
-        ceil_blocks(kept_count * params.sglang_retract_tokens), 0)
+        ceil_blocks(kept_count * params.sglang_retract_tokens),
+        0,
+    )
     fits = demand_incl + sgl_headroom <= available + jnp.where(can_preempt, held_after, 0)
     kept = running & fits
     preempt = running & ~fits & can_preempt
@@ -260,15 +280,16 @@ def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig,
     swapped = req.status == SWAPPED
     seg_id = jnp.clip(req.segment, 0, G - 1)
     seg_cached = (req.segment >= 0) & seg.valid[seg_id] & seg.on_gpu[seg_id]
-    hit = jnp.where(waiting & ~swapped & seg_cached,
-                    jnp.minimum(req.prefix_len, req.target - 1), 0)
+    hit = jnp.where(waiting & ~swapped & seg_cached, jnp.minimum(req.prefix_len, req.target - 1), 0)
     # Segments some waiting request will hit are not counted as evictable for admission.
-    wanted = jnp.any((seg_id[:, None] == jnp.arange(G)[None, :])
-                     & (waiting & (hit > 0))[:, None], axis=0)
+    wanted = jnp.any(
+        (seg_id[:, None] == jnp.arange(G)[None, :]) & (waiting & (hit > 0))[:, None], axis=0
+    )
     kept_demand = jnp.sum(jnp.where(kept, demand, 0))
     freed = jnp.sum(jnp.where(preempt, held, 0))
-    adm_available = (mem["free"] + jnp.sum(jnp.where(evict_ok & ~wanted, seg_blocks, 0))
-                     - kept_demand)
+    adm_available = (
+        mem["free"] + jnp.sum(jnp.where(evict_ok & ~wanted, seg_blocks, 0)) - kept_demand
+    )
     used_tokens = jnp.sum(run_tok)
     w_need = jnp.where(waiting & ~swapped, req.target - hit, 0)
     w_ahead = ops.prefix_sum(before_wait, jnp.minimum(w_need, budget))
@@ -286,29 +307,38 @@ def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig,
     agent_reserve = jnp.ceil(reserve * pool.astype(jnp.float32)).astype(jnp.int32)
     # TRT (GUARANTEED_NO_EVICT): every request holds a reservation for prompt + max_tokens.
     full = ceil_blocks(req.prompt + req.max_tokens - jnp.where(hit > 0, req.prefix_len, 0))
-    reserved_running = jnp.sum(jnp.where(on_gpu(req), ceil_blocks(
-        req.prompt + req.max_tokens - jnp.where(req.attached, req.prefix_len, 0)), 0))
+    reserved_running = jnp.sum(
+        jnp.where(
+            on_gpu(req),
+            ceil_blocks(req.prompt + req.max_tokens - jnp.where(req.attached, req.prefix_len, 0)),
+            0,
+        )
+    )
     pinned_or_used = jnp.sum(jnp.where(~evict_ok, seg_blocks, 0))
-    trt_ok = (reserved_running + ops.prefix_sum(before_wait, jnp.where(waiting, full, 0),
-                                                inclusive=True)
-              <= pool - pinned_or_used)
+    trt_ok = (
+        reserved_running + ops.prefix_sum(before_wait, jnp.where(waiting, full, 0), inclusive=True)
+        <= pool - pinned_or_used
+    )
     # SGLang: keep new_token_ratio x (the remaining output, capped) free for every request.
-    future = jnp.minimum(jnp.maximum(req.max_tokens - req.generated, 0),
-                         params.sglang_reserve_cap)
+    future = jnp.minimum(jnp.maximum(req.max_tokens - req.generated, 0), params.sglang_reserve_cap)
     ratio = state.new_token_ratio
     run_reserve = jnp.sum(jnp.where(running | (req.status == LOADING), future, 0))
     w_reserve = ops.prefix_sum(before_wait, jnp.where(waiting, future, 0), inclusive=True)
     sgl_reserve = ceil_blocks(jnp.ceil(ratio * (run_reserve + w_reserve)).astype(jnp.int32))
-    guard = jnp.where(params.engine == TRT, trt_ok,
-                      jnp.where(params.engine == SGLANG,
-                                cum_blocks + sgl_reserve <= adm_available, True))
-    ok = (waiting
-          & (swapped | (w_tok > 0))
-          & (n_running + n_prior + 1 <= params.max_num_seqs)
-          & (cum_blocks + agent_reserve <= adm_available)
-          & partial_ok
-          & guard
-          & ~retracted)
+    guard = jnp.where(
+        params.engine == TRT,
+        trt_ok,
+        jnp.where(params.engine == SGLANG, cum_blocks + sgl_reserve <= adm_available, True),
+    )
+    ok = (
+        waiting
+        & (swapped | (w_tok > 0))
+        & (n_running + n_prior + 1 <= params.max_num_seqs)
+        & (cum_blocks + agent_reserve <= adm_available)
+        & partial_ok
+        & guard
+        & ~retracted
+    )
     admit = waiting & ~ops.any_before(before_wait, waiting & ~ok) & ok
     admit_pos = ops.prefix_sum(before_wait, admit.astype(jnp.int32))
     tokens = run_tok + jnp.where(admit & ~swapped, w_tok, 0)
@@ -318,18 +348,29 @@ def schedule(state: ServeState, params: ServeParams, cfg: ServeConfig,
     # the blocks this iteration allocates are covered.
     alloc = kept_demand + jnp.sum(jnp.where(admit, w_blocks, 0))
     shortfall = alloc - (mem["free"] + freed)
-    keep_seg = evict_ok & ~jnp.any((seg_id[:, None] == jnp.arange(G)[None, :])
-                                   & (hit > 0)[:, None], axis=0)
+    keep_seg = evict_ok & ~jnp.any(
+        (seg_id[:, None] == jnp.arange(G)[None, :]) & (hit > 0)[:, None], axis=0
+    )
     before_seg = ops.before_matrix((seg.priority, seg.last_access), keep_seg)
     evict = keep_seg & (ops.prefix_sum(before_seg, seg_blocks) < shortfall)
     load_before = ops.prefix_sum(before_wait, jnp.where(admit & swapped, req.cpu_blocks, 0))
-    return Plan(jnp.where(live, tokens, 0), preempt & live, preempt_pos, admit & live,
-                admit_pos, jnp.where(live, hit, 0), load_before, evict & live, retracted & live)
+    return Plan(
+        jnp.where(live, tokens, 0),
+        preempt & live,
+        preempt_pos,
+        admit & live,
+        admit_pos,
+        jnp.where(live, hit, 0),
+        load_before,
+        evict & live,
+        retracted & live,
+    )
 
 
 # -- phase 5: execute --------------------------------------------------------------------------
-def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig,
-            live: chex.Array = True) -> ServeState:
+def execute(
+    state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig, live: chex.Array = True
+) -> ServeState:
     """Apply the plan and advance the clock; with `live` False (past the horizon) the plan is
     empty and nothing changes."""
     req, seg, m = state.requests, state.segments, state.metrics
@@ -356,8 +397,7 @@ def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig
     load_start = jnp.maximum(state.clock, state.link_free[1])
     load = plan.admit & swapped
     load_done = load_start + latency.transfer_time(params, plan.load_before + req.cpu_blocks)
-    link_in = jnp.where(jnp.any(load), jnp.max(jnp.where(load, load_done, 0.0)),
-                        state.link_free[1])
+    link_in = jnp.where(jnp.any(load), jnp.max(jnp.where(load, load_done, 0.0)), state.link_free[1])
     fresh = plan.admit & ~swapped
     req = req.replace(
         status=jnp.where(load, LOADING, jnp.where(fresh, RUNNING, req.status)),
@@ -370,9 +410,10 @@ def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig
     lookups = jnp.sum(jnp.where(fresh, req.target, 0))
 
     # Segments: evictions, then touch those in use (LRU clock).
-    seg_of = (req.segment[:, None] == jnp.arange(G)[None, :])
-    touched = jnp.any(seg_of & ((on_gpu(req) & req.attached) | (plan.hit > 0))[:, None],
-                      axis=0) & live
+    seg_of = req.segment[:, None] == jnp.arange(G)[None, :]
+    touched = (
+        jnp.any(seg_of & ((on_gpu(req) & req.attached) | (plan.hit > 0))[:, None], axis=0) & live
+    )
     seg = seg.replace(
         on_gpu=seg.on_gpu & ~plan.evict,
         pinned_until=jnp.where(plan.evict, 0.0, seg.pinned_until),
@@ -385,18 +426,27 @@ def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig
     decode = (tok > 0) & ~prefilling
     num_tokens = jnp.sum(tok)
     ctx = jnp.sum(jnp.where(decode, req.computed, 0))
-    pairs = jnp.sum(jnp.where((tok > 0) & prefilling,
-                              latency.prefill_pairs(tok, req.computed), 0.0))
+    pairs = jnp.sum(
+        jnp.where((tok > 0) & prefilling, latency.prefill_pairs(tok, req.computed), 0.0)
+    )
     busy = num_tokens > 0
     in_flight = (req.status == OFFLOADING) | (req.status == LOADING)
     t_event = jnp.minimum(
         state.next_arrival,
         jnp.min(jnp.where(in_flight, req.xfer_done, NEVER)),
     )
-    deadline = jnp.min(jnp.where((req.status == WAITING) & (req.first_token < 0),
-                                 req.arrival + params.client_timeout, NEVER))
-    pins = jnp.min(jnp.where(seg.valid & seg.on_gpu & (seg.pinned_until > state.clock),
-                             seg.pinned_until, NEVER))
+    deadline = jnp.min(
+        jnp.where(
+            (req.status == WAITING) & (req.first_token < 0),
+            req.arrival + params.client_timeout,
+            NEVER,
+        )
+    )
+    pins = jnp.min(
+        jnp.where(
+            seg.valid & seg.on_gpu & (seg.pinned_until > state.clock), seg.pinned_until, NEVER
+        )
+    )
     t_event = jnp.minimum(jnp.minimum(t_event, deadline), pins)
     t_event = jnp.minimum(t_event, params.horizon)
     idle = jnp.maximum(t_event - state.clock, params.t_cpu)
@@ -418,21 +468,30 @@ def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig
     # A request whose prefill passes its prefix makes the segment resident when it is not
     # (the first such row per segment attaches; its blocks move to the segment).
     rows = jnp.arange(cfg.max_requests)
-    inserting = ((req.status == RUNNING) & (req.segment >= 0) & ~req.attached
-                 & (req.prefix_len > 0) & (req.computed >= req.prefix_len))
+    inserting = (
+        (req.status == RUNNING)
+        & (req.segment >= 0)
+        & ~req.attached
+        & (req.prefix_len > 0)
+        & (req.computed >= req.prefix_len)
+    )
     cand = seg_of & inserting[:, None] & ~(seg.valid & seg.on_gpu)[None, :]
     first_row = jnp.min(jnp.where(cand, rows[:, None], cfg.max_requests), axis=0)  # [G]
     new_seg = (first_row < cfg.max_requests) & live
     attach = jnp.any(cand & (rows[:, None] == first_row[None, :]) & new_seg[None, :], axis=1)
     req = req.replace(attached=req.attached | attach)
-    seg = seg.replace(on_gpu=seg.on_gpu | new_seg,
-                      last_access=jnp.where(new_seg, clock, seg.last_access))
+    seg = seg.replace(
+        on_gpu=seg.on_gpu | new_seg, last_access=jnp.where(new_seg, clock, seg.last_access)
+    )
 
     # Completions: record TTFT / TPOT, score against the SLOs, free the row.
     done = (req.status == RUNNING) & (req.generated >= req.output_len) & live
     ttft = req.first_token - req.arrival
-    tpot = jnp.where(req.generated > 1, (req.last_token - req.first_token)
-                     / jnp.maximum(req.generated - 1, 1).astype(jnp.float32), 0.0)
+    tpot = jnp.where(
+        req.generated > 1,
+        (req.last_token - req.first_token) / jnp.maximum(req.generated - 1, 1).astype(jnp.float32),
+        0.0,
+    )
     good = done & (ttft <= params.ttft_slo) & (tpot <= params.tpot_slo)
     slot = m.log_count + ops.row_prefix_sum(done.astype(jnp.int32))
     pos = jnp.where(done, slot % R, R)
@@ -451,13 +510,16 @@ def execute(state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig
         prefill_tokens=m.prefill_tokens + jnp.sum(jnp.where(prefilling, tok, 0)),
         ttft_sum=m.ttft_sum + jnp.sum(jnp.where(done, ttft, 0.0)),
         tpot_sum=m.tpot_sum + jnp.sum(jnp.where(done, tpot, 0.0)),
+        e2e_sum=m.e2e_sum + jnp.sum(jnp.where(done, req.last_token - req.arrival, 0.0)),
         log_ttft=m.log_ttft.at[pos].set(ttft, mode="drop"),
         log_tpot=m.log_tpot.at[pos].set(tpot, mode="drop"),
         log_count=m.log_count + n_done,
     )
-    ratio = jnp.where(plan.retracted, params.sglang_ratio_init,
-                      jnp.maximum(state.new_token_ratio - params.sglang_ratio_decay,
-                                  params.sglang_ratio_min))
+    ratio = jnp.where(
+        plan.retracted,
+        params.sglang_ratio_init,
+        jnp.maximum(state.new_token_ratio - params.sglang_ratio_decay, params.sglang_ratio_min),
+    )
     ratio = jnp.where(live, ratio, state.new_token_ratio)
     return state.replace(
         requests=req,
@@ -490,6 +552,7 @@ def iterate(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ServeSt
 
 def run(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ServeState:
     """The control period: `iterations_per_step` engine iterations (lax.scan)."""
+
     def body(st, _):
         return iterate(st, params, cfg), None
 
@@ -503,12 +566,27 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
     zi = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
     zf = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
     req = RequestTable(
-        status=zi(S), index=jnp.full((S,), -1, jnp.int32), arrival=zf(S), prompt=zi(S),
-        output_len=zi(S), max_tokens=zi(S), segment=jnp.full((S,), -1, jnp.int32),
-        prefix_len=zi(S), attached=jnp.zeros((S,), bool), computed=zi(S), target=zi(S),
-        generated=zi(S), queue_key=zi(S), run_key=zi(S), priority=zi(S),
-        first_token=jnp.full((S,), -1.0, jnp.float32), last_token=jnp.full((S,), -1.0, jnp.float32),
-        preemptions=zi(S), recomputed=zi(S), hit_tokens=zi(S), xfer_done=zf(S),
+        status=zi(S),
+        index=jnp.full((S,), -1, jnp.int32),
+        arrival=zf(S),
+        prompt=zi(S),
+        output_len=zi(S),
+        max_tokens=zi(S),
+        segment=jnp.full((S,), -1, jnp.int32),
+        prefix_len=zi(S),
+        attached=jnp.zeros((S,), bool),
+        computed=zi(S),
+        target=zi(S),
+        generated=zi(S),
+        queue_key=zi(S),
+        run_key=zi(S),
+        priority=zi(S),
+        first_token=jnp.full((S,), -1.0, jnp.float32),
+        last_token=jnp.full((S,), -1.0, jnp.float32),
+        preemptions=zi(S),
+        recomputed=zi(S),
+        hit_tokens=zi(S),
+        xfer_done=zf(S),
         cpu_blocks=zi(S),
     )
     plen = (jnp.asarray(params.prefix_tokens, jnp.int32) // BLOCK_TOKENS) * BLOCK_TOKENS
@@ -521,16 +599,43 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
         pinned_until=zf(G),
     )
     metrics = Metrics(
-        arrived=zi(), finished=zi(), good=zi(), timed_out=zi(), preemptions=zi(),
-        agent_preemptions=zi(), offloads=zi(), invalid_commands=zi(), output_tokens=zi(),
-        prompt_tokens=zi(), hit_tokens=zi(), recomputed_tokens=zi(), prefill_tokens=zi(),
-        ttft_sum=zf(), tpot_sum=zf(), log_ttft=zf(R), log_tpot=zf(R), log_count=zi(),
+        arrived=zi(),
+        finished=zi(),
+        good=zi(),
+        timed_out=zi(),
+        preemptions=zi(),
+        agent_preemptions=zi(),
+        offloads=zi(),
+        invalid_commands=zi(),
+        output_tokens=zi(),
+        prompt_tokens=zi(),
+        hit_tokens=zi(),
+        recomputed_tokens=zi(),
+        prefill_tokens=zi(),
+        ttft_sum=zf(),
+        tpot_sum=zf(),
+        e2e_sum=zf(),
+        log_ttft=zf(R),
+        log_tpot=zf(R),
+        log_count=zi(),
     )
     first = workload.draw_request(seed, jnp.int32(0), params)
     return ServeState(
-        requests=req, segments=seg, metrics=metrics, seed=seed, clock=zf(),
-        next_index=zi(), next_arrival=first["gap"].astype(jnp.float32), run_counter=zi(),
-        preempt_counter=zi(), new_token_ratio=jnp.asarray(params.sglang_ratio_init, jnp.float32),
-        reserve_level=zi(), link_free=zf(2), last_iter_time=zf(), recent_ttft=zf(),
-        recent_tpot=zf(), iterations=zi(), steps=zi(),
+        requests=req,
+        segments=seg,
+        metrics=metrics,
+        seed=seed,
+        clock=zf(),
+        next_index=zi(),
+        next_arrival=first["gap"].astype(jnp.float32),
+        run_counter=zi(),
+        preempt_counter=zi(),
+        new_token_ratio=jnp.asarray(params.sglang_ratio_init, jnp.float32),
+        reserve_level=zi(),
+        link_free=zf(2),
+        last_iter_time=zf(),
+        recent_ttft=zf(),
+        recent_tpot=zf(),
+        iterations=zi(),
+        steps=zi(),
     )

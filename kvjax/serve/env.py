@@ -53,21 +53,25 @@ class ServeEnv:
 
     def action_space(self, params: ServeParams | None = None) -> spaces.Dict:
         cfg, L = self.config, self.config.priority_levels
-        return spaces.Dict({
-            "request_priority": spaces.MultiDiscrete(L + 1, (cfg.max_requests,)),
-            "segment_priority": spaces.MultiDiscrete(L + 1, (cfg.max_segments,)),
-            "commands": spaces.MultiDiscrete(cfg.num_command_ids, (cfg.max_commands,)),
-        })
+        return spaces.Dict(
+            {
+                "request_priority": spaces.MultiDiscrete(L + 1, (cfg.max_requests,)),
+                "segment_priority": spaces.MultiDiscrete(L + 1, (cfg.max_segments,)),
+                "commands": spaces.MultiDiscrete(cfg.num_command_ids, (cfg.max_commands,)),
+            }
+        )
 
     def observation_space(self, params: ServeParams | None = None) -> spaces.Dict:
         cfg = self.config
         box = lambda *shape: spaces.Box(-np.inf, np.inf, shape)  # noqa: E731
-        return spaces.Dict({
-            "requests": box(cfg.max_requests, len(observations.REQUEST_FEATURES)),
-            "segments": box(cfg.max_segments, len(observations.SEGMENT_FEATURES)),
-            "globals": box(len(observations.GLOBAL_FEATURES)),
-            "command_mask": spaces.Box(0, 1, (cfg.num_command_ids,), jnp.bool_),
-        })
+        return spaces.Dict(
+            {
+                "requests": box(cfg.max_requests, len(observations.REQUEST_FEATURES)),
+                "segments": box(cfg.max_segments, len(observations.SEGMENT_FEATURES)),
+                "globals": box(len(observations.GLOBAL_FEATURES)),
+                "command_mask": spaces.Box(0, 1, (cfg.num_command_ids,), jnp.bool_),
+            }
+        )
 
     def noop_action(self) -> dict[str, chex.Array]:
         return actions.noop_action(self.config)
@@ -103,7 +107,8 @@ class ServeEnv:
         """Step with auto-reset on episode end; `info["final_observation"]` is pre-reset."""
         params = self.default_params if params is None else params
         obs_st, state_st, reward, terminated, truncated, info = self.step_env(
-            key, state, action, params)
+            key, state, action, params
+        )
         obs_re, state_re = self.reset_env(key, params)
         done = terminated | truncated
         pick = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(done, x, y), a, b)  # noqa: E731
@@ -117,34 +122,78 @@ class ServeEnv:
 
     def _check_action(self, action: dict) -> dict:
         cfg = self.config
-        shapes = dict(request_priority=(cfg.max_requests,), segment_priority=(cfg.max_segments,),
-                      commands=(cfg.max_commands,))
+        shapes = dict(
+            request_priority=(cfg.max_requests,),
+            segment_priority=(cfg.max_segments,),
+            commands=(cfg.max_commands,),
+        )
         if not isinstance(action, dict) or set(action) != set(shapes):
-            raise ValueError(f"action must be a dict with keys {sorted(shapes)} "
-                             f"(env.noop_action() is the engine default)")
+            raise ValueError(
+                f"action must be a dict with keys {sorted(shapes)} "
+                f"(env.noop_action() is the engine default)"
+            )
         out = {}
         for k, shape in shapes.items():
             a = jnp.asarray(action[k])
             if a.shape != shape or not jnp.issubdtype(a.dtype, jnp.integer):
-                raise ValueError(f"action[{k!r}] must be an integer array of shape {shape}, "
-                                 f"got {a.dtype} {tuple(a.shape)}")
+                raise ValueError(
+                    f"action[{k!r}] must be an integer array of shape {shape}, "
+                    f"got {a.dtype} {tuple(a.shape)}"
+                )
             out[k] = a.astype(jnp.int32)
         return out
 
 
 # -- construction and validation ---------------------------------------------------------------
-_POSITIVE = ("max_num_seqs", "max_batched_tokens", "kv_bytes_per_token", "gpu_pool_tokens",
-             "pcie_bytes_per_s", "t_weights", "arrival_rate", "max_model_len", "max_tokens",
-             "client_timeout", "ttft_slo", "tpot_slo", "horizon", "sglang_retract_tokens",
-             "sglang_reserve_cap")
-_NON_NEGATIVE = ("max_partial_prefills", "sglang_ratio_init", "sglang_ratio_min",
-                 "sglang_ratio_decay", "cpu_pool_tokens", "t_cpu", "lin_a", "lin_b",
-                 "attn_decode", "attn_prefill", "gap_sigma", "num_prefixes", "prefix_tokens",
-                 "pin_ttl")
-_INTEGRAL = ("engine", "max_num_seqs", "max_batched_tokens", "max_partial_prefills",
-             "sglang_retract_tokens", "sglang_reserve_cap", "kv_dtype", "gpu_pool_tokens",
-             "cpu_pool_tokens", "workload", "max_model_len", "max_tokens", "num_prefixes",
-             "prefix_tokens")
+_POSITIVE = (
+    "max_num_seqs",
+    "max_batched_tokens",
+    "kv_bytes_per_token",
+    "gpu_pool_tokens",
+    "pcie_bytes_per_s",
+    "t_weights",
+    "arrival_rate",
+    "max_model_len",
+    "max_tokens",
+    "client_timeout",
+    "ttft_slo",
+    "tpot_slo",
+    "horizon",
+    "sglang_retract_tokens",
+    "sglang_reserve_cap",
+)
+_NON_NEGATIVE = (
+    "max_partial_prefills",
+    "sglang_ratio_init",
+    "sglang_ratio_min",
+    "sglang_ratio_decay",
+    "cpu_pool_tokens",
+    "t_cpu",
+    "lin_a",
+    "lin_b",
+    "attn_decode",
+    "attn_prefill",
+    "gap_sigma",
+    "num_prefixes",
+    "prefix_tokens",
+    "pin_ttl",
+)
+_INTEGRAL = (
+    "engine",
+    "max_num_seqs",
+    "max_batched_tokens",
+    "max_partial_prefills",
+    "sglang_retract_tokens",
+    "sglang_reserve_cap",
+    "kv_dtype",
+    "gpu_pool_tokens",
+    "cpu_pool_tokens",
+    "workload",
+    "max_model_len",
+    "max_tokens",
+    "num_prefixes",
+    "prefix_tokens",
+)
 
 
 def validate_params(params: ServeParams, cfg: ServeConfig) -> ServeParams:
@@ -165,9 +214,12 @@ def validate_params(params: ServeParams, cfg: ServeConfig) -> ServeParams:
         if name in _INTEGRAL and not np.all(a == np.round(a)):
             raise ValueError(f"{name} must be an integer, got {v!r}")
     checks = (
-        ("engine", 0, len(ENGINES) - 1), ("kv_dtype", 0, len(KV_DTYPES) - 1),
-        ("workload", 0, len(workload.WORKLOADS) - 1), ("prefix_share", 0.0, 1.0),
-        ("num_prefixes", 0, cfg.max_segments), ("max_partial_prefills", 1, math.inf),
+        ("engine", 0, len(ENGINES) - 1),
+        ("kv_dtype", 0, len(KV_DTYPES) - 1),
+        ("workload", 0, len(workload.WORKLOADS) - 1),
+        ("prefix_share", 0.0, 1.0),
+        ("num_prefixes", 0, cfg.max_segments),
+        ("max_partial_prefills", 1, math.inf),
     )
     for name, lo, hi in checks:
         a = np.asarray(getattr(params, name), np.float64)
@@ -218,9 +270,14 @@ def make(
     unknown = set(params) - p_fields
     if unknown:
         raise ValueError(f"unknown param {sorted(unknown)}; allowed: {sorted(p_fields)}")
-    base = {**spec["params"], "engine": ENGINES.index(engine), "workload": w,
-            "kv_dtype": KV_DTYPES.index(kv_dtype), "gap_sigma": workload.GAP_SIGMA[w],
-            "prefix_tokens": 512}
+    base = {
+        **spec["params"],
+        "engine": ENGINES.index(engine),
+        "workload": w,
+        "kv_dtype": KV_DTYPES.index(kv_dtype),
+        "gap_sigma": workload.GAP_SIGMA[w],
+        "prefix_tokens": 512,
+    }
     p = validate_params(ServeParams(**{**base, **params}), cfg)
     if "arrival_rate" not in params:
         p = p.replace(arrival_rate=float(load) * capacity_rps(p))

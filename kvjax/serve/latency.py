@@ -27,8 +27,15 @@ VIDUR_H100_7B = Path(__file__).parent / "data" / "vidur_h100_llama2_7b_linear_op
 
 # Vidur's per-layer linear ops of one decoder layer (its MLP profile minus the embedding).
 VIDUR_LINEAR_OPS = (
-    "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
-    "post_attention_layernorm", "mlp_up_proj", "mlp_act", "mlp_down_proj", "add",
+    "input_layernorm",
+    "attn_pre_proj",
+    "attn_rope",
+    "attn_post_proj",
+    "post_attention_layernorm",
+    "mlp_up_proj",
+    "mlp_act",
+    "mlp_down_proj",
+    "add",
 )
 
 

@@ -43,10 +43,17 @@ def episode_metrics(state: ServeState, params: ServeParams) -> dict[str, chex.Ar
         recomputed_fraction=f32(m.recomputed_tokens) / jnp.maximum(f32(m.prefill_tokens), 1.0),
         mean_ttft=m.ttft_sum / jnp.maximum(f32(m.finished), 1.0),
         mean_tpot=m.tpot_sum / jnp.maximum(f32(m.finished), 1.0),
-        arrived=m.arrived, finished=m.finished, good=m.good, timed_out=m.timed_out,
-        preemptions=m.preemptions, agent_preemptions=m.agent_preemptions,
-        offloads=m.offloads, invalid_commands=m.invalid_commands,
-        iterations=state.iterations, clock=state.clock,
+        mean_e2e=m.e2e_sum / jnp.maximum(f32(m.finished), 1.0),
+        arrived=m.arrived,
+        finished=m.finished,
+        good=m.good,
+        timed_out=m.timed_out,
+        preemptions=m.preemptions,
+        agent_preemptions=m.agent_preemptions,
+        offloads=m.offloads,
+        invalid_commands=m.invalid_commands,
+        iterations=state.iterations,
+        clock=state.clock,
     )
     for name, log in (("ttft", m.log_ttft), ("tpot", m.log_tpot)):
         x = jnp.where(valid, log, jnp.nan)
@@ -56,7 +63,18 @@ def episode_metrics(state: ServeState, params: ServeParams) -> dict[str, chex.Ar
 
 
 METRICS = tuple(
-    ["score", "goodput", "throughput_tokens", "throughput_requests", "slo_attainment",
-     "hit_rate", "preemptions_per_s", "recomputed_fraction", "mean_ttft", "mean_tpot"]
+    [
+        "score",
+        "goodput",
+        "throughput_tokens",
+        "throughput_requests",
+        "slo_attainment",
+        "hit_rate",
+        "preemptions_per_s",
+        "recomputed_fraction",
+        "mean_ttft",
+        "mean_tpot",
+        "mean_e2e",
+    ]
     + [f"p{q}_{n}" for n in ("ttft", "tpot") for q in QUANTILES]
 )

@@ -37,8 +37,9 @@ def prefix_sum(before: chex.Array, x: chex.Array, inclusive: bool = False) -> ch
 
     The product runs in float32 (XLA's CPU backend has no fast integer dot; exact while the
     sums stay below 2^24) and is cast back to x's dtype."""
-    s = jnp.einsum("ij,j->i", before.astype(jnp.float32), x.astype(jnp.float32),
-                   precision="highest")
+    s = jnp.einsum(
+        "ij,j->i", before.astype(jnp.float32), x.astype(jnp.float32), precision="highest"
+    )
     if jnp.issubdtype(x.dtype, jnp.integer):
         s = jnp.round(s)
     s = s.astype(x.dtype)

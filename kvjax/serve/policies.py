@@ -27,11 +27,13 @@ def make_policy(name: str, env: ServeEnv) -> Callable:
     """`policy(key, state, params) -> action` for a named policy (SERVE_POLICY_NAMES)."""
     cfg = env.config
     if name == "engine_default":
+
         def engine_default(key, state, params):
             return actions.noop_action(cfg)
 
         return engine_default
     if name == "random":
+
         def random(key, state, params):
             k1, k2, k3 = jax.random.split(key, 3)
             L = cfg.priority_levels

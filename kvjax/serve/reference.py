@@ -54,25 +54,83 @@ NEVER = f32(3.0e38)
 ON_GPU = (RUNNING, OFFLOADING, LOADING)
 
 REQUEST_FIELDS = (
-    "index", "arrival", "prompt", "output_len", "max_tokens", "segment", "prefix_len",
-    "attached", "computed", "target", "generated", "run_key", "priority", "first_token",
-    "last_token", "preemptions", "recomputed", "hit_tokens", "xfer_done", "cpu_blocks",
+    "index",
+    "arrival",
+    "prompt",
+    "output_len",
+    "max_tokens",
+    "segment",
+    "prefix_len",
+    "attached",
+    "computed",
+    "target",
+    "generated",
+    "run_key",
+    "priority",
+    "first_token",
+    "last_token",
+    "preemptions",
+    "recomputed",
+    "hit_tokens",
+    "xfer_done",
+    "cpu_blocks",
 )
 SEGMENT_FIELDS = ("valid", "tokens", "on_gpu", "last_access", "priority", "pinned_until")
 METRIC_FIELDS = (
-    "arrived", "finished", "good", "timed_out", "preemptions", "agent_preemptions", "offloads",
-    "invalid_commands", "output_tokens", "prompt_tokens", "hit_tokens", "recomputed_tokens",
-    "prefill_tokens", "ttft_sum", "tpot_sum", "log_count",
+    "arrived",
+    "finished",
+    "good",
+    "timed_out",
+    "preemptions",
+    "agent_preemptions",
+    "offloads",
+    "invalid_commands",
+    "output_tokens",
+    "prompt_tokens",
+    "hit_tokens",
+    "recomputed_tokens",
+    "prefill_tokens",
+    "ttft_sum",
+    "tpot_sum",
+    "e2e_sum",
+    "log_count",
 )
 SCALAR_FIELDS = (
-    "clock", "next_index", "next_arrival", "run_counter", "preempt_counter", "new_token_ratio",
-    "reserve_level", "last_iter_time", "recent_ttft", "recent_tpot", "iterations", "steps",
+    "clock",
+    "next_index",
+    "next_arrival",
+    "run_counter",
+    "preempt_counter",
+    "new_token_ratio",
+    "reserve_level",
+    "last_iter_time",
+    "recent_ttft",
+    "recent_tpot",
+    "iterations",
+    "steps",
 )
-FLOAT_FIELDS = frozenset((
-    "arrival", "first_token", "last_token", "xfer_done", "last_access", "pinned_until", "clock",
-    "next_arrival", "new_token_ratio", "last_iter_time", "recent_ttft", "recent_tpot",
-    "ttft_sum", "tpot_sum", "link_free", "log_ttft", "log_tpot",
-))
+FLOAT_FIELDS = frozenset(
+    (
+        "arrival",
+        "first_token",
+        "last_token",
+        "xfer_done",
+        "last_access",
+        "pinned_until",
+        "clock",
+        "next_arrival",
+        "new_token_ratio",
+        "last_iter_time",
+        "recent_ttft",
+        "recent_tpot",
+        "ttft_sum",
+        "tpot_sum",
+        "e2e_sum",
+        "link_free",
+        "log_ttft",
+        "log_tpot",
+    )
+)
 
 
 def ceil_blocks(tokens: int) -> int:
@@ -105,8 +163,10 @@ class Stream:
         d = workload.request_stream(self.seed, n, self.params)
         self.n = n
         self.arrival = [f32(x) for x in d["arrival"]]
-        self.cols = {k: [int(x) for x in d[k]]
-                     for k in ("prompt", "output_len", "max_tokens", "segment", "prefix_len")}
+        self.cols = {
+            k: [int(x) for x in d[k]]
+            for k in ("prompt", "output_len", "max_tokens", "segment", "prefix_len")
+        }
 
     def ensure(self, i: int) -> None:
         if i >= self.n:
@@ -162,8 +222,14 @@ class ReferenceEngine:
         self.running: list[int] = []  # admission order (RUNNING and LOADING rows)
         plen = (p.prefix_tokens // BLOCK_TOKENS) * BLOCK_TOKENS
         self.segments = [
-            Segment(valid=g < p.num_prefixes, tokens=plen, on_gpu=False, last_access=f32(0),
-                    priority=(L - 1) // 2, pinned_until=f32(0))
+            Segment(
+                valid=g < p.num_prefixes,
+                tokens=plen,
+                on_gpu=False,
+                last_access=f32(0),
+                priority=(L - 1) // 2,
+                pinned_until=f32(0),
+            )
             for g in range(G)
         ]
         self.clock = f32(0)
@@ -182,18 +248,33 @@ class ReferenceEngine:
         self.metrics = {k: 0 for k in METRIC_FIELDS}
         self.metrics["ttft_sum"] = f32(0)
         self.metrics["tpot_sum"] = f32(0)
+        self.metrics["e2e_sum"] = f32(0)
         self.log_ttft = [f32(0)] * cfg.finished_log
         self.log_tpot = [f32(0)] * cfg.finished_log
         # What happened (for tests' coverage checks; not part of the state).
-        self.events = dict(preempted=0, admitted=0, loads=0, loads_done=0, offloads_done=0,
-                           hits=0, evictions=0, inserts=0, timeouts=0, completions=0,
-                           trt_blocked=0, sglang_retracts=0, partial_admits=0, idle=0,
-                           held_back=0)
+        self.events = dict(
+            preempted=0,
+            admitted=0,
+            loads=0,
+            loads_done=0,
+            offloads_done=0,
+            hits=0,
+            evictions=0,
+            inserts=0,
+            timeouts=0,
+            completions=0,
+            trt_blocked=0,
+            sglang_retracts=0,
+            partial_admits=0,
+            idle=0,
+            held_back=0,
+        )
 
     # -- construction from a JAX state -------------------------------------------------------
     @classmethod
-    def from_state(cls, state: ServeState, params: ServeParams, cfg: ServeConfig,
-                   stream: Stream | None = None) -> ReferenceEngine:
+    def from_state(
+        cls, state: ServeState, params: ServeParams, cfg: ServeConfig, stream: Stream | None = None
+    ) -> ReferenceEngine:
         """The reference at `state` (one scenario, e.g. from env.reset); the queue and running
         orders are read from queue_key / run_key."""
         st = _numpy_tree(state)
@@ -209,11 +290,18 @@ class ReferenceEngine:
             kw = {k: _py(getattr(rq, k)[r], k) for k in REQUEST_FIELDS}
             ref.rows[r] = Request(row=r, status=int(rq.status[r]), **kw)
         key = lambda r: (int(rq.queue_key[r]), r)  # noqa: E731
-        ref.waiting = sorted((r for r in range(cfg.max_requests)
-                              if int(rq.status[r]) in (WAITING, SWAPPED, OFFLOADING)), key=key)
-        ref.running = sorted((r for r in range(cfg.max_requests)
-                              if int(rq.status[r]) in (RUNNING, LOADING)),
-                             key=lambda r: (int(rq.run_key[r]), r))
+        ref.waiting = sorted(
+            (
+                r
+                for r in range(cfg.max_requests)
+                if int(rq.status[r]) in (WAITING, SWAPPED, OFFLOADING)
+            ),
+            key=key,
+        )
+        ref.running = sorted(
+            (r for r in range(cfg.max_requests) if int(rq.status[r]) in (RUNNING, LOADING)),
+            key=lambda r: (int(rq.run_key[r]), r),
+        )
         sg = st.segments
         for g in range(cfg.max_segments):
             ref.segments[g] = Segment(**{k: _py(getattr(sg, k)[g], k) for k in SEGMENT_FIELDS})
@@ -250,8 +338,11 @@ class ReferenceEngine:
 
     def evictable(self) -> list[int]:
         refs = self.refs()
-        return [g for g, s in enumerate(self.segments)
-                if s.valid and s.on_gpu and refs[g] == 0 and s.pinned_until <= self.clock]
+        return [
+            g
+            for g, s in enumerate(self.segments)
+            if s.valid and s.on_gpu and refs[g] == 0 and s.pinned_until <= self.clock
+        ]
 
     def cached(self, g: int) -> bool:
         return g >= 0 and self.segments[g].valid and self.segments[g].on_gpu
@@ -263,8 +354,7 @@ class ReferenceEngine:
         nbytes = f32(f32(blocks) * f32(BLOCK_TOKENS)) * self.p.kv_bytes_per_token
         return f32(f32(nbytes * self.kv_factor()) / self.p.pcie_bytes_per_s)
 
-    def iteration_time(self, num_tokens: int, decode_context: int,
-                       pairs: np.float32) -> np.float32:
+    def iteration_time(self, num_tokens: int, decode_context: int, pairs: np.float32) -> np.float32:
         p = self.p
         linear = max(p.t_weights, f32(p.lin_a + f32(p.lin_b * f32(num_tokens))))
         t = f32(p.t_cpu + linear)
@@ -290,8 +380,13 @@ class ReferenceEngine:
         S, G, nres = self.cfg.max_requests, self.cfg.max_segments, len(self.cfg.reserve_levels)
         if cid == 0:
             return ("noop", -1)
-        for kind, size in (("offload", S), ("preempt", S), ("pin", G), ("drop", G),
-                           ("reserve", nres)):
+        for kind, size in (
+            ("offload", S),
+            ("preempt", S),
+            ("pin", G),
+            ("drop", G),
+            ("reserve", nres),
+        ):
             if 1 <= cid <= size:
                 return (kind, cid - 1)
             cid -= size
@@ -378,10 +473,25 @@ class ReferenceEngine:
             i = self.next_index
             d = self.stream.request(i)
             self.rows[row] = Request(
-                row=row, status=WAITING, index=i, arrival=self.next_arrival, attached=False,
-                computed=0, target=d["prompt"], generated=0, run_key=0, priority=(L - 1) // 2,
-                first_token=f32(-1), last_token=f32(-1), preemptions=0, recomputed=0,
-                hit_tokens=0, xfer_done=f32(0), cpu_blocks=0, **d)
+                row=row,
+                status=WAITING,
+                index=i,
+                arrival=self.next_arrival,
+                attached=False,
+                computed=0,
+                target=d["prompt"],
+                generated=0,
+                run_key=0,
+                priority=(L - 1) // 2,
+                first_token=f32(-1),
+                last_token=f32(-1),
+                preemptions=0,
+                recomputed=0,
+                hit_tokens=0,
+                xfer_done=f32(0),
+                cpu_blocks=0,
+                **d,
+            )
             self.waiting.append(row)
             self.next_index = i + 1
             self.next_arrival = self.stream.arrival_of(i + 1)
@@ -398,8 +508,11 @@ class ReferenceEngine:
 
     def timeouts(self) -> None:
         for r in list(self.live()):
-            if (r.status == WAITING and r.first_token < 0
-                    and f32(self.clock - r.arrival) > self.p.client_timeout):
+            if (
+                r.status == WAITING
+                and r.first_token < 0
+                and f32(self.clock - r.arrival) > self.p.client_timeout
+            ):
                 self.rows[r.row] = None
                 self.waiting.remove(r.row)
                 self.metrics["timed_out"] += 1
@@ -496,23 +609,33 @@ class ReferenceEngine:
                 if r.status == WAITING and self.cached(r.segment):
                     hit_of[row] = min(r.prefix_len, r.target - 1)
             wanted = {self.rows[row].segment for row, h in hit_of.items() if h > 0}
-            room = (free + sum(self.segments[g].blocks() for g in evictable if g not in wanted)
-                    - kept_demand)
+            room = (
+                free
+                + sum(self.segments[g].blocks() for g in evictable if g not in wanted)
+                - kept_demand
+            )
             seqs = sum(1 for row in self.running)  # RUNNING (all kept) and LOADING
             # Unfinished prefills: every running request whose prefill this iteration does not
             # complete. (TRT's stalled requests are included; engine.py counts the scheduled
             # ones only, which decides the same: a stalled prefill needs no more blocks than a
             # new partial prefill, which takes all the tokens left, so neither is admitted.)
-            partials = sum(1 for row in queue
-                           if self.rows[row].computed + tokens.get(row, 0) < self.rows[row].target)
-            agent_reserve = int(np.ceil(f32(f32(self.cfg.reserve_levels[self.reserve_level])
-                                            * f32(pool))))
+            partials = sum(
+                1
+                for row in queue
+                if self.rows[row].computed + tokens.get(row, 0) < self.rows[row].target
+            )
+            agent_reserve = int(
+                np.ceil(f32(f32(self.cfg.reserve_levels[self.reserve_level]) * f32(pool)))
+            )
             # TRT's reservations: prompt + max_tokens of every request on the GPU.
-            trt_cap = pool - sum(s.blocks() for g, s in enumerate(self.segments)
-                                 if g not in evictable)
-            trt_reserved = sum(ceil_blocks(r.prompt + r.max_tokens
-                                           - (r.prefix_len if r.attached else 0))
-                               for r in self.live() if r.status in ON_GPU)
+            trt_cap = pool - sum(
+                s.blocks() for g, s in enumerate(self.segments) if g not in evictable
+            )
+            trt_reserved = sum(
+                ceil_blocks(r.prompt + r.max_tokens - (r.prefix_len if r.attached else 0))
+                for r in self.live()
+                if r.status in ON_GPU
+            )
 
             def future(r):
                 return min(max(r.max_tokens - r.generated, 0), p.sglang_reserve_cap)
@@ -541,8 +664,7 @@ class ReferenceEngine:
                 if p.engine == TRT and trt_reserved + full > trt_cap:
                     break
                 if p.engine == SGLANG:
-                    reserve = int(np.ceil(f32(self.new_token_ratio
-                                              * f32(sgl_future + future(r)))))
+                    reserve = int(np.ceil(f32(self.new_token_ratio * f32(sgl_future + future(r)))))
                     if blocks_so_far + blocks + ceil_blocks(reserve) > room:
                         break
                 # admitted
@@ -583,12 +705,15 @@ class ReferenceEngine:
 
         # Evictions: lowest retention priority first, then least recently used, until the
         # blocks allocated now are covered; never a segment an admitted request hits.
-        alloc = kept_demand + sum(r.cpu_blocks if r.status == LOADING else
-                                  ceil_blocks(tokens[r.row]) for r in admitted)
+        alloc = kept_demand + sum(
+            r.cpu_blocks if r.status == LOADING else ceil_blocks(tokens[r.row]) for r in admitted
+        )
         shortfall = alloc - (free + freed)
         hit_segs = {self.rows[row].segment for row, h in hits.items() if h > 0}
-        cands = sorted((g for g in evictable if g not in hit_segs),
-                       key=lambda g: (self.segments[g].priority, self.segments[g].last_access, g))
+        cands = sorted(
+            (g for g in evictable if g not in hit_segs),
+            key=lambda g: (self.segments[g].priority, self.segments[g].last_access, g),
+        )
         covered = 0
         for g in cands:
             if covered >= shortfall:
@@ -597,8 +722,14 @@ class ReferenceEngine:
             covered += s.blocks()
             s.on_gpu, s.pinned_until = False, f32(0)
             self.events["evictions"] += 1
-        return dict(tokens=tokens, hits=hits, victims=len(victims), lost=lost, lookups=lookups,
-                    admitted=len(admitted))
+        return dict(
+            tokens=tokens,
+            hits=hits,
+            victims=len(victims),
+            lost=lost,
+            lookups=lookups,
+            admitted=len(admitted),
+        )
 
     def execute(self, plan: dict) -> None:
         p, cfg = self.p, self.cfg
@@ -647,8 +778,14 @@ class ReferenceEngine:
                 r.last_token = clock
         # A request past its prefix makes an uncached segment resident (lowest row first).
         for r in self.live():
-            if (r.status == RUNNING and r.segment >= 0 and not r.attached and r.prefix_len > 0
-                    and r.computed >= r.prefix_len and not self.cached(r.segment)):
+            if (
+                r.status == RUNNING
+                and r.segment >= 0
+                and not r.attached
+                and r.prefix_len > 0
+                and r.computed >= r.prefix_len
+                and not self.cached(r.segment)
+            ):
                 r.attached = True
                 s = self.segments[r.segment]
                 s.on_gpu, s.last_access = True, clock
@@ -657,19 +794,23 @@ class ReferenceEngine:
         m = self.metrics
         R = cfg.finished_log
         n_done = good = 0
-        ttft_sum = tpot_sum = f32(0)
+        ttft_sum = tpot_sum = e2e_sum = f32(0)
         for r in list(self.live()):
             if r.status != RUNNING or r.generated < r.output_len:
                 continue
             ttft = f32(r.first_token - r.arrival)
-            tpot = (f32(f32(r.last_token - r.first_token) / f32(max(r.generated - 1, 1)))
-                    if r.generated > 1 else f32(0))
+            tpot = (
+                f32(f32(r.last_token - r.first_token) / f32(max(r.generated - 1, 1)))
+                if r.generated > 1
+                else f32(0)
+            )
             good += bool(ttft <= p.ttft_slo and tpot <= p.tpot_slo)
             self.log_ttft[m["log_count"] % R] = ttft
             self.log_tpot[m["log_count"] % R] = tpot
             m["log_count"] += 1
             n_done += 1
             ttft_sum, tpot_sum = f32(ttft_sum + ttft), f32(tpot_sum + tpot)
+            e2e_sum = f32(e2e_sum + f32(r.last_token - r.arrival))
             self.rows[r.row] = None
             self.running.remove(r.row)
         self.events["completions"] += n_done
@@ -683,17 +824,21 @@ class ReferenceEngine:
         m["prefill_tokens"] += prefill
         m["ttft_sum"] = f32(m["ttft_sum"] + ttft_sum)
         m["tpot_sum"] = f32(m["tpot_sum"] + tpot_sum)
+        m["e2e_sum"] = f32(m["e2e_sum"] + e2e_sum)
         if n_done:
             keep, blend = f32(f32(1) - f32(0.2)), f32(0.2)
-            self.recent_ttft = f32(f32(keep * self.recent_ttft)
-                                   + f32(blend * f32(ttft_sum / f32(n_done))))
-            self.recent_tpot = f32(f32(keep * self.recent_tpot)
-                                   + f32(blend * f32(tpot_sum / f32(n_done))))
+            self.recent_ttft = f32(
+                f32(keep * self.recent_ttft) + f32(blend * f32(ttft_sum / f32(n_done)))
+            )
+            self.recent_tpot = f32(
+                f32(keep * self.recent_tpot) + f32(blend * f32(tpot_sum / f32(n_done)))
+            )
         if plan["victims"]:
             self.new_token_ratio = p.sglang_ratio_init
         else:
-            self.new_token_ratio = max(f32(self.new_token_ratio - p.sglang_ratio_decay),
-                                       p.sglang_ratio_min)
+            self.new_token_ratio = max(
+                f32(self.new_token_ratio - p.sglang_ratio_decay), p.sglang_ratio_min
+            )
         if busy:
             self.last_iter_time = dt
         self.iterations += 1
@@ -751,14 +896,23 @@ def snapshot_of_state(state: ServeState, cfg: ServeConfig) -> dict:
     status = [int(x) for x in rq.status]
     return dict(
         status=status,
-        requests={r: {k: _py(getattr(rq, k)[r], k) for k in REQUEST_FIELDS}
-                  for r in range(S) if status[r] != EMPTY},
-        waiting_order=sorted((r for r in range(S) if status[r] in (WAITING, SWAPPED, OFFLOADING)),
-                             key=lambda r: (int(rq.queue_key[r]), r)),
-        running_order=sorted((r for r in range(S) if status[r] in (RUNNING, LOADING)),
-                             key=lambda r: (int(rq.run_key[r]), r)),
-        segments=[{k: _py(getattr(st.segments, k)[g], k) for k in SEGMENT_FIELDS}
-                  for g in range(cfg.max_segments)],
+        requests={
+            r: {k: _py(getattr(rq, k)[r], k) for k in REQUEST_FIELDS}
+            for r in range(S)
+            if status[r] != EMPTY
+        },
+        waiting_order=sorted(
+            (r for r in range(S) if status[r] in (WAITING, SWAPPED, OFFLOADING)),
+            key=lambda r: (int(rq.queue_key[r]), r),
+        ),
+        running_order=sorted(
+            (r for r in range(S) if status[r] in (RUNNING, LOADING)),
+            key=lambda r: (int(rq.run_key[r]), r),
+        ),
+        segments=[
+            {k: _py(getattr(st.segments, k)[g], k) for k in SEGMENT_FIELDS}
+            for g in range(cfg.max_segments)
+        ],
         scalars={k: _py(getattr(st, k), k) for k in SCALAR_FIELDS},
         link_free=[f32(x) for x in st.link_free],
         metrics={k: _py(getattr(st.metrics, k), k) for k in METRIC_FIELDS},
@@ -767,8 +921,9 @@ def snapshot_of_state(state: ServeState, cfg: ServeConfig) -> dict:
     )
 
 
-def diff(ref: dict, other: dict, rtol: float = 1e-5, atol: float = 1e-6,
-         path: str = "") -> list[str]:
+def diff(
+    ref: dict, other: dict, rtol: float = 1e-5, atol: float = 1e-6, path: str = ""
+) -> list[str]:
     """Differences between two snapshots: integers, bools and orders exactly, floats within
     rtol / atol (float fields are named in FLOAT_FIELDS)."""
     out = []
@@ -786,10 +941,15 @@ def diff(ref: dict, other: dict, rtol: float = 1e-5, atol: float = 1e-6,
     if name in FLOAT_FIELDS:
         a, b = np.asarray(ref, np.float64), np.asarray(other, np.float64)
         if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol):
-            bad = np.flatnonzero(~np.isclose(a, b, rtol=rtol, atol=atol)) if a.shape == b.shape \
+            bad = (
+                np.flatnonzero(~np.isclose(a, b, rtol=rtol, atol=atol))
+                if a.shape == b.shape
                 else []
-            out.append(f"{path}: ref {a.ravel()[bad[:4]] if len(bad) else a} "
-                       f"jax {b.ravel()[bad[:4]] if len(bad) else b} at {list(bad[:4])}")
+            )
+            out.append(
+                f"{path}: ref {a.ravel()[bad[:4]] if len(bad) else a} "
+                f"jax {b.ravel()[bad[:4]] if len(bad) else b} at {list(bad[:4])}"
+            )
     elif ref != other:
         out.append(f"{path}: ref {ref} jax {other}")
     return out

@@ -51,19 +51,45 @@ NPZ_VERSION = 1
 
 # Bundled traces: name -> (file stem, description, source, licence).
 BUNDLED = {
-    "azure-conv": ("azure2023_conv", "Azure LLM inference trace 2023, conversation",
-                   "AzureLLMInferenceTrace_conv.csv (Azure/AzurePublicDataset)", "CC-BY-4.0"),
-    "azure-code": ("azure2023_code", "Azure LLM inference trace 2023, code",
-                   "AzureLLMInferenceTrace_code.csv (Azure/AzurePublicDataset)", "CC-BY-4.0"),
-    "mooncake-conv": ("mooncake_conversation", "Mooncake FAST'25 conversation trace",
-                      "traces/conversation_trace.jsonl (kvcache-ai/Mooncake)", "Apache-2.0"),
-    "mooncake-synthetic": ("mooncake_synthetic", "Mooncake FAST'25 synthetic trace",
-                           "traces/synthetic_trace.jsonl (kvcache-ai/Mooncake)", "Apache-2.0"),
+    "azure-conv": (
+        "azure2023_conv",
+        "Azure LLM inference trace 2023, conversation",
+        "AzureLLMInferenceTrace_conv.csv (Azure/AzurePublicDataset)",
+        "CC-BY-4.0",
+    ),
+    "azure-code": (
+        "azure2023_code",
+        "Azure LLM inference trace 2023, code",
+        "AzureLLMInferenceTrace_code.csv (Azure/AzurePublicDataset)",
+        "CC-BY-4.0",
+    ),
+    "mooncake-conv": (
+        "mooncake_conversation",
+        "Mooncake FAST'25 conversation trace",
+        "traces/conversation_trace.jsonl (kvcache-ai/Mooncake)",
+        "Apache-2.0",
+    ),
+    "mooncake-synthetic": (
+        "mooncake_synthetic",
+        "Mooncake FAST'25 synthetic trace",
+        "traces/synthetic_trace.jsonl (kvcache-ai/Mooncake)",
+        "Apache-2.0",
+    ),
 }
 TRACE_NAMES = tuple(BUNDLED)
 
-_PER_REQUEST = ("arrival", "input_len", "output_len", "session", "parent", "turn", "category",
-                "prefix_node", "prefix_tokens", "node")
+_PER_REQUEST = (
+    "arrival",
+    "input_len",
+    "output_len",
+    "session",
+    "parent",
+    "turn",
+    "category",
+    "prefix_node",
+    "prefix_tokens",
+    "node",
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -168,8 +194,9 @@ def _to_int(values: list[str], path, first_line: int, field: str, lo: int = 0) -
         except ValueError:
             raise _err(path, first_line + k, field, f"expected an integer, got {s!r}") from None
         if not lo <= v <= INT32_MAX:
-            raise _err(path, first_line + k, field,
-                       f"expected an integer in [{lo}, {INT32_MAX}], got {v}")
+            raise _err(
+                path, first_line + k, field, f"expected an integer in [{lo}, {INT32_MAX}], got {v}"
+            )
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -220,8 +247,13 @@ CSV_COLUMNS = {
     "azure": ({"time": "TIMESTAMP", "input": "ContextTokens", "output": "GeneratedTokens"}, {}),
     "burstgpt": (
         {"time": "Timestamp", "input": "Request tokens", "output": "Response tokens"},
-        {"session": "Session ID", "model": "Model", "log_type": "Log Type",
-         "elapsed": "Elapsed time", "total": "Total tokens"},
+        {
+            "session": "Session ID",
+            "model": "Model",
+            "log_type": "Log Type",
+            "elapsed": "Elapsed time",
+            "total": "Total tokens",
+        },
     ),
 }
 _CHUNK = 1 << 19
@@ -276,8 +308,13 @@ def _read_csv(path: Path, fmt: str) -> dict[str, np.ndarray | list]:
                     flush()  # a blank line: chunks are runs of consecutive lines
                     first = line + 1
                     continue
-                raise _err(path, line, None, f"expected {width} comma-separated fields "
-                                             f"({', '.join(header)}), got {len(row)}")
+                raise _err(
+                    path,
+                    line,
+                    None,
+                    f"expected {width} comma-separated fields "
+                    f"({', '.join(header)}), got {len(row)}",
+                )
             rows.append(row)
             if len(rows) >= _CHUNK:
                 flush()
@@ -324,8 +361,16 @@ def _chain_sessions(session: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # -- JSONL formats ---------------------------------------------------------------------------
 JSONL_FIELDS = {
     "mooncake": ("timestamp", "input_length", "output_length", "hash_ids"),
-    "bailian": ("chat_id", "parent_chat_id", "timestamp", "input_length", "output_length",
-                "type", "turn", "hash_ids"),
+    "bailian": (
+        "chat_id",
+        "parent_chat_id",
+        "timestamp",
+        "input_length",
+        "output_length",
+        "type",
+        "turn",
+        "hash_ids",
+    ),
 }
 
 
@@ -346,8 +391,9 @@ def _check_hashes(path, line, h) -> None:
     if not isinstance(h, list) or not all(
         isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in h
     ):
-        raise _err(path, line, "hash_ids",
-                   f"expected a list of non-negative integers, got {str(h)[:60]}")
+        raise _err(
+            path, line, "hash_ids", f"expected a list of non-negative integers, got {str(h)[:60]}"
+        )
 
 
 def _read_jsonl(path: Path, fmt: str) -> dict:
@@ -360,8 +406,9 @@ def _read_jsonl(path: Path, fmt: str) -> dict:
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError as e:
-                raise _err(path, line, None, f"not valid JSON ({e.msg} at character "
-                                             f"{e.colno})") from None
+                raise _err(
+                    path, line, None, f"not valid JSON ({e.msg} at character {e.colno})"
+                ) from None
             if not isinstance(rec, dict):
                 raise _err(path, line, None, f"expected a JSON object, got {text.strip()[:40]!r}")
             ts = rec.get("timestamp")
@@ -385,12 +432,12 @@ def _read_jsonl(path: Path, fmt: str) -> dict:
                     raise _err(path, line, "chat_id", "missing field")
                 cid = rec["chat_id"]
                 if isinstance(cid, bool) or not isinstance(cid, int | str):
-                    raise _err(path, line, "chat_id", f"expected an integer or string, "
-                                                      f"got {cid!r}")
+                    raise _err(path, line, "chat_id", f"expected an integer or string, got {cid!r}")
                 pid = rec.get("parent_chat_id", -1)
                 if isinstance(pid, bool) or not (pid is None or isinstance(pid, int | str)):
-                    raise _err(path, line, "parent_chat_id",
-                               f"expected an integer or string, got {pid!r}")
+                    raise _err(
+                        path, line, "parent_chat_id", f"expected an integer or string, got {pid!r}"
+                    )
                 k = rec.get("type", "")
                 if not isinstance(k, str | int) or isinstance(k, bool):
                     raise _err(path, line, "type", f"expected a string, got {k!r}")
@@ -408,11 +455,15 @@ def _read_jsonl(path: Path, fmt: str) -> dict:
     if not ok:  # locate the first bad list (slow path)
         off = 0
         for line, k in zip(lines, nblk, strict=True):
-            _check_hashes(path, line, hashes[off:off + k])
+            _check_hashes(path, line, hashes[off : off + k])
             off += k
-    res = dict(time=np.asarray(t, np.float64), input=np.asarray(inp, np.int64),
-               output=np.asarray(out, np.int64), nblk=np.asarray(nblk, np.int64),
-               hashes=np.asarray(hashes, np.int64))
+    res = dict(
+        time=np.asarray(t, np.float64),
+        input=np.asarray(inp, np.int64),
+        output=np.asarray(out, np.int64),
+        nblk=np.asarray(nblk, np.int64),
+        hashes=np.asarray(hashes, np.int64),
+    )
     if fmt == "mooncake":
         res["time"] = res["time"] / 1000.0
     else:
@@ -421,8 +472,9 @@ def _read_jsonl(path: Path, fmt: str) -> dict:
 
 
 # -- prefix forest ---------------------------------------------------------------------------
-def prefix_forest(nblk: np.ndarray, hashes: np.ndarray, input_len: np.ndarray,
-                  block_size: int) -> dict[str, np.ndarray]:
+def prefix_forest(
+    nblk: np.ndarray, hashes: np.ndarray, input_len: np.ndarray, block_size: int
+) -> dict[str, np.ndarray]:
     """Segments of the trie of the requests' block sequences (requests in arrival order; request
     r's blocks are hashes[offset[r]:offset[r] + nblk[r]]). Returns prefix_node, prefix_tokens,
     node ([n] int32), node_parent, node_blocks ([num_nodes] int32) and matched_blocks ([n]).
@@ -433,9 +485,14 @@ def prefix_forest(nblk: np.ndarray, hashes: np.ndarray, input_len: np.ndarray,
     offset = np.r_[0, np.cumsum(nblk)[:-1]].astype(np.int64) if n else np.zeros(0, np.int64)
     empty = np.zeros(0, np.int32)
     if total == 0:
-        return dict(prefix_node=np.full(n, -1, np.int32), prefix_tokens=np.zeros(n, np.int32),
-                    node=np.full(n, -1, np.int32), node_parent=empty, node_blocks=empty,
-                    matched_blocks=np.zeros(n, np.int64))
+        return dict(
+            prefix_node=np.full(n, -1, np.int32),
+            prefix_tokens=np.zeros(n, np.int32),
+            node=np.full(n, -1, np.int32),
+            node_parent=empty,
+            node_blocks=empty,
+            matched_blocks=np.zeros(n, np.int64),
+        )
     _, h = np.unique(np.asarray(hashes, np.int64), return_inverse=True)  # dense hash ids
     num_h = int(h.max()) + 1
     tid = np.empty(total, np.int64)  # trie node of each block
@@ -491,8 +548,7 @@ def prefix_forest(nblk: np.ndarray, hashes: np.ndarray, input_len: np.ndarray,
     node_parent[seg[bpos]] = np.where(pp >= 0, seg[np.maximum(pp, 0)], -1)
     node_depth = np.zeros(bt.size, np.int64)
     node_depth[seg[bpos]] = tdepth[tid[bpos]] + 1
-    node_blocks = node_depth - np.where(node_parent >= 0, node_depth[np.maximum(node_parent, 0)],
-                                        0)
+    node_blocks = node_depth - np.where(node_parent >= 0, node_depth[np.maximum(node_parent, 0)], 0)
     has = nblk > 0
     node = np.full(n, -1, np.int64)
     node[has] = seg[last_pos[has]]
@@ -502,16 +558,33 @@ def prefix_forest(nblk: np.ndarray, hashes: np.ndarray, input_len: np.ndarray,
     assert flat_b[at].all(), "a prefix match ended inside a segment"
     prefix_node[m] = seg[at]
     prefix_tokens = np.minimum(matched * block_size, np.asarray(input_len, np.int64))
-    return dict(prefix_node=prefix_node.astype(np.int32),
-                prefix_tokens=prefix_tokens.astype(np.int32), node=node.astype(np.int32),
-                node_parent=node_parent.astype(np.int32), node_blocks=node_blocks.astype(np.int32),
-                matched_blocks=matched)
+    return dict(
+        prefix_node=prefix_node.astype(np.int32),
+        prefix_tokens=prefix_tokens.astype(np.int32),
+        node=node.astype(np.int32),
+        node_parent=node_parent.astype(np.int32),
+        node_blocks=node_blocks.astype(np.int32),
+        matched_blocks=matched,
+    )
 
 
 # -- assembling a Trace ----------------------------------------------------------------------
-def _build(name: str, fmt: str, time: np.ndarray, inp: np.ndarray, out: np.ndarray,
-           session=None, parent=None, turn=None, category=None, categories=(),
-           nblk=None, hashes=None, block_size: int = 0, path=None) -> Trace:
+def _build(
+    name: str,
+    fmt: str,
+    time: np.ndarray,
+    inp: np.ndarray,
+    out: np.ndarray,
+    session=None,
+    parent=None,
+    turn=None,
+    category=None,
+    categories=(),
+    nblk=None,
+    hashes=None,
+    block_size: int = 0,
+    path=None,
+) -> Trace:
     n = time.shape[0]
     if n == 0:
         raise _err(path or name, None, None, "no requests")
@@ -529,10 +602,19 @@ def _build(name: str, fmt: str, time: np.ndarray, inp: np.ndarray, out: np.ndarr
     if parent is not None and not sorted_already:
         parent_s = np.where(parent_s >= 0, inv[np.maximum(parent_s, 0)], -1).astype(np.int32)
     arrival = time[order] - time[order[0]]
-    fields = dict(name=name, format=fmt, arrival=arrival.astype(np.float64),
-                  input_len=take(inp), output_len=take(out), session=take(session),
-                  parent=parent_s, turn=take(turn), category=take(category),
-                  categories=tuple(categories), block_size=int(block_size))
+    fields = dict(
+        name=name,
+        format=fmt,
+        arrival=arrival.astype(np.float64),
+        input_len=take(inp),
+        output_len=take(out),
+        session=take(session),
+        parent=parent_s,
+        turn=take(turn),
+        category=take(category),
+        categories=tuple(categories),
+        block_size=int(block_size),
+    )
     if nblk is not None:
         nblk = np.asarray(nblk, np.int64)
         if not sorted_already:
@@ -547,8 +629,13 @@ def _build(name: str, fmt: str, time: np.ndarray, inp: np.ndarray, out: np.ndarr
         fields.update(pf)
     else:
         z = np.zeros(0, np.int32)
-        fields.update(prefix_node=np.full(n, -1, np.int32), prefix_tokens=np.zeros(n, np.int32),
-                      node=np.full(n, -1, np.int32), node_parent=z, node_blocks=z)
+        fields.update(
+            prefix_node=np.full(n, -1, np.int32),
+            prefix_tokens=np.zeros(n, np.int32),
+            node=np.full(n, -1, np.int32),
+            node_parent=z,
+            node_blocks=z,
+        )
     return Trace(**fields)
 
 
@@ -576,24 +663,46 @@ def load_burstgpt(path, name: str | None = None) -> Trace:
         turn[order] = tr
     category, categories = None, ()
     if "model" in c or "log_type" in c:
-        labels = [" / ".join(x for x in parts if x) for parts in
-                  zip(c.get("model", [""] * n), c.get("log_type", [""] * n), strict=True)]
+        labels = [
+            " / ".join(x for x in parts if x)
+            for parts in zip(c.get("model", [""] * n), c.get("log_type", [""] * n), strict=True)
+        ]
         category, categories = _dense_ids(labels)
-    return _build(name or path.stem, "burstgpt", c["time"], c["input"], c["output"],
-                  session=session, parent=parent, turn=turn, category=category,
-                  categories=categories, path=path)
+    return _build(
+        name or path.stem,
+        "burstgpt",
+        c["time"],
+        c["input"],
+        c["output"],
+        session=session,
+        parent=parent,
+        turn=turn,
+        category=category,
+        categories=categories,
+        path=path,
+    )
 
 
 def load_mooncake(path, name: str | None = None, block_size: int = 512) -> Trace:
     """Mooncake JSONL (timestamp in ms, input_length, output_length, hash_ids)."""
     path = Path(path)
     r = _read_jsonl(path, "mooncake")
-    return _build(name or path.stem, "mooncake", r["time"], r["input"], r["output"],
-                  nblk=r["nblk"], hashes=r["hashes"], block_size=block_size, path=path)
+    return _build(
+        name or path.stem,
+        "mooncake",
+        r["time"],
+        r["input"],
+        r["output"],
+        nblk=r["nblk"],
+        hashes=r["hashes"],
+        block_size=block_size,
+        path=path,
+    )
 
 
-def load_bailian(path, name: str | None = None, block_size: int = 16,
-                 timestamp_unit: float = 1.0) -> Trace:
+def load_bailian(
+    path, name: str | None = None, block_size: int = 16, timestamp_unit: float = 1.0
+) -> Trace:
     """Qwen-Bailian JSONL (chat_id, parent_chat_id, timestamp, input_length, output_length,
     type, turn, hash_ids); timestamps in seconds (`timestamp_unit` = seconds per unit, e.g.
     1e-3 for ms). parent = the request whose chat_id is the parent_chat_id (-1 if none or not
@@ -605,8 +714,10 @@ def load_bailian(path, name: str | None = None, block_size: int = 16,
     index: dict = {}
     for k, cid in enumerate(r["chat"]):
         index.setdefault(cid, k)
-    parent = np.array([index.get(p, -1) if p not in (None, -1, "", "-1") else -1
-                       for p in r["parent_chat"]], np.int64)
+    parent = np.array(
+        [index.get(p, -1) if p not in (None, -1, "", "-1") else -1 for p in r["parent_chat"]],
+        np.int64,
+    )
     parent[parent == np.arange(n)] = -1
     session = np.full(n, -1, np.int64)
     order = np.argsort(r["time"], kind="stable")
@@ -621,17 +732,39 @@ def load_bailian(path, name: str | None = None, block_size: int = 16,
             next_s += 1
     session[:] = root
     category, categories = _dense_ids(r["kind"])
-    return _build(name or path.stem, "bailian", r["time"], r["input"], r["output"],
-                  session=session, parent=parent, turn=r["turn"], category=category,
-                  categories=categories, nblk=r["nblk"], hashes=r["hashes"],
-                  block_size=block_size, path=path)
+    return _build(
+        name or path.stem,
+        "bailian",
+        r["time"],
+        r["input"],
+        r["output"],
+        session=session,
+        parent=parent,
+        turn=r["turn"],
+        category=category,
+        categories=categories,
+        nblk=r["nblk"],
+        hashes=r["hashes"],
+        block_size=block_size,
+        path=path,
+    )
 
 
 # -- save / load / detect --------------------------------------------------------------------
-_NPZ_ARRAYS = {"arrival": np.float64, "input_len": np.int32, "output_len": np.int32,
-               "session": np.int32, "parent": np.int32, "turn": np.int32, "category": np.int16,
-               "prefix_node": np.int32, "prefix_tokens": np.int32, "node": np.int32,
-               "node_parent": np.int32, "node_blocks": np.int32}
+_NPZ_ARRAYS = {
+    "arrival": np.float64,
+    "input_len": np.int32,
+    "output_len": np.int32,
+    "session": np.int32,
+    "parent": np.int32,
+    "turn": np.int32,
+    "category": np.int16,
+    "prefix_node": np.int32,
+    "prefix_tokens": np.int32,
+    "node": np.int32,
+    "node_parent": np.int32,
+    "node_blocks": np.int32,
+}
 
 
 def save_trace(trace: Trace, path) -> None:
@@ -645,9 +778,15 @@ def save_trace(trace: Trace, path) -> None:
         if k == "prefix_tokens" and not trace.has_prefixes:
             continue
         arrays[k] = a.astype(dt)
-    np.savez_compressed(path, version=np.int32(NPZ_VERSION), name=np.str_(trace.name),
-                        format=np.str_(trace.format), block_size=np.int32(trace.block_size),
-                        categories=np.asarray(trace.categories, dtype=str), **arrays)
+    np.savez_compressed(
+        path,
+        version=np.int32(NPZ_VERSION),
+        name=np.str_(trace.name),
+        format=np.str_(trace.format),
+        block_size=np.int32(trace.block_size),
+        categories=np.asarray(trace.categories, dtype=str),
+        **arrays,
+    )
 
 
 def load_npz(path, name: str | None = None) -> Trace:
@@ -658,8 +797,7 @@ def load_npz(path, name: str | None = None) -> Trace:
         raise _err(path_s, None, None, f"not a kvjax trace .npz ({e})") from None
     with z:
         if "version" not in z.files or int(z["version"]) != NPZ_VERSION:
-            raise _err(path_s, None, "version", f"not a kvjax trace .npz of version "
-                                                f"{NPZ_VERSION}")
+            raise _err(path_s, None, "version", f"not a kvjax trace .npz of version {NPZ_VERSION}")
         for k in ("arrival", "input_len", "output_len"):
             if k not in z.files:
                 raise _err(path_s, None, k, "missing array")
@@ -675,13 +813,22 @@ def load_npz(path, name: str | None = None) -> Trace:
         for k in _PER_REQUEST:
             if fields[k].shape != (n,):
                 raise _err(path_s, None, k, f"expected shape ({n},), got {fields[k].shape}")
-        return Trace(name=name or str(z["name"]), format=str(z["format"]),
-                     categories=tuple(str(c) for c in z["categories"]),
-                     block_size=int(z["block_size"]), **fields)
+        return Trace(
+            name=name or str(z["name"]),
+            format=str(z["format"]),
+            categories=tuple(str(c) for c in z["categories"]),
+            block_size=int(z["block_size"]),
+            **fields,
+        )
 
 
-LOADERS = {"azure": load_azure, "burstgpt": load_burstgpt, "mooncake": load_mooncake,
-           "bailian": load_bailian, "npz": load_npz}
+LOADERS = {
+    "azure": load_azure,
+    "burstgpt": load_burstgpt,
+    "mooncake": load_mooncake,
+    "bailian": load_bailian,
+    "npz": load_npz,
+}
 
 
 def detect_format(path) -> str:
@@ -704,23 +851,34 @@ def detect_format(path) -> str:
         try:
             rec = json.loads(first)
         except json.JSONDecodeError as e:
-            raise _err(path, line, None, f"not valid JSON ({e.msg} at character "
-                                         f"{e.colno})") from None
+            raise _err(
+                path, line, None, f"not valid JSON ({e.msg} at character {e.colno})"
+            ) from None
         if isinstance(rec, dict) and ("chat_id" in rec or "parent_chat_id" in rec):
             return "bailian"
         if isinstance(rec, dict) and ("hash_ids" in rec or "input_length" in rec):
             return "mooncake"
-        raise _err(path, line, None, "unknown JSONL trace format (expected Mooncake fields "
-                                     "timestamp, input_length, output_length, hash_ids or "
-                                     "Qwen-Bailian fields chat_id, parent_chat_id, ...)")
+        raise _err(
+            path,
+            line,
+            None,
+            "unknown JSONL trace format (expected Mooncake fields "
+            "timestamp, input_length, output_length, hash_ids or "
+            "Qwen-Bailian fields chat_id, parent_chat_id, ...)",
+        )
     header = {_norm(h) for h in next(csv.reader([first]))}
     if "contexttokens" in header or "timestamp" in header and "generatedtokens" in header:
         return "azure"
     if "request tokens" in header or "response tokens" in header:
         return "burstgpt"
-    raise _err(path, line, None, f"unknown trace format: header {first[:80]!r} is neither "
-                                 "Azure (TIMESTAMP, ContextTokens, GeneratedTokens) nor BurstGPT "
-                                 "(Timestamp, ..., Request tokens, Response tokens, ...)")
+    raise _err(
+        path,
+        line,
+        None,
+        f"unknown trace format: header {first[:80]!r} is neither "
+        "Azure (TIMESTAMP, ContextTokens, GeneratedTokens) nor BurstGPT "
+        "(Timestamp, ..., Request tokens, Response tokens, ...)",
+    )
 
 
 def bundled_path(name: str):
@@ -728,8 +886,7 @@ def bundled_path(name: str):
     return resources.files("kvjax.serve") / "data" / "traces" / f"{BUNDLED[name][0]}.npz"
 
 
-def load_trace(source, format: str | None = None, name: str | None = None,
-               **options) -> Trace:
+def load_trace(source, format: str | None = None, name: str | None = None, **options) -> Trace:
     """A bundled trace by name (TRACE_NAMES) or a file in any of FORMATS (detected from its
     first line unless `format` is given; `options` go to its loader, e.g. block_size=).
     ValueError for an unknown name, a missing file or a malformed file (naming the file, line
@@ -741,8 +898,10 @@ def load_trace(source, format: str | None = None, name: str | None = None,
             return load_npz(p, name=name or source)
     path = Path(os.fspath(source))
     if not path.is_file():
-        raise ValueError(f"unknown trace {str(source)!r}: neither a bundled trace "
-                         f"({', '.join(TRACE_NAMES)}) nor a readable file")
+        raise ValueError(
+            f"unknown trace {str(source)!r}: neither a bundled trace "
+            f"({', '.join(TRACE_NAMES)}) nor a readable file"
+        )
     if format is None:
         format = detect_format(path)
     if format not in LOADERS:
@@ -777,11 +936,16 @@ def prefix_reuse(trace: Trace) -> dict[str, float] | None:
     depth = trace.node_depth()
     blocks = np.where(trace.node >= 0, depth[np.maximum(trace.node, 0)], 0)
     hit = np.where(trace.prefix_node >= 0, depth[np.maximum(trace.prefix_node, 0)], 0)
-    return {"block_reuse": float(hit.sum() / max(blocks.sum(), 1)),
-            "token_reuse": float(trace.prefix_tokens.astype(np.int64).sum()
-                                 / max(trace.input_len.astype(np.int64).sum(), 1)),
-            "blocks": int(blocks.sum()), "block_size": trace.block_size,
-            "segments": trace.num_nodes}
+    return {
+        "block_reuse": float(hit.sum() / max(blocks.sum(), 1)),
+        "token_reuse": float(
+            trace.prefix_tokens.astype(np.int64).sum()
+            / max(trace.input_len.astype(np.int64).sum(), 1)
+        ),
+        "blocks": int(blocks.sum()),
+        "block_size": trace.block_size,
+        "segments": trace.num_nodes,
+    }
 
 
 def trace_stats(trace: Trace) -> dict:
@@ -791,14 +955,22 @@ def trace_stats(trace: Trace) -> dict:
     n = trace.num_requests
     counts = per_second_counts(trace.arrival)
     st = {
-        "name": trace.name, "format": trace.format, "requests": n,
+        "name": trace.name,
+        "format": trace.format,
+        "requests": n,
         "duration_s": round(trace.duration, 3),
         "arrival_rate": n / trace.duration if trace.duration > 0 else None,
         "burstiness": float(counts.var() / counts.mean()),
-        "input": dict(zip(("p50", "p90", "p99"), percentiles(trace.input_len), strict=True),
-                      mean=float(trace.input_len.mean()), max=int(trace.input_len.max())),
-        "output": dict(zip(("p50", "p90", "p99"), percentiles(trace.output_len), strict=True),
-                       mean=float(trace.output_len.mean()), max=int(trace.output_len.max())),
+        "input": dict(
+            zip(("p50", "p90", "p99"), percentiles(trace.input_len), strict=True),
+            mean=float(trace.input_len.mean()),
+            max=int(trace.input_len.max()),
+        ),
+        "output": dict(
+            zip(("p50", "p90", "p99"), percentiles(trace.output_len), strict=True),
+            mean=float(trace.output_len.mean()),
+            max=int(trace.output_len.max()),
+        ),
     }
     if (trace.session >= 0).any():
         st["sessions"] = int(np.unique(trace.session[trace.session >= 0]).size)
@@ -810,24 +982,30 @@ def trace_stats(trace: Trace) -> dict:
 
 def format_stats(st: dict) -> str:
     """The human-readable block `kvjax workload stats` prints."""
-    def pct(d):
-        return (f"p50 {d['p50']:,}  p90 {d['p90']:,}  p99 {d['p99']:,}  "
-                f"(mean {d['mean']:,.0f}, max {d['max']:,})")
 
-    lines = [f"{st['name']} ({st['format']}): {st['requests']:,} requests over "
-             f"{st['duration_s']:,.1f} s",
-             f"  arrival rate    {st['arrival_rate'] or float('nan'):.2f} req/s",
-             f"  burstiness      {st['burstiness']:.3g} (per-second count variance / mean; "
-             "Poisson 1)",
-             f"  input tokens    {pct(st['input'])}",
-             f"  output tokens   {pct(st['output'])}"]
+    def pct(d):
+        return (
+            f"p50 {d['p50']:,}  p90 {d['p90']:,}  p99 {d['p99']:,}  "
+            f"(mean {d['mean']:,.0f}, max {d['max']:,})"
+        )
+
+    lines = [
+        f"{st['name']} ({st['format']}): {st['requests']:,} requests over "
+        f"{st['duration_s']:,.1f} s",
+        f"  arrival rate    {st['arrival_rate'] or float('nan'):.2f} req/s",
+        f"  burstiness      {st['burstiness']:.3g} (per-second count variance / mean; Poisson 1)",
+        f"  input tokens    {pct(st['input'])}",
+        f"  output tokens   {pct(st['output'])}",
+    ]
     if "sessions" in st:
         lines.append(f"  sessions        {st['sessions']:,}")
     r = st.get("prefix_reuse")
     if r:
-        lines.append(f"  prefix reuse    {100 * r['block_reuse']:.1f}% of blocks, "
-                     f"{100 * r['token_reuse']:.1f}% of input tokens (infinite cache, "
-                     f"{r['block_size']}-token blocks, {r['segments']:,} prefix segments)")
+        lines.append(
+            f"  prefix reuse    {100 * r['block_reuse']:.1f}% of blocks, "
+            f"{100 * r['token_reuse']:.1f}% of input tokens (infinite cache, "
+            f"{r['block_size']}-token blocks, {r['segments']:,} prefix segments)"
+        )
     return "\n".join(lines)
 
 
@@ -840,15 +1018,23 @@ def plot_trace(trace: Trace, path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots(1, 3)
     counts = per_second_counts(trace.arrival)
-    ax[0].plot(np.arange(counts.size), counts, lw=0.3, color="tab:blue", alpha=0.6,
-               label="per second")
+    ax[0].plot(
+        np.arange(counts.size), counts, lw=0.3, color="tab:blue", alpha=0.6, label="per second"
+    )
     w = min(60, counts.size)
-    ax[0].plot(np.arange(counts.size - w + 1) + w / 2, np.convolve(counts, np.ones(w) / w,
-               "valid"), lw=1.2, color="k", label=f"{w} s mean")
+    ax[0].plot(
+        np.arange(counts.size - w + 1) + w / 2,
+        np.convolve(counts, np.ones(w) / w, "valid"),
+        lw=1.2,
+        color="k",
+        label=f"{w} s mean",
+    )
     ax[0].legend(fontsize=7, loc="upper right")
     ax[0].set(title=f"{trace.name}: arrivals", xlabel="time (s)", ylabel="requests / s")
-    for a, x, label, color in ((ax[1], trace.input_len, "input", "tab:orange"),
-                               (ax[2], trace.output_len, "output", "tab:green")):
+    for a, x, label, color in (
+        (ax[1], trace.input_len, "input", "tab:orange"),
+        (ax[2], trace.output_len, "output", "tab:green"),
+    ):
         x = np.maximum(np.asarray(x), 1)
         bins = np.logspace(np.log10(x.min()), np.log10(x.max() + 1), 60)
         a.hist(x, bins=bins, color=color)
@@ -861,7 +1047,24 @@ def plot_trace(trace: Trace, path) -> None:
     fig.savefig(path, dpi=100)
 
 
-__all__ = ["BUNDLED", "FORMATS", "TRACE_NAMES", "Trace", "detect_format", "format_stats",
-           "load_azure", "load_bailian", "load_burstgpt", "load_mooncake", "load_npz",
-           "load_trace", "per_second_counts", "percentiles", "plot_trace", "prefix_forest",
-           "prefix_reuse", "save_trace", "trace_stats"]
+__all__ = [
+    "BUNDLED",
+    "FORMATS",
+    "TRACE_NAMES",
+    "Trace",
+    "detect_format",
+    "format_stats",
+    "load_azure",
+    "load_bailian",
+    "load_burstgpt",
+    "load_mooncake",
+    "load_npz",
+    "load_trace",
+    "per_second_counts",
+    "percentiles",
+    "plot_trace",
+    "prefix_forest",
+    "prefix_reuse",
+    "save_trace",
+    "trace_stats",
+]

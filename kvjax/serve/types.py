@@ -149,6 +149,7 @@ class Metrics:
     prefill_tokens: chex.Array  # int32 tokens prefilled in all
     ttft_sum: chex.Array  # float32 s over finished requests
     tpot_sum: chex.Array  # float32 s over finished requests
+    e2e_sum: chex.Array  # float32 s over finished requests (last token - arrival)
     log_ttft: chex.Array  # float32 [R] ring buffer of finished requests' TTFT
     log_tpot: chex.Array  # float32 [R]
     log_count: chex.Array  # int32 entries written (ring position = log_count % R)
