@@ -47,3 +47,57 @@ def test_any_before_and_vmap():
     )
     # row 0 has key 2 (last) in the first case; key 0 (first) in the second
     np.testing.assert_array_equal(np.asarray(got), [[False, False, False], [False, True, True]])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 24), st.integers(0, 2**31 - 1))
+def test_sorted_order_equals_the_pairwise_order(n, seed):
+    rng = np.random.default_rng(seed)
+    keys = [jnp.asarray(rng.integers(-3, 3, n), jnp.int32), jnp.asarray(rng.random(n))]
+    valid = jnp.asarray(rng.random(n) < 0.7)
+    x = jnp.asarray(rng.integers(0, 100, n), jnp.int32)
+    flag = jnp.asarray(rng.random(n) < 0.3)
+    pair, srt = ops.order(keys, valid, "pairwise"), ops.order(keys, valid, "sort")
+    m = np.asarray(valid)
+    for inclusive in (False, True):
+        np.testing.assert_array_equal(
+            np.asarray(pair.prefix_sum(x, inclusive))[m],
+            np.asarray(srt.prefix_sum(x, inclusive))[m],
+        )
+    np.testing.assert_array_equal(
+        np.asarray(pair.any_before(flag))[m], np.asarray(srt.any_before(flag))[m]
+    )
+
+
+def test_engine_is_the_same_with_sorted_orders(monkeypatch):
+    """Whole episodes of a small, memory-tight engine with random commands: every state equal
+    whether the orders are pairwise matrices (the default at this size) or sorts."""
+    import kvjax
+    from kvjax.serve.policies import make_policy
+
+    env, p = kvjax.make(
+        "kv-serve-v0",
+        preset="toy",
+        load=2.0,
+        horizon=3.0,
+        gpu_pool_tokens=8192,
+        max_tokens=256,
+        config=dict(max_requests=16, max_segments=4),
+    )
+    pol = make_policy("random", env)
+
+    def episode(key):
+        _, s = env.reset_env(key, p)
+
+        def body(s, t):
+            s = env.step_env(key, s, pol(jax.random.fold_in(key, t), s, p), p)[1]
+            return s, s
+
+        return jax.lax.scan(body, s, jnp.arange(40))[1]
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    pairwise = jax.jit(jax.vmap(episode))(keys)
+    monkeypatch.setattr(ops, "SORT_ABOVE", 0)
+    sorted_ = jax.jit(jax.vmap(episode))(keys)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, pairwise, sorted_)
+    assert int(pairwise.metrics.preemptions.sum()) > 0 and int(pairwise.metrics.finished.sum()) > 0

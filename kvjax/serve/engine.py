@@ -244,10 +244,10 @@ def schedule(
 
     # Running requests first, in running order, under the token budget.
     running = req.status == RUNNING
-    before_run = ops.before_matrix(running_order_keys(req, params, cfg), running)
+    before_run = ops.order(running_order_keys(req, params, cfg), running)
     need = jnp.where(running, jnp.maximum(req.target - req.computed, 1), 0)
     # (needs clipped to the budget: the same decisions, and the float prefix sums stay exact)
-    run_tok = jnp.clip(budget - ops.prefix_sum(before_run, jnp.minimum(need, budget)), 0, need)
+    run_tok = jnp.clip(budget - before_run.prefix_sum(jnp.minimum(need, budget)), 0, need)
     run_tok = jnp.where(running, run_tok, 0)
     own = req.computed - jnp.where(req.attached, req.prefix_len, 0)
     demand = jnp.where(running, ceil_blocks(own + run_tok) - ceil_blocks(own), 0)
@@ -255,13 +255,11 @@ def schedule(
     # Keep the longest prefix of the running order whose demand fits in what is available
     # plus what preempting every later request frees (victims are taken from the tail).
     can_preempt = params.engine != TRT
-    demand_incl = ops.prefix_sum(before_run, demand, inclusive=True)
-    held_after = jnp.sum(jnp.where(running, held, 0)) - ops.prefix_sum(
-        before_run, held, inclusive=True
-    )
+    demand_incl = before_run.prefix_sum(demand, inclusive=True)
+    held_after = jnp.sum(jnp.where(running, held, 0)) - before_run.prefix_sum(held, inclusive=True)
     shortage = jnp.sum(demand) > available
     # SGLang retracts until every kept request has retract_tokens free for its next decodes.
-    kept_count = ops.prefix_sum(before_run, running.astype(jnp.int32), inclusive=True)
+    kept_count = before_run.prefix_sum(running.astype(jnp.int32), inclusive=True)
     sgl_headroom = jnp.where(
         (params.engine == SGLANG) & shortage,
         ceil_blocks(kept_count * params.sglang_retract_tokens),
@@ -272,11 +270,11 @@ def schedule(
     preempt = running & ~fits & can_preempt
     run_tok = jnp.where(kept, run_tok, 0)  # TRT: a request that does not fit just waits
     retracted = jnp.any(preempt)
-    preempt_pos = ops.prefix_sum(before_run, preempt.astype(jnp.int32))
+    preempt_pos = before_run.prefix_sum(preempt.astype(jnp.int32))
 
     # Waiting requests, in queue order, only in an iteration that preempted nothing.
     waiting = (req.status == WAITING) | (req.status == SWAPPED)
-    before_wait = ops.before_matrix((req.queue_key,), waiting)
+    before_wait = ops.order((req.queue_key,), waiting)
     swapped = req.status == SWAPPED
     seg_id = jnp.clip(req.segment, 0, G - 1)
     seg_cached = (req.segment >= 0) & seg.valid[seg_id] & seg.on_gpu[seg_id]
@@ -292,12 +290,12 @@ def schedule(
     )
     used_tokens = jnp.sum(run_tok)
     w_need = jnp.where(waiting & ~swapped, req.target - hit, 0)
-    w_ahead = ops.prefix_sum(before_wait, jnp.minimum(w_need, budget))
+    w_ahead = before_wait.prefix_sum(jnp.minimum(w_need, budget))
     w_tok = jnp.clip(budget - used_tokens - w_ahead, 0, w_need)
     w_blocks = jnp.where(swapped, req.cpu_blocks, ceil_blocks(w_tok))
-    cum_blocks = ops.prefix_sum(before_wait, w_blocks, inclusive=True)
+    cum_blocks = before_wait.prefix_sum(w_blocks, inclusive=True)
     n_running = jnp.sum(running | (req.status == LOADING))
-    n_prior = ops.prefix_sum(before_wait, waiting.astype(jnp.int32))
+    n_prior = before_wait.prefix_sum(waiting.astype(jnp.int32))
     partial_running = jnp.sum(kept & (req.computed + run_tok < req.target))
     partial_new = waiting & ~swapped & (w_tok < w_need)
     partial_ok = ~partial_new | (partial_running + 1 <= params.max_partial_prefills)
@@ -316,14 +314,14 @@ def schedule(
     )
     pinned_or_used = jnp.sum(jnp.where(~evict_ok, seg_blocks, 0))
     trt_ok = (
-        reserved_running + ops.prefix_sum(before_wait, jnp.where(waiting, full, 0), inclusive=True)
+        reserved_running + before_wait.prefix_sum(jnp.where(waiting, full, 0), inclusive=True)
         <= pool - pinned_or_used
     )
     # SGLang: keep new_token_ratio x (the remaining output, capped) free for every request.
     future = jnp.minimum(jnp.maximum(req.max_tokens - req.generated, 0), params.sglang_reserve_cap)
     ratio = state.new_token_ratio
     run_reserve = jnp.sum(jnp.where(running | (req.status == LOADING), future, 0))
-    w_reserve = ops.prefix_sum(before_wait, jnp.where(waiting, future, 0), inclusive=True)
+    w_reserve = before_wait.prefix_sum(jnp.where(waiting, future, 0), inclusive=True)
     sgl_reserve = ceil_blocks(jnp.ceil(ratio * (run_reserve + w_reserve)).astype(jnp.int32))
     guard = jnp.where(
         params.engine == TRT,
@@ -339,8 +337,8 @@ def schedule(
         & guard
         & ~retracted
     )
-    admit = waiting & ~ops.any_before(before_wait, waiting & ~ok) & ok
-    admit_pos = ops.prefix_sum(before_wait, admit.astype(jnp.int32))
+    admit = waiting & ~before_wait.any_before(waiting & ~ok) & ok
+    admit_pos = before_wait.prefix_sum(admit.astype(jnp.int32))
     tokens = run_tok + jnp.where(admit & ~swapped, w_tok, 0)
     hit = jnp.where(admit, hit, 0)
 
@@ -351,9 +349,9 @@ def schedule(
     keep_seg = evict_ok & ~jnp.any(
         (seg_id[:, None] == jnp.arange(G)[None, :]) & (hit > 0)[:, None], axis=0
     )
-    before_seg = ops.before_matrix((seg.priority, seg.last_access), keep_seg)
-    evict = keep_seg & (ops.prefix_sum(before_seg, seg_blocks) < shortfall)
-    load_before = ops.prefix_sum(before_wait, jnp.where(admit & swapped, req.cpu_blocks, 0))
+    before_seg = ops.order((seg.priority, seg.last_access), keep_seg)
+    evict = keep_seg & (before_seg.prefix_sum(seg_blocks) < shortfall)
+    load_before = before_wait.prefix_sum(jnp.where(admit & swapped, req.cpu_blocks, 0))
     return Plan(
         jnp.where(live, tokens, 0),
         preempt & live,

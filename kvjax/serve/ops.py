@@ -5,8 +5,11 @@ that does not fit", which is a prefix sum in that order. Sorting small arrays un
 slow on XLA's CPU backend (argsort of 32-64 keys per scenario ran 2.3x slower than pairwise
 comparisons in a measured prototype, jax-env-conventions.md), so the order is a [n, n]
 "row j comes before row i" matrix from pairwise lexicographic comparisons, and a prefix sum
-in that order is one matrix-vector product with it. `before_matrix` and `prefix_sum` have
-plain argsort forms (`_argsort_*`) that tests/test_serve_ops.py proves equal.
+in that order is one matrix-vector product with it. That costs O(n^2) per order, which is
+cheap for the toy preset's 64 rows but dominates at 512 (h100-llama3-8b ran 0.1x the pure-Python
+reference with it), so above SORT_ABOVE rows an `Order` is a sorted permutation instead
+(`lax.sort` over the keys, then cumulative sums in sorted order: O(n log n)). `order` picks the
+form; tests/test_serve_ops.py proves the forms equal.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import chex
+import jax
 import jax.numpy as jnp
+
+# Tables with more rows than this order their rows by sorting (see the module docstring).
+SORT_ABOVE = 128
 
 
 def before_matrix(keys: Sequence[chex.Array], valid: chex.Array) -> chex.Array:
@@ -57,6 +64,41 @@ def row_prefix_sum(x: chex.Array, inclusive: bool = False) -> chex.Array:
 def any_before(before: chex.Array, flag: chex.Array) -> chex.Array:
     """True where some earlier row has `flag` set."""
     return jnp.any(before & flag[None, :], axis=-1)
+
+
+class Order:
+    """The rows of a table in a lexicographic order of `keys` (row index breaking ties; invalid
+    rows last), for prefix sums in that order. `method`: "pairwise" (a before-matrix) or "sort"
+    (a permutation); None picks by size (SORT_ABOVE)."""
+
+    def __init__(self, keys: Sequence[chex.Array], valid: chex.Array, method: str | None = None):
+        n = valid.shape[-1]
+        self.method = method or ("sort" if n > SORT_ABOVE else "pairwise")
+        if self.method == "pairwise":
+            self.before = before_matrix(keys, valid)
+        elif self.method == "sort":
+            operands = ((~valid).astype(jnp.int32), *keys, jnp.arange(n))
+            self.perm = jax.lax.sort(operands, num_keys=len(operands))[-1]
+            self.rank = jnp.zeros(n, jnp.int32).at[self.perm].set(jnp.arange(n, dtype=jnp.int32))
+        else:
+            raise ValueError(f"unknown order method {method!r}; allowed: ['pairwise', 'sort']")
+
+    def prefix_sum(self, x: chex.Array, inclusive: bool = False) -> chex.Array:
+        """Sum of `x` over the rows before each row (plus the row itself if `inclusive`)."""
+        if self.method == "pairwise":
+            return prefix_sum(self.before, x, inclusive)
+        c = jnp.cumsum(x[self.perm])[self.rank]
+        return c if inclusive else c - x
+
+    def any_before(self, flag: chex.Array) -> chex.Array:
+        """True where some earlier row has `flag` set."""
+        if self.method == "pairwise":
+            return any_before(self.before, flag)
+        return self.prefix_sum(flag.astype(jnp.int32)) > 0
+
+
+def order(keys: Sequence[chex.Array], valid: chex.Array, method: str | None = None) -> Order:
+    return Order(keys, valid, method)
 
 
 def _argsort_order(keys: Sequence[chex.Array], valid: chex.Array) -> chex.Array:
