@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import dynamics, observations, rewards, scenarios, spaces
+from kvjax.base import Environment
 from kvjax.types import ACTION_KINDS, DIFFICULTIES, EnvConfig, EnvParams, EnvState
 from kvjax.validation import check_single
 
 ENV_IDS = ("kv-cache-v0", "kv-serve-v0")
 
 
-class KVCacheEnv:
+class KVCacheEnv(Environment):
     """GPU KV-cache pressure in LLM serving, one scenario per state (vmap for batches).
 
     Observation: `observations.Observation` - per-slot features [S, 19], global features [12]
@@ -99,23 +100,6 @@ class KVCacheEnv:
             "failures": next_state.counters.failures - state.counters.failures,
         }
         return obs, next_state, reward, jnp.bool_(False), truncated, info
-
-    def reset(self, key: chex.PRNGKey, params: EnvParams | None = None):
-        return self.reset_env(key, self.default_params if params is None else params)
-
-    def step(
-        self, key: chex.PRNGKey, state: EnvState, action: chex.Array,
-        params: EnvParams | None = None,
-    ):
-        """Step with auto-reset on episode end; `info["final_observation"]` is pre-reset."""
-        params = self.default_params if params is None else params
-        obs_st, state_st, reward, terminated, truncated, info = self.step_env(
-            key, state, action, params
-        )
-        obs_re, state_re = self.reset_env(key, params)
-        done = terminated | truncated
-        pick = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(done, x, y), a, b)  # noqa: E731
-        return pick(obs_re, obs_st), pick(state_re, state_st), reward, terminated, truncated, info
 
     def get_obs(self, state: EnvState, params: EnvParams) -> observations.Observation:
         return observations.observe(state, params)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import spaces
+from kvjax.base import Environment
 from kvjax.serve import actions, engine, metrics, observations, workload
 from kvjax.serve.capacity import capacity_rps
 from kvjax.serve.presets import PRESETS
@@ -20,7 +21,7 @@ from kvjax.serve.types import ENGINES, KV_DTYPES, ServeConfig, ServeParams, Serv
 ENV_ID = "kv-serve-v0"
 
 
-class ServeEnv:
+class ServeEnv(Environment):
     """An LLM serving engine under a request stream; the agent steers its KV cache.
 
     State: `ServeState` - the request table [S], prefix segments [G], engine scalars (a clock
@@ -99,20 +100,6 @@ class ServeEnv:
             "preemptions": nxt.metrics.preemptions - state.metrics.preemptions,
         }
         return obs, nxt, reward, jnp.bool_(False), truncated, info
-
-    def reset(self, key: chex.PRNGKey, params: ServeParams | None = None):
-        return self.reset_env(key, self.default_params if params is None else params)
-
-    def step(self, key, state, action, params: ServeParams | None = None):
-        """Step with auto-reset on episode end; `info["final_observation"]` is pre-reset."""
-        params = self.default_params if params is None else params
-        obs_st, state_st, reward, terminated, truncated, info = self.step_env(
-            key, state, action, params
-        )
-        obs_re, state_re = self.reset_env(key, params)
-        done = terminated | truncated
-        pick = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(done, x, y), a, b)  # noqa: E731
-        return pick(obs_re, obs_st), pick(state_re, state_st), reward, terminated, truncated, info
 
     def get_obs(self, state: ServeState, params: ServeParams) -> observations.ServeObservation:
         return observations.observe(state, params, self.config)
