@@ -20,6 +20,21 @@ from kvjax.serve.types import (
 CFG = ServeConfig(max_requests=8, max_segments=2, iterations_per_step=1)
 
 
+def decoding(prompt, generated, **row):
+    """A running request past its prefill (its KV: prompt + generated tokens), 100 to output."""
+    return dict(
+        status=RUNNING,
+        prompt=prompt,
+        generated=generated,
+        computed=prompt + generated,
+        target=prompt,
+        output_len=100,
+        first_token=0.0,
+        last_token=0.0,
+        **row,
+    )
+
+
 def small_params(**over):
     _, p = make("toy", arrival_rate=1.0, **over)
     return p
@@ -38,28 +53,8 @@ def test_preempted_request_is_prepended_and_recomputes_prompt_plus_generated():
         p,
         CFG,
         requests=[
-            dict(
-                status=RUNNING,
-                prompt=64,
-                generated=16,
-                computed=80,
-                target=64,
-                run_key=0,
-                output_len=100,
-                first_token=0.0,
-                last_token=0.0,
-            ),
-            dict(
-                status=RUNNING,
-                prompt=60,
-                generated=20,
-                computed=80,
-                target=60,
-                run_key=1,
-                output_len=100,
-                first_token=0.0,
-                last_token=0.0,
-            ),
+            decoding(64, 16, run_key=0),
+            decoding(60, 20, run_key=1),
             dict(status=WAITING, prompt=32, output_len=4, queue_key=5),
         ],
         run_counter=2,
@@ -190,16 +185,7 @@ def test_offload_then_load_back_over_pcie():
         p,
         env.config,
         requests=[
-            dict(
-                status=RUNNING,
-                prompt=150,
-                generated=10,
-                computed=160,
-                target=150,
-                output_len=100,
-                first_token=0.0,
-                last_token=0.0,
-            ),
+            decoding(150, 10),
         ],
     )
     a = env.noop_action()
@@ -264,28 +250,8 @@ def test_sglang_retracts_fewest_decoded_first():
         p,
         CFG,
         requests=[
-            dict(
-                status=RUNNING,
-                prompt=60,
-                generated=20,
-                computed=80,
-                target=60,
-                run_key=0,
-                output_len=100,
-                first_token=0.0,
-                last_token=0.0,
-            ),  # fewer decoded: victim
-            dict(
-                status=RUNNING,
-                prompt=40,
-                generated=40,
-                computed=80,
-                target=40,
-                run_key=1,
-                output_len=100,
-                first_token=0.0,
-                last_token=0.0,
-            ),
+            decoding(60, 20, run_key=0),  # fewer decoded: victim
+            decoding(40, 40, run_key=1),
         ],
         run_counter=2,
     )
@@ -297,30 +263,8 @@ def test_sglang_retracts_fewest_decoded_first():
 def test_agent_priority_picks_the_victim():
     p = small_params(gpu_pool_tokens=160)
     rows = [
-        dict(
-            status=RUNNING,
-            prompt=64,
-            generated=16,
-            computed=80,
-            target=64,
-            run_key=0,
-            output_len=100,
-            first_token=0.0,
-            last_token=0.0,
-            priority=0,
-        ),
-        dict(
-            status=RUNNING,
-            prompt=60,
-            generated=20,
-            computed=80,
-            target=60,
-            run_key=1,
-            output_len=100,
-            first_token=0.0,
-            last_token=0.0,
-            priority=3,
-        ),
+        decoding(64, 16, run_key=0, priority=0),
+        decoding(60, 20, run_key=1, priority=3),
     ]
     s1 = iterate(build_state(p, CFG, requests=rows, run_counter=2), p)
     # The first-admitted request has the lowest retention priority: it is the victim.
