@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.serve import actions, engine, latency
+from kvjax.serve import actions, engine, latency, workload
 from kvjax.serve.build import build_state
 from kvjax.serve.env import ServeEnv, make
 from kvjax.serve.types import (
@@ -210,22 +210,11 @@ def test_offload_then_load_back_over_pcie():
 
 
 def test_trt_reserves_max_tokens_and_never_preempts():
-    env, p = make(
-        "toy",
-        engine="trt",
-        arrival_rate=30.0,
-        gpu_pool_tokens=16384,
-        horizon=20.0,
-        config=dict(max_requests=32),
+    scenario = dict(
+        arrival_rate=30.0, gpu_pool_tokens=16384, horizon=20.0, config=dict(max_requests=32)
     )
-    _, pv = make(
-        "toy",
-        engine="vllm",
-        arrival_rate=30.0,
-        gpu_pool_tokens=16384,
-        horizon=20.0,
-        config=dict(max_requests=32),
-    )
+    env, p = make("toy", engine="trt", **scenario)
+    _, pv = make("toy", engine="vllm", **scenario)
     assert int(p.engine) == TRT
 
     def episode(params):
@@ -283,11 +272,16 @@ def test_arrivals_wait_behind_the_pointer_when_the_table_is_full():
     env, p = make("toy", arrival_rate=200.0, config=dict(max_requests=4, iterations_per_step=4))
     _, s = env.reset_env(jax.random.PRNGKey(0), p)
     s = jax.jit(env.step_env)(None, s, env.noop_action(), p)[1]
-    assert int(jnp.sum(s.requests.status != 0)) <= 4
-    # Requests keep their stream arrival times: the first rows hold requests 0..3 in order.
-    entered = np.asarray(s.requests.index)[np.asarray(s.requests.status) != 0]
-    assert set(entered) <= set(range(int(s.next_index)))
-    assert int(s.metrics.arrived) == int(s.next_index)
+    # The table is full and the next request has arrived but waits behind the pointer.
+    assert int(jnp.sum(s.requests.status != 0)) == 4
+    assert float(s.next_arrival) <= float(s.clock)
+    assert int(s.metrics.arrived) == int(s.next_index) and int(s.metrics.timed_out) == 0
+    # Requests in the table keep their stream arrival times (the wait counts in their TTFT).
+    stream = workload.request_stream(s.seed, int(s.next_index) + 1, p)
+    live = np.asarray(s.requests.status) != 0
+    idx = np.asarray(s.requests.index)[live]
+    np.testing.assert_array_equal(np.asarray(s.requests.arrival)[live], stream["arrival"][idx])
+    assert float(s.next_arrival) == stream["arrival"][int(s.next_index)]
 
 
 def test_empty_engine_jumps_to_the_next_arrival():
