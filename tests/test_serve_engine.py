@@ -124,7 +124,7 @@ def test_prefix_hit_skips_the_cached_tokens(cached):
     r, m = s1.requests, s1.metrics
     assert int(r.status[0]) == RUNNING and int(r.computed[0]) == 600
     assert int(r.generated[0]) == 1 and float(r.first_token[0]) == float(s1.clock)
-    assert bool(r.attached[0]) and bool(s1.segments.on_gpu[0])
+    assert int(r.attached[0]) == 0 and bool(s1.segments.on_gpu[0])
     hit = 512 if cached else 0
     assert int(m.hit_tokens) == hit and int(m.prompt_tokens) == 600
     assert int(m.prefill_tokens) == 600 - hit

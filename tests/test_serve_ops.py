@@ -101,3 +101,17 @@ def test_engine_is_the_same_with_sorted_orders(monkeypatch):
     sorted_ = jax.jit(jax.vmap(episode))(keys)
     jax.tree_util.tree_map(np.testing.assert_array_equal, pairwise, sorted_)
     assert int(pairwise.metrics.preemptions.sum()) > 0 and int(pairwise.metrics.finished.sum()) > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 2**31 - 1))
+def test_first_of_equal_forms_equal_the_plain_definition(n, seed):
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-1, max(n // 3, 2), n).astype(np.int32)
+    valid = rng.random(n) < 0.7
+    expected = np.array(
+        [valid[i] and not any(valid[j] and keys[j] == keys[i] for j in range(i)) for i in range(n)]
+    )
+    for method in ("pairwise", "sort"):
+        got = ops.first_of_equal(jnp.asarray(keys), jnp.asarray(valid), method)
+        np.testing.assert_array_equal(np.asarray(got), expected, err_msg=method)

@@ -85,22 +85,24 @@ def command_mask(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ch
     """bool [num_command_ids]: which commands would take effect now (the one validity rule).
 
     offload: a running request with computed KV whose blocks fit in the free CPU tier;
-    preempt: a running request; pin: a segment cached on the GPU; drop: a cached segment no
-    running request uses; reserve: always; noop: always."""
+    preempt: a running request; pin: a segment cached on the GPU; drop: a segment the engine
+    could evict (engine.evictable: a leaf no request uses, not pinned); reserve: always; noop:
+    always."""
     req, seg = state.requests, state.segments
     mem = engine.memory(state, params)
     need_cpu = engine.ceil_blocks(req.computed)
     running = req.status == RUNNING
     offload = running & (req.computed > 0) & (need_cpu <= mem["cpu_pool"] - mem["cpu_used"])
-    cached = seg.valid & seg.on_gpu
+    cached = engine.resident(seg)
     refs = engine.segment_refs(req, cfg.max_segments)
+    droppable = engine.evictable(seg, refs, state.clock)
     return jnp.concatenate(
         [
             jnp.ones((1,), bool),
             offload,
             running,
             cached,
-            cached & (refs == 0),
+            droppable,
             jnp.ones((len(cfg.reserve_levels),), bool),
         ]
     )
@@ -147,7 +149,7 @@ def apply(state: ServeState, action: dict, params: ServeParams, cfg: ServeConfig
         done_at = start + latency.transfer_time(params, blocks)
         link_out = jnp.where(is_off, jnp.sum(jnp.where(r_off, done_at, 0.0)), state.link_free[0])
         # preempt: the engine's recompute preemption (never a silent delete).
-        lost = req.computed - jnp.where(req.attached, req.prefix_len, 0)
+        lost = jnp.maximum(req.computed - engine.attached_tokens(req, seg), 0)
         pc = state.preempt_counter + (is_off | is_pre).astype(jnp.int32)
         moved = r_off | r_pre
         req = req.replace(
@@ -157,7 +159,7 @@ def apply(state: ServeState, action: dict, params: ServeParams, cfg: ServeConfig
             queue_key=jnp.where(moved, -pc, req.queue_key),
             computed=jnp.where(r_pre, 0, req.computed),
             target=jnp.where(r_pre, req.prompt + req.generated, req.target),
-            attached=jnp.where(r_pre, False, req.attached),
+            attached=jnp.where(r_pre, -1, req.attached),
             preemptions=req.preemptions + moved,
             recomputed=req.recomputed + jnp.where(r_pre, lost, 0),
         )

@@ -3,6 +3,9 @@
     state = build_state(params, cfg, requests=[dict(status=RUNNING, prompt=600, ...)],
                         segments=[dict(tokens=512, on_gpu=True)], clock=0.0)
 
+Segment rows given are valid, keyed by their row number and roots (parent -1) unless `key` /
+`parent` say otherwise; requests are not attached (`attached` -1) unless given a row.
+
 Unspecified request fields take the values a fresh arrival has; rows beyond the given ones are
 empty. The stream's next arrival is `next_arrival` (default: never, so nothing arrives).
 """
@@ -54,9 +57,15 @@ def build_state(
     seg = state.segments
     if segments is not None:
         sf = {f: np.array(getattr(seg, f)) for f in seg.__dataclass_fields__}
+        unknown = {k for row in segments for k in row} - set(sf)
+        if unknown:
+            raise ValueError(f"unknown segment fields {sorted(unknown)}; allowed: {sorted(sf)}")
         sf["valid"][:] = False
+        sf["key"][:] = -1
+        sf["parent"][:] = -1
         for g, row in enumerate(segments):
             sf["valid"][g] = True
+            sf["key"][g] = g  # the synthetic workload's keying unless given
             for k, v in row.items():
                 sf[k][g] = v
         seg = seg.replace(**{k: jnp.asarray(v) for k, v in sf.items()})

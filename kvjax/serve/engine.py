@@ -9,11 +9,13 @@ and completions. Every rule reads the request table in an order (running order, 
 LRU order) through the pairwise order matrices of serve/ops.py; no Python loop runs over
 requests, and the code is the same for one scenario and under vmap.
 
-Memory rules, in one place:
-- `private_blocks`: the blocks a request holds itself (its computed tokens, minus the prefix a
-  segment holds for it when attached), on the GPU while RUNNING, OFFLOADING or LOADING;
-- a segment holds tokens / 16 blocks while `on_gpu`; it is referenced while an attached request
-  holds GPU blocks, and evictable when unreferenced, on the GPU and not pinned;
+Memory and segment rules, in one place (the helpers below; docs/serving.md section 1):
+- `attached_tokens`: the prompt tokens a request's attached segment holds for it;
+- `private_blocks`: the blocks a request holds itself (its computed tokens beyond its attached
+  segment's), on the GPU while RUNNING, OFFLOADING or LOADING;
+- segments form a tree of rows: a resident segment holds its own tokens beyond its parent's
+  (`segment_blocks`); it is referenced while an attached request is on the GPU, and
+  `evictable` when it is a leaf, unreferenced and not pinned;
 - free = pool - private - cached, never negative.
 """
 
@@ -67,31 +69,62 @@ def on_gpu(req: RequestTable) -> chex.Array:
     return (req.status == RUNNING) | (req.status == OFFLOADING) | (req.status == LOADING)
 
 
-def private_blocks(req: RequestTable) -> chex.Array:
+def row_gather(values: chex.Array, rows: chex.Array, fill=0) -> chex.Array:
+    """values[rows] for rows >= 0, `fill` for -1 (a gather from a small segment-table column)."""
+    return jnp.where(rows >= 0, values[jnp.clip(rows, 0, values.shape[-1] - 1)], fill)
+
+
+def attached_tokens(req: RequestTable, seg: SegmentTable) -> chex.Array:
+    """int32 [S]: prompt tokens held for each request by the segment it is attached to."""
+    return row_gather(seg.tokens, req.attached)
+
+
+def private_blocks(req: RequestTable, seg: SegmentTable) -> chex.Array:
     """GPU blocks each request holds itself (0 off the GPU)."""
-    own = req.computed - jnp.where(req.attached, req.prefix_len, 0)
+    own = jnp.maximum(req.computed - attached_tokens(req, seg), 0)
     return jnp.where(on_gpu(req), ceil_blocks(own), 0)
 
 
 def segment_refs(req: RequestTable, num_segments: int) -> chex.Array:
     """int32 [G]: attached requests holding GPU blocks per segment."""
-    ref = on_gpu(req) & req.attached & (req.segment >= 0)
-    onehot = req.segment[:, None] == jnp.arange(num_segments)[None, :]
-    return jnp.sum(onehot & ref[:, None], axis=0).astype(jnp.int32)
+    onehot = req.attached[:, None] == jnp.arange(num_segments)[None, :]
+    return jnp.sum(onehot & on_gpu(req)[:, None], axis=0).astype(jnp.int32)
+
+
+def resident(seg: SegmentTable) -> chex.Array:
+    return seg.valid & seg.on_gpu
 
 
 def segment_blocks(seg: SegmentTable) -> chex.Array:
-    return jnp.where(seg.valid & seg.on_gpu, seg.tokens // BLOCK_TOKENS, 0)
+    """int32 [G]: blocks a resident segment holds of its own (its tokens beyond its parent's)."""
+    own = seg.tokens - row_gather(seg.tokens, seg.parent)
+    return jnp.where(resident(seg), own // BLOCK_TOKENS, 0)
+
+
+def is_leaf(seg: SegmentTable) -> chex.Array:
+    """Resident segments no resident segment extends."""
+    G = seg.valid.shape[-1]
+    child = resident(seg)[None, :] & (seg.parent[None, :] == jnp.arange(G)[:, None])
+    return resident(seg) & ~jnp.any(child, axis=1)
 
 
 def evictable(seg: SegmentTable, refs: chex.Array, clock: chex.Array) -> chex.Array:
-    """Segments the engine may evict: cached, unreferenced and not pinned."""
-    return seg.valid & seg.on_gpu & (refs == 0) & (seg.pinned_until <= clock)
+    """Segments the engine may evict: leaves, unreferenced and not pinned."""
+    return is_leaf(seg) & (refs == 0) & (seg.pinned_until <= clock)
+
+
+def key_rows(keys: chex.Array, seg: SegmentTable) -> tuple[chex.Array, chex.Array]:
+    """For each key ([S], -1 none): whether a valid row holds it, and that row (-1 if not)."""
+    G = seg.valid.shape[-1]
+    match = (keys[:, None] == seg.key[None, :]) & seg.valid[None, :] & (keys >= 0)[:, None]
+    found = jnp.any(match, axis=1)
+    row = jnp.sum(jnp.where(match, jnp.arange(G)[None, :], 0), axis=1)
+    return found, jnp.where(found, row, -1)
 
 
 def memory(state: ServeState, params: ServeParams) -> dict[str, chex.Array]:
     """Block accounting: pool, used (private), cached (segments), free, cpu_used, cpu_pool."""
-    used = jnp.sum(private_blocks(state.requests))
+    used = jnp.sum(private_blocks(state.requests, state.segments))
     cached = jnp.sum(segment_blocks(state.segments))
     pool = pool_blocks(params)
     cpu_used = jnp.sum(jnp.where(state.requests.status != EMPTY, state.requests.cpu_blocks, 0))
@@ -117,7 +150,7 @@ def arrivals(
     nxt = state.next_index
     # The next K + 1 requests of the stream (one draw each, vectorised) and their arrival times
     # as the same float32 running sum the stream defines.
-    d = workload.draw_request(state.seed, nxt + jnp.arange(K + 1), params)
+    d = workload.draw_request(state.seed, nxt + jnp.arange(K + 1), params, cfg)
     times = [state.next_arrival]
     for k in range(1, K + 1):
         times.append(times[-1] + d["gap"][k])
@@ -139,8 +172,11 @@ def arrivals(
         output_len=jnp.where(put, pick(d["output_len"]), req.output_len),
         max_tokens=jnp.where(put, pick(d["max_tokens"]), req.max_tokens),
         segment=jnp.where(put, pick(d["segment"]), req.segment),
+        segment_up=jnp.where(put, pick(d["segment_up"]), req.segment_up),
         prefix_len=jnp.where(put, pick(d["prefix_len"]), req.prefix_len),
-        attached=jnp.where(put, False, req.attached),
+        publish=jnp.where(put, pick(d["publish"]), req.publish),
+        publish_len=jnp.where(put, pick(d["publish_len"]), req.publish_len),
+        attached=jnp.where(put, -1, req.attached),
         computed=jnp.where(put, 0, req.computed),
         target=jnp.where(put, prompt, req.target),
         generated=jnp.where(put, 0, req.generated),
@@ -176,7 +212,7 @@ def transfers(state: ServeState, live: chex.Array = True) -> ServeState:
     load = (req.status == LOADING) & done
     req = req.replace(
         status=jnp.where(off, SWAPPED, jnp.where(load, RUNNING, req.status)),
-        attached=jnp.where(off, False, req.attached),
+        attached=jnp.where(off, -1, req.attached),
         cpu_blocks=jnp.where(load, 0, req.cpu_blocks),
     )
     return state.replace(requests=req)
@@ -208,6 +244,7 @@ class Plan(NamedTuple):
     admit: chex.Array  # bool [S] waiting or swapped requests admitted
     admit_pos: chex.Array  # int32 [S] place among this iteration's admissions
     hit: chex.Array  # int32 [S] prefix tokens an admitted request finds cached
+    hit_row: chex.Array  # int32 [S] the segment row it hits (-1 none)
     load_before: chex.Array  # int32 [S] CPU blocks of loads admitted ahead (the link's queue)
     evict: chex.Array  # bool [G] cached segments evicted
     retracted: chex.Array  # bool, a preemption happened
@@ -249,9 +286,10 @@ def schedule(
     # (needs clipped to the budget: the same decisions, and the float prefix sums stay exact)
     run_tok = jnp.clip(budget - before_run.prefix_sum(jnp.minimum(need, budget)), 0, need)
     run_tok = jnp.where(running, run_tok, 0)
-    own = req.computed - jnp.where(req.attached, req.prefix_len, 0)
+    attached = attached_tokens(req, seg)
+    own = jnp.maximum(req.computed - attached, 0)
     demand = jnp.where(running, ceil_blocks(own + run_tok) - ceil_blocks(own), 0)
-    held = private_blocks(req)
+    held = private_blocks(req, seg)
     # Keep the longest prefix of the running order whose demand fits in what is available
     # plus what preempting every later request frees (victims are taken from the tail).
     can_preempt = params.engine != TRT
@@ -276,13 +314,22 @@ def schedule(
     waiting = (req.status == WAITING) | (req.status == SWAPPED)
     before_wait = ops.order((req.queue_key,), waiting)
     swapped = req.status == SWAPPED
-    seg_id = jnp.clip(req.segment, 0, G - 1)
-    seg_cached = (req.segment >= 0) & seg.valid[seg_id] & seg.on_gpu[seg_id]
-    hit = jnp.where(waiting & ~swapped & seg_cached, jnp.minimum(req.prefix_len, req.target - 1), 0)
-    # Segments some waiting request will hit are not counted as evictable for admission.
-    wanted = jnp.any(
-        (seg_id[:, None] == jnp.arange(G)[None, :]) & (waiting & (hit > 0))[:, None], axis=0
+    # The hit row: the resident row keyed `segment`, else the one keyed `segment_up`.
+    _, row_read = key_rows(req.segment, seg)
+    _, row_up = key_rows(req.segment_up, seg)
+    res = resident(seg)
+    hit_row = jnp.where(
+        row_gather(res, row_read, False),
+        row_read,
+        jnp.where(row_gather(res, row_up, False), row_up, -1),
     )
+    hit_row = jnp.where(waiting & ~swapped, hit_row, -1)
+    hit_tokens = row_gather(seg.tokens, hit_row)
+    hit = jnp.where(hit_row >= 0, jnp.minimum(hit_tokens, req.target - 1), 0)
+    hit_row = jnp.where(hit > 0, hit_row, -1)
+    # Segments some waiting request will hit are not counted as evictable for admission.
+    hit_onehot = hit_row[:, None] == jnp.arange(G)[None, :]
+    wanted = jnp.any(hit_onehot, axis=0)
     kept_demand = jnp.sum(jnp.where(kept, demand, 0))
     freed = jnp.sum(jnp.where(preempt, held, 0))
     adm_available = (
@@ -304,13 +351,9 @@ def schedule(
     reserve = jnp.asarray(cfg.reserve_levels, jnp.float32)[state.reserve_level]
     agent_reserve = jnp.ceil(reserve * pool.astype(jnp.float32)).astype(jnp.int32)
     # TRT (GUARANTEED_NO_EVICT): every request holds a reservation for prompt + max_tokens.
-    full = ceil_blocks(req.prompt + req.max_tokens - jnp.where(hit > 0, req.prefix_len, 0))
+    full = ceil_blocks(req.prompt + req.max_tokens - jnp.where(hit > 0, hit_tokens, 0))
     reserved_running = jnp.sum(
-        jnp.where(
-            on_gpu(req),
-            ceil_blocks(req.prompt + req.max_tokens - jnp.where(req.attached, req.prefix_len, 0)),
-            0,
-        )
+        jnp.where(on_gpu(req), ceil_blocks(req.prompt + req.max_tokens - attached), 0)
     )
     pinned_or_used = jnp.sum(jnp.where(~evict_ok, seg_blocks, 0))
     trt_ok = (
@@ -341,14 +384,13 @@ def schedule(
     admit_pos = before_wait.prefix_sum(admit.astype(jnp.int32))
     tokens = run_tok + jnp.where(admit & ~swapped, w_tok, 0)
     hit = jnp.where(admit, hit, 0)
+    hit_row = jnp.where(admit, hit_row, -1)
 
     # Evict cached segments, lowest retention priority first, then least recently used, until
     # the blocks this iteration allocates are covered.
     alloc = kept_demand + jnp.sum(jnp.where(admit, w_blocks, 0))
     shortfall = alloc - (mem["free"] + freed)
-    keep_seg = evict_ok & ~jnp.any(
-        (seg_id[:, None] == jnp.arange(G)[None, :]) & (hit > 0)[:, None], axis=0
-    )
+    keep_seg = evict_ok & ~jnp.any(hit_onehot & admit[:, None], axis=0)
     before_seg = ops.order((seg.priority, seg.last_access), keep_seg)
     evict = keep_seg & (before_seg.prefix_sum(seg_blocks) < shortfall)
     load_before = before_wait.prefix_sum(jnp.where(admit & swapped, req.cpu_blocks, 0))
@@ -359,10 +401,80 @@ def schedule(
         admit & live,
         admit_pos,
         jnp.where(live, hit, 0),
+        jnp.where(live, hit_row, -1),
         load_before,
         evict & live,
         retracted & live,
     )
+
+
+def insert_segments(
+    req: RequestTable, seg: SegmentTable, clock: chex.Array, cfg: ServeConfig, live: chex.Array
+) -> tuple[RequestTable, SegmentTable]:
+    """Segment inserts (docs/serving.md section 3, Execute): a running request whose computed
+    tokens cover its next segment (`segment`, then `publish`) makes it resident when no
+    resident row holds that key, and attaches to it, so its blocks move to the segment.
+
+    The row: the key's own (non-resident) row if it has one, else the first free row - never
+    used, then not resident and not being re-inserted, then evictable in eviction order (the
+    j-th request needing a row takes the j-th free one); of several requests inserting one key
+    the lowest table row inserts."""
+    G = seg.valid.shape[-1]
+    held = attached_tokens(req, seg)
+    read_next = (req.segment >= 0) & (held < req.prefix_len)
+    publish_next = (req.publish >= 0) & (held < req.publish_len)
+    key = jnp.where(read_next, req.segment, jnp.where(publish_next, req.publish, -1))
+    tokens = jnp.where(read_next, req.prefix_len, req.publish_len)
+    found, own_row = key_rows(key, seg)
+    want = (
+        (req.status == RUNNING)
+        & (key >= 0)
+        & (req.computed >= tokens)
+        & ~row_gather(resident(seg), own_row, False)
+        & live
+    )
+    want = want & ops.first_of_equal(key, want)
+    reuse = want & found
+    new = want & ~found
+    # Free rows in allocation order.
+    reinserted = jnp.any((own_row[:, None] == jnp.arange(G)[None, :]) & reuse[:, None], axis=0)
+    refs = segment_refs(req, G)
+    cls = jnp.where(
+        ~seg.valid,
+        0,
+        jnp.where(~seg.on_gpu & ~reinserted, 1, jnp.where(evictable(seg, refs, clock), 2, 3)),
+    )
+    free = cls < 3
+    by_eviction = cls == 2
+    before = ops.order(
+        (
+            cls,
+            jnp.where(by_eviction, seg.priority, 0),
+            jnp.where(by_eviction, seg.last_access, 0.0),
+        ),
+        free,
+    )
+    free_rank = jnp.where(free, before.prefix_sum(free.astype(jnp.int32)), G)
+    new_rank = jnp.where(new, ops.row_prefix_sum(new.astype(jnp.int32)), -1)
+    take = (new_rank[:, None] == free_rank[None, :]) & new[:, None]  # [S, G]
+    take = take | ((own_row[:, None] == jnp.arange(G)[None, :]) & reuse[:, None])
+    inserts = jnp.any(take, axis=1)  # requests that insert (a free row was left for them)
+    row = jnp.sum(jnp.where(take, jnp.arange(G)[None, :], 0), axis=1)
+    hit_g = jnp.any(take, axis=0)  # rows written
+    fresh_key = hit_g & ~jnp.any(take & reuse[:, None], axis=0)  # rows that change key
+    from_req = lambda x: jnp.sum(jnp.where(take, x[:, None], 0), axis=0)  # noqa: E731
+    default_priority = (cfg.priority_levels - 1) // 2
+    seg = seg.replace(
+        valid=seg.valid | hit_g,
+        key=jnp.where(hit_g, from_req(key), seg.key),
+        parent=jnp.where(hit_g, from_req(req.attached), seg.parent),
+        tokens=jnp.where(hit_g, from_req(tokens), seg.tokens),
+        on_gpu=seg.on_gpu | hit_g,
+        last_access=jnp.where(hit_g, clock, seg.last_access),
+        priority=jnp.where(fresh_key, default_priority, seg.priority),
+        pinned_until=jnp.where(fresh_key, 0.0, seg.pinned_until),
+    )
+    return req.replace(attached=jnp.where(inserts, row, req.attached)), seg
 
 
 # -- phase 5: execute --------------------------------------------------------------------------
@@ -380,13 +492,13 @@ def execute(
 
     # Preemption by recompute: free the blocks, computed -> 0, prepend to the waiting queue
     # (the victim nearest the head of the running order ends up first).
-    lost = jnp.where(plan.preempt, req.computed - jnp.where(req.attached, req.prefix_len, 0), 0)
+    lost = jnp.where(plan.preempt, jnp.maximum(req.computed - attached_tokens(req, seg), 0), 0)
     req = req.replace(
         status=jnp.where(plan.preempt, WAITING, req.status),
         queue_key=jnp.where(plan.preempt, plan.preempt_pos - pc, req.queue_key),
         computed=jnp.where(plan.preempt, 0, req.computed),
         target=jnp.where(plan.preempt, req.prompt + req.generated, req.target),
-        attached=jnp.where(plan.preempt, False, req.attached),
+        attached=jnp.where(plan.preempt, -1, req.attached),
         preemptions=req.preemptions + plan.preempt,
         recomputed=req.recomputed + lost,
     )
@@ -402,15 +514,15 @@ def execute(
         xfer_done=jnp.where(load, load_done, req.xfer_done),
         run_key=jnp.where(plan.admit, state.run_counter + plan.admit_pos, req.run_key),
         computed=jnp.where(fresh, plan.hit, req.computed),
-        attached=jnp.where(fresh, plan.hit > 0, req.attached),
+        attached=jnp.where(fresh, plan.hit_row, req.attached),
         hit_tokens=req.hit_tokens + plan.hit,
     )
     lookups = jnp.sum(jnp.where(fresh, req.target, 0))
 
     # Segments: evictions, then touch those in use (LRU clock).
-    seg_of = req.segment[:, None] == jnp.arange(G)[None, :]
     touched = (
-        jnp.any(seg_of & ((on_gpu(req) & req.attached) | (plan.hit > 0))[:, None], axis=0) & live
+        jnp.any((req.attached[:, None] == jnp.arange(G)[None, :]) & on_gpu(req)[:, None], axis=0)
+        & live
     )
     seg = seg.replace(
         on_gpu=seg.on_gpu & ~plan.evict,
@@ -463,24 +575,7 @@ def execute(
         first_token=jnp.where(first, clock, req.first_token),
         last_token=jnp.where(emits, clock, req.last_token),
     )
-    # A request whose prefill passes its prefix makes the segment resident when it is not
-    # (the first such row per segment attaches; its blocks move to the segment).
-    rows = jnp.arange(cfg.max_requests)
-    inserting = (
-        (req.status == RUNNING)
-        & (req.segment >= 0)
-        & ~req.attached
-        & (req.prefix_len > 0)
-        & (req.computed >= req.prefix_len)
-    )
-    cand = seg_of & inserting[:, None] & ~(seg.valid & seg.on_gpu)[None, :]
-    first_row = jnp.min(jnp.where(cand, rows[:, None], cfg.max_requests), axis=0)  # [G]
-    new_seg = (first_row < cfg.max_requests) & live
-    attach = jnp.any(cand & (rows[:, None] == first_row[None, :]) & new_seg[None, :], axis=1)
-    req = req.replace(attached=req.attached | attach)
-    seg = seg.replace(
-        on_gpu=seg.on_gpu | new_seg, last_access=jnp.where(new_seg, clock, seg.last_access)
-    )
+    req, seg = insert_segments(req, seg, clock, cfg, live)
 
     # Completions: record TTFT / TPOT, score against the SLOs, free the row.
     done = (req.status == RUNNING) & (req.generated >= req.output_len) & live
@@ -571,8 +666,11 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
         output_len=zi(S),
         max_tokens=zi(S),
         segment=jnp.full((S,), -1, jnp.int32),
+        segment_up=jnp.full((S,), -1, jnp.int32),
         prefix_len=zi(S),
-        attached=jnp.zeros((S,), bool),
+        publish=jnp.full((S,), -1, jnp.int32),
+        publish_len=zi(S),
+        attached=jnp.full((S,), -1, jnp.int32),
         computed=zi(S),
         target=zi(S),
         generated=zi(S),
@@ -588,8 +686,12 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
         cpu_blocks=zi(S),
     )
     plen = (jnp.asarray(params.prefix_tokens, jnp.int32) // BLOCK_TOKENS) * BLOCK_TOKENS
+    # The synthetic workload's system prompts are rows 0..num_prefixes-1, keyed by number.
+    prompts = jnp.arange(G) < params.num_prefixes
     seg = SegmentTable(
-        valid=jnp.arange(G) < params.num_prefixes,
+        valid=prompts,
+        key=jnp.where(prompts, jnp.arange(G), -1),
+        parent=jnp.full((G,), -1, jnp.int32),
         tokens=jnp.full((G,), plen, jnp.int32),
         on_gpu=jnp.zeros((G,), bool),
         last_access=zf(G),
@@ -617,7 +719,7 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
         log_tpot=zf(R),
         log_count=zi(),
     )
-    first = workload.draw_request(seed, jnp.int32(0), params)
+    first = workload.draw_request(seed, jnp.int32(0), params, cfg)
     return ServeState(
         requests=req,
         segments=seg,

@@ -101,6 +101,23 @@ def order(keys: Sequence[chex.Array], valid: chex.Array, method: str | None = No
     return Order(keys, valid, method)
 
 
+def first_of_equal(keys: chex.Array, valid: chex.Array, method: str | None = None) -> chex.Array:
+    """bool [n]: valid rows with no valid lower row holding the same key (one row per distinct
+    key: the lowest). "pairwise" compares all pairs; "sort" sorts by (key, row) and compares
+    neighbours; None picks by size (SORT_ABOVE), as `order` does."""
+    n = valid.shape[-1]
+    method = method or ("sort" if n > SORT_ABOVE else "pairwise")
+    if method == "pairwise":
+        idx = jnp.arange(n)
+        dup = (keys[None, :] == keys[:, None]) & valid[None, :] & (idx[None, :] < idx[:, None])
+        return valid & ~jnp.any(dup, axis=-1)
+    if method != "sort":
+        raise ValueError(f"unknown method {method!r}; allowed: ['pairwise', 'sort']")
+    inv, k, perm = jax.lax.sort(((~valid).astype(jnp.int32), keys, jnp.arange(n)), num_keys=3)
+    new_run = jnp.concatenate([jnp.ones((1,), bool), (k[1:] != k[:-1]) | (inv[:-1] != 0)])
+    return jnp.zeros(n, bool).at[perm].set(new_run & (inv == 0))
+
+
 def _argsort_order(keys: Sequence[chex.Array], valid: chex.Array) -> chex.Array:
     """Plain form: the permutation that lists rows in order (valid first, keys, row index)."""
     n = valid.shape[-1]

@@ -100,9 +100,12 @@ class RequestTable:
     prompt: chex.Array  # int32 prompt tokens
     output_len: chex.Array  # int32 tokens it will generate (hidden from the agent)
     max_tokens: chex.Array  # int32 the client's cap (observable)
-    segment: chex.Array  # int32 prefix segment row, -1 for none
-    prefix_len: chex.Array  # int32 tokens of the prompt that the segment holds (block multiple)
-    attached: chex.Array  # bool: its first prefix_len tokens live in the segment's blocks
+    segment: chex.Array  # int32 key of the prefix segment it reads, -1 for none
+    segment_up: chex.Array  # int32 fallback key (an ancestor of `segment`), -1 for none
+    prefix_len: chex.Array  # int32 tokens of `segment` (a block multiple)
+    publish: chex.Array  # int32 key of a deeper segment its prompt makes reusable, -1 for none
+    publish_len: chex.Array  # int32 tokens of `publish` (a block multiple)
+    attached: chex.Array  # int32 segment row holding its first tokens[row] tokens, -1 for none
     computed: chex.Array  # int32 tokens whose KV is computed (prompt progress + decoded)
     target: chex.Array  # int32 tokens to prefill before the next token (prompt + generated)
     generated: chex.Array  # int32 output tokens so far
@@ -120,10 +123,13 @@ class RequestTable:
 
 @struct.dataclass
 class SegmentTable:
-    """Shared prefix segments [G] (a system prompt, a conversation's history)."""
+    """Cached prefix segments [G] as a tree of rows (a system prompt, a conversation's history,
+    a trace's prefix-forest node); the rules are engine.py's segment helpers."""
 
-    valid: chex.Array  # bool
-    tokens: chex.Array  # int32, a multiple of BLOCK_TOKENS
+    valid: chex.Array  # bool: the row holds a key
+    key: chex.Array  # int32 content id (distinct over valid rows), -1 for a row never used
+    parent: chex.Array  # int32 row it extends, -1 when it starts at token 0
+    tokens: chex.Array  # int32 its end from the prompt's first token, a multiple of BLOCK_TOKENS
     on_gpu: chex.Array  # bool, its blocks are cached on the GPU
     last_access: chex.Array  # float32 s (LRU)
     priority: chex.Array  # int32 retention priority 0..L-1

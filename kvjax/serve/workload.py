@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import rng
-from kvjax.serve.types import BLOCK_TOKENS, ServeParams
+from kvjax.serve.types import BLOCK_TOKENS, ServeConfig, ServeParams
 
 WORKLOADS = ("synthetic-conv", "synthetic-code")
 ALIASES = {"synthetic": "synthetic-conv"}
@@ -473,9 +473,12 @@ def _inverse_cdf(table: chex.Array, u: chex.Array) -> chex.Array:
     return lo + (pos - i.astype(jnp.float32)) * (hi - lo)
 
 
-def draw_request(seed: chex.Array, index: chex.Array, params: ServeParams) -> dict:
+def draw_request(
+    seed: chex.Array, index: chex.Array, params: ServeParams, cfg: ServeConfig | None = None
+) -> dict:
     """Request `index` of the stream: its gap after the previous arrival (request 0: after time
-    0), prompt, output length, max_tokens, prefix segment (-1 none) and prefix length."""
+    0), prompt, output length, max_tokens and prefix fields (segment and prefix length, the
+    fallback segment, the published segment and its length; keys -1 for none)."""
     counters = jnp.asarray(index, jnp.uint32)[..., None] * DRAWS_PER_REQUEST + jnp.arange(
         5, dtype=jnp.uint32
     )
@@ -504,14 +507,21 @@ def draw_request(seed: chex.Array, index: chex.Array, params: ServeParams) -> di
         output_len=output_len,
         max_tokens=jnp.broadcast_to(max_tokens, prompt.shape),
         segment=jnp.where(has, which, -1),
+        segment_up=jnp.full_like(prompt, -1),
         prefix_len=jnp.where(has, plen, 0),
+        publish=jnp.full_like(prompt, -1),
+        publish_len=jnp.zeros_like(prompt),
     )
 
 
-def request_stream(seed: chex.Array, n: int, params: ServeParams) -> dict[str, np.ndarray]:
+def request_stream(
+    seed: chex.Array, n: int, params: ServeParams, cfg: ServeConfig | None = None
+) -> dict[str, np.ndarray]:
     """The first `n` requests of a stream as numpy arrays, with absolute `arrival` times
     (float32 running sums in stream order, the same sums the engine forms)."""
-    d = jax.jit(draw_request)(jnp.asarray(seed, jnp.uint32), jnp.arange(n), params)
+    d = jax.jit(draw_request, static_argnums=3)(
+        jnp.asarray(seed, jnp.uint32), jnp.arange(n), params, cfg
+    )
     out = {k: np.asarray(v) for k, v in d.items()}
     arrival = np.zeros(n, np.float32)
     t = np.float32(0.0)
