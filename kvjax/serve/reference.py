@@ -7,24 +7,32 @@ request that fails - and independent of serve/engine.py's prefix-sum / order-mat
 formulation. It is the test oracle (tests/test_serve_reference.py) and the speed baseline.
 
     ref = ReferenceEngine.from_state(state, params, cfg)   # e.g. right after env.reset
-    ref = ReferenceEngine(params, cfg, Stream(seed, params))  # or an idle engine at time 0
+    ref = ReferenceEngine(params, cfg, Stream(seed, params, cfg))  # or an idle engine at time 0
     ref.step(action)            # action dict (as env.step), then k engine iterations
     ref.apply(action); ref.iterate()                         # the two halves
     diff(ref.snapshot(), snapshot_of_state(jax_state, cfg))  # [] when they agree
+
+Prefix segments are a keyed tree of rows (section 1): a row has a `key`, a `parent` row and
+`tokens` counted from token 0; a resident row holds (tokens - tokens[parent]) / 16 blocks of
+its own; only leaves (resident, no resident child) that nobody is attached to and nobody has
+pinned are evictable. Requests read `segment` (else the fallback `segment_up`), insert it
+when it is not resident, then `publish` their own deeper prefix; `attached` is a row (-1 none).
+Rows for inserts come in the allocation order of section 3 phase 5 (`insert_segments`).
 
 On the `toy` preset it runs ~4,500 engine iterations per second on one CPU core (vLLM rules,
 load 1.0, no-op actions).
 
 The request stream is shared input: request attributes come from
-`workload.request_stream(seed, n, params)` (the reference tests the engine rules, not the
+`workload.request_stream(seed, n, params, cfg)` (the reference tests the engine rules, not the
 random draws). Times are np.float32 computed in the latency model's operation order, so the
 clocks agree with the JAX engine to float32 rounding of sums; integers agree exactly.
 
 Where docs/serving.md leaves a detail open, the reference follows engine.py (each such place
 is marked "engine.py:"): an offloaded request's place in the queue is fixed when the offload
-is commanded; when two requests could make the same segment resident in one iteration, the
-lowest table row attaches; several loads admitted in one iteration finish at link start +
-their cumulative bytes / PCIe.
+is commanded; several loads admitted in one iteration finish at link start + their cumulative
+bytes / PCIe; the segments touched for LRU and the evictable leaves an insert may take (see
+`touch_segments` and `insert_segments`). Readings taken where docs/serving.md could be read
+two ways are marked "reading:".
 """
 
 from __future__ import annotations
@@ -60,7 +68,10 @@ REQUEST_FIELDS = (
     "output_len",
     "max_tokens",
     "segment",
+    "segment_up",
     "prefix_len",
+    "publish",
+    "publish_len",
     "attached",
     "computed",
     "target",
@@ -75,7 +86,26 @@ REQUEST_FIELDS = (
     "xfer_done",
     "cpu_blocks",
 )
-SEGMENT_FIELDS = ("valid", "tokens", "on_gpu", "last_access", "priority", "pinned_until")
+SEGMENT_FIELDS = (
+    "valid",
+    "key",
+    "parent",
+    "tokens",
+    "on_gpu",
+    "last_access",
+    "priority",
+    "pinned_until",
+)
+STREAM_FIELDS = (
+    "prompt",
+    "output_len",
+    "max_tokens",
+    "segment",
+    "segment_up",
+    "prefix_len",
+    "publish",
+    "publish_len",
+)
 METRIC_FIELDS = (
     "arrived",
     "finished",
@@ -151,22 +181,20 @@ def scalar_params(params: ServeParams) -> SimpleNamespace:
 class Stream:
     """The scenario's request stream (workload.request_stream), extended on demand."""
 
-    def __init__(self, seed, params: ServeParams, n: int = 256):
+    def __init__(self, seed, params: ServeParams, cfg: ServeConfig, n: int = 256):
         self.seed = np.asarray(seed, np.uint32)
         self.params = params
+        self.cfg = cfg
         self._load(n)
 
     def _load(self, n: int) -> None:
         from kvjax.serve import workload  # jax only here, to draw the shared input
 
         n = 1 << max(8, (int(n) - 1).bit_length())  # a power of two: few distinct shapes
-        d = workload.request_stream(self.seed, n, self.params)
+        d = workload.request_stream(self.seed, n, self.params, self.cfg)
         self.n = n
         self.arrival = [f32(x) for x in d["arrival"]]
-        self.cols = {
-            k: [int(x) for x in d[k]]
-            for k in ("prompt", "output_len", "max_tokens", "segment", "prefix_len")
-        }
+        self.cols = {k: [int(x) for x in d[k]] for k in STREAM_FIELDS}
 
     def ensure(self, i: int) -> None:
         if i >= self.n:
@@ -188,14 +216,6 @@ class Request:
         for k, v in kw.items():
             setattr(self, k, v)
 
-    def own_tokens(self) -> int:
-        """Computed tokens in its private blocks (the prefix lives in the segment if attached)."""
-        return self.computed - (self.prefix_len if self.attached else 0)
-
-    def held(self) -> int:
-        """Private GPU blocks."""
-        return ceil_blocks(self.own_tokens()) if self.status in ON_GPU else 0
-
 
 class Segment:
     __slots__ = SEGMENT_FIELDS
@@ -204,8 +224,8 @@ class Segment:
         for k, v in kw.items():
             setattr(self, k, v)
 
-    def blocks(self) -> int:
-        return self.tokens // BLOCK_TOKENS if (self.valid and self.on_gpu) else 0
+    def resident(self) -> bool:
+        return bool(self.valid and self.on_gpu)
 
 
 class ReferenceEngine:
@@ -220,11 +240,15 @@ class ReferenceEngine:
         self.rows: list[Request | None] = [None] * S
         self.waiting: list[int] = []  # queue order; OFFLOADING rows hold their place in it
         self.running: list[int] = []  # admission order (RUNNING and LOADING rows)
+        # Synthetic workloads: one row per system prompt, keyed by its number, at the root,
+        # not resident; the other rows are never used.
         plen = (p.prefix_tokens // BLOCK_TOKENS) * BLOCK_TOKENS
         self.segments = [
             Segment(
                 valid=g < p.num_prefixes,
-                tokens=plen,
+                key=g if g < p.num_prefixes else -1,
+                parent=-1,
+                tokens=plen if g < p.num_prefixes else 0,
                 on_gpu=False,
                 last_access=f32(0),
                 priority=(L - 1) // 2,
@@ -259,8 +283,20 @@ class ReferenceEngine:
             loads_done=0,
             offloads_done=0,
             hits=0,
+            fallback_hits=0,  # admissions that hit the `segment_up` row (`segment` not resident)
             evictions=0,
+            deep_evictions=0,  # evicted leaves whose parent stays resident
+            nonleaf_spared=0,  # evictions while an unreferenced, unpinned non-leaf stayed
             inserts=0,
+            publish_inserts=0,  # inserts of a request's `publish` key
+            reinserts=0,  # inserts into the non-resident row that already had the key
+            fresh_rows=0,  # inserts into a row never used
+            stale_rows=0,  # inserts into a non-resident row of another key
+            replacements=0,  # inserts that evicted an evictable leaf and took its row
+            no_row=0,  # inserts that found no row
+            insert_overflow=0,  # iterations with more keys needing a free row than rows
+            drops=0,
+            drop_nonleaf_refused=0,  # drop of an unreferenced, unpinned non-leaf: invalid
             timeouts=0,
             completions=0,
             trt_blocked=0,
@@ -281,7 +317,7 @@ class ReferenceEngine:
         if stream is None:
             p = scalar_params(params)
             n = int(float(p.arrival_rate) * float(p.horizon) * 1.5) + 64
-            stream = Stream(st.seed, params, max(n, int(st.next_index) + 64))
+            stream = Stream(st.seed, params, cfg, max(n, int(st.next_index) + 64))
         ref = cls(params, cfg, stream)
         rq = st.requests
         for r in range(cfg.max_requests):
@@ -324,28 +360,67 @@ class ReferenceEngine:
     def cpu_pool(self) -> int:
         return self.p.cpu_pool_tokens * (1 + self.p.kv_dtype) // BLOCK_TOKENS
 
-    def free_blocks(self) -> int:
-        used = sum(r.held() for r in self.live())
-        cached = sum(s.blocks() for s in self.segments)
-        return self.pool() - used - cached
-
-    def refs(self) -> list[int]:
-        out = [0] * len(self.segments)
-        for r in self.live():
-            if r.status in ON_GPU and r.attached and r.segment >= 0:
-                out[r.segment] += 1
-        return out
-
-    def evictable(self) -> list[int]:
-        refs = self.refs()
-        return [
-            g
-            for g, s in enumerate(self.segments)
-            if s.valid and s.on_gpu and refs[g] == 0 and s.pinned_until <= self.clock
-        ]
+    # Segment rows (section 1): a tree by `parent`; tokens count from the prompt's first token.
+    def seg_tokens(self, g: int) -> int:
+        """tokens[g]; 0 for no row (-1)."""
+        return self.segments[g].tokens if g >= 0 else 0
 
     def cached(self, g: int) -> bool:
-        return g >= 0 and self.segments[g].valid and self.segments[g].on_gpu
+        """Row g is resident (valid and on the GPU)."""
+        return 0 <= g < len(self.segments) and self.segments[g].resident()
+
+    def own_blocks(self, g: int) -> int:
+        """Blocks a segment holds itself: (tokens - tokens[parent]) / 16 while resident."""
+        s = self.segments[g]
+        return (s.tokens - self.seg_tokens(s.parent)) // BLOCK_TOKENS if s.resident() else 0
+
+    def resident_row(self, key: int) -> int:
+        """The resident row holding `key`, -1 when none (valid rows have distinct keys)."""
+        if key < 0:
+            return -1
+        for g, s in enumerate(self.segments):
+            if s.resident() and s.key == key:
+                return g
+        return -1
+
+    def leaves(self) -> list[int]:
+        """Resident rows with no resident child."""
+        has_child = {s.parent for s in self.segments if s.resident()}
+        return [g for g, s in enumerate(self.segments) if s.resident() and g not in has_child]
+
+    def refs(self) -> list[int]:
+        """Per row: the requests on the GPU attached to it."""
+        out = [0] * len(self.segments)
+        for r in self.live():
+            if r.status in ON_GPU and r.attached >= 0:
+                out[r.attached] += 1
+        return out
+
+    def evictable(self, clock: np.float32 | None = None) -> list[int]:
+        """Leaves nobody is attached to and nobody has pinned (at `clock`, default now)."""
+        clock = self.clock if clock is None else clock
+        refs = self.refs()
+        return [g for g in self.leaves() if refs[g] == 0 and self.segments[g].pinned_until <= clock]
+
+    def eviction_order(self, rows) -> list[int]:
+        """Lowest retention priority first, then least recently used (then lowest row)."""
+        return sorted(
+            rows, key=lambda g: (self.segments[g].priority, self.segments[g].last_access, g)
+        )
+
+    # Requests' blocks (section 1): the prefix up to tokens[attached] lives in the segments.
+    def own_tokens(self, r: Request) -> int:
+        """Computed tokens beyond the attached segment's end (negative when short of it)."""
+        return r.computed - self.seg_tokens(r.attached)
+
+    def held(self, r: Request) -> int:
+        """Private GPU blocks: ceil(max(computed - tokens[attached], 0) / 16) on the GPU."""
+        return ceil_blocks(self.own_tokens(r)) if r.status in ON_GPU else 0
+
+    def free_blocks(self) -> int:
+        used = sum(self.held(r) for r in self.live())
+        cached = sum(self.own_blocks(g) for g in range(len(self.segments)))
+        return self.pool() - used - cached
 
     def kv_factor(self) -> np.float32:
         return f32(0.5) if self.p.kv_dtype == 1 else f32(1.0)
@@ -363,11 +438,11 @@ class ReferenceEngine:
 
     def _recompute_preempt(self, r: Request) -> int:
         """Recompute preemption: blocks free, computed -> 0, to the head of the queue."""
-        lost = r.own_tokens()
+        lost = max(self.own_tokens(r), 0)  # reading: the private KV discarded (never negative)
         r.status = WAITING
         r.computed = 0
         r.target = r.prompt + r.generated
-        r.attached = False
+        r.attached = -1
         r.preemptions += 1
         r.recomputed += lost
         self.running.remove(r.row)
@@ -403,9 +478,15 @@ class ReferenceEngine:
                 return True
             cpu_used = sum(q.cpu_blocks for q in self.live())
             return r.computed > 0 and ceil_blocks(r.computed) <= self.cpu_pool() - cpu_used
-        if not self.cached(t):
-            return False
-        return kind == "pin" or self.refs()[t] == 0
+        if kind == "pin":
+            return self.cached(t)
+        # drop: the engine's own rule - a leaf, unreferenced, not pinned.
+        ok = t in self.evictable()
+        if not ok and self.cached(t) and self.refs()[t] == 0:
+            self.events["drop_nonleaf_refused"] += t not in self.leaves() and (
+                self.segments[t].pinned_until <= self.clock
+            )
+        return ok
 
     def apply(self, action: dict) -> None:
         """Priorities, then each command in order (each validated on the state so far)."""
@@ -447,6 +528,7 @@ class ReferenceEngine:
             elif kind == "drop":
                 self.segments[t].on_gpu = False
                 self.segments[t].pinned_until = f32(0)
+                self.events["drops"] += 1
             elif kind == "reserve":
                 self.reserve_level = t
         self.metrics["invalid_commands"] += invalid
@@ -477,7 +559,7 @@ class ReferenceEngine:
                 status=WAITING,
                 index=i,
                 arrival=self.next_arrival,
-                attached=False,
+                attached=-1,
                 computed=0,
                 target=d["prompt"],
                 generated=0,
@@ -500,7 +582,7 @@ class ReferenceEngine:
     def transfers(self) -> None:
         for r in self.live():
             if r.xfer_done <= self.clock and r.status == OFFLOADING:
-                r.status, r.attached = SWAPPED, False
+                r.status, r.attached = SWAPPED, -1  # detached from its segment
                 self.events["offloads_done"] += 1
             elif r.xfer_done <= self.clock and r.status == LOADING:
                 r.status, r.cpu_blocks = RUNNING, 0
@@ -538,7 +620,7 @@ class ReferenceEngine:
         free = self.free_blocks()
         assert free >= 0, f"free blocks negative: {free}"
         evictable = self.evictable()  # at the start of the iteration
-        available = free + sum(self.segments[g].blocks() for g in evictable)
+        available = free + sum(self.own_blocks(g) for g in evictable)
         left = p.max_batched_tokens
         tokens: dict[int, int] = {}
         demand: dict[int, int] = {}
@@ -552,7 +634,7 @@ class ReferenceEngine:
                 need = max(r.target - r.computed, 1)
                 tokens[row] = tok = min(left, need)
                 left -= tok
-                own = r.own_tokens()
+                own = self.own_tokens(r)
                 demand[row] = ceil_blocks(own + tok) - ceil_blocks(own)
             if sum(demand.values()) > available:
                 freed = 0
@@ -562,7 +644,7 @@ class ReferenceEngine:
                     if kept_demand + headroom <= available + freed:
                         break
                     victim = self.rows[queue.pop()]
-                    freed += victim.held()
+                    freed += self.held(victim)
                     victims.append(victim)
                     left += tokens.pop(victim.row)  # (at the tail: nobody after it to use it)
                     del demand[victim.row]
@@ -574,7 +656,7 @@ class ReferenceEngine:
                 r = self.rows[queue[i]]
                 need = max(r.target - r.computed, 1)
                 tok = min(left, need)
-                own = r.own_tokens()
+                own = self.own_tokens(r)
                 d = ceil_blocks(own + tok) - ceil_blocks(own)
                 if d > room and p.engine == TRT:
                     # TRT never preempts: this request and the rest get no tokens this time.
@@ -583,7 +665,7 @@ class ReferenceEngine:
                 while d > room:
                     victim = self.rows[queue.pop()]
                     victims.append(victim)
-                    room += victim.held()
+                    room += self.held(victim)
                     if victim is r:
                         break
                 if victims and victims[-1] is r:
@@ -592,8 +674,8 @@ class ReferenceEngine:
                 left -= tok
                 tokens[r.row], demand[r.row] = tok, d
                 i += 1
-        freed = sum(v.held() for v in victims)
-        lost = sum(v.own_tokens() for v in victims)
+        freed = sum(self.held(v) for v in victims)
+        lost = sum(max(self.own_tokens(v), 0) for v in victims)
         for v in victims:  # the tail's victim first, so the one nearest the head ends first
             self._recompute_preempt(v)
         self.events["preempted"] += len(victims)
@@ -601,18 +683,28 @@ class ReferenceEngine:
 
         admitted: list[Request] = []
         hits: dict[int, int] = {}
+        hit_rows: dict[int, int] = {}  # admitted request row -> the segment row it hit
         lookups = 0
         if not victims:
-            hit_of = {}
+            # Each waiting (not swapped) request's hit row: its `segment` key's row if
+            # resident, else its `segment_up` key's row if resident, else none.
+            hit_row_of = {}
             for row in self.waiting:
                 r = self.rows[row]
-                if r.status == WAITING and self.cached(r.segment):
-                    hit_of[row] = min(r.prefix_len, r.target - 1)
-            wanted = {self.rows[row].segment for row, h in hit_of.items() if h > 0}
+                if r.status != WAITING:
+                    continue
+                g = self.resident_row(r.segment)
+                if g < 0:
+                    g = self.resident_row(r.segment_up)
+                if g >= 0:
+                    hit_row_of[row] = g
+            wanted = {
+                g
+                for row, g in hit_row_of.items()
+                if min(self.seg_tokens(g), self.rows[row].target - 1) > 0
+            }
             room = (
-                free
-                + sum(self.segments[g].blocks() for g in evictable if g not in wanted)
-                - kept_demand
+                free + sum(self.own_blocks(g) for g in evictable if g not in wanted) - kept_demand
             )
             seqs = sum(1 for row in self.running)  # RUNNING (all kept) and LOADING
             # Unfinished prefills: every running request whose prefill this iteration does not
@@ -627,12 +719,13 @@ class ReferenceEngine:
             agent_reserve = int(
                 np.ceil(f32(f32(self.cfg.reserve_levels[self.reserve_level]) * f32(pool)))
             )
-            # TRT's reservations: prompt + max_tokens of every request on the GPU.
+            # TRT's reservations: prompt + max_tokens, less the attached segment's tokens, of
+            # every request on the GPU, within the pool less the unevictable segments.
             trt_cap = pool - sum(
-                s.blocks() for g, s in enumerate(self.segments) if g not in evictable
+                self.own_blocks(g) for g in range(len(self.segments)) if g not in evictable
             )
             trt_reserved = sum(
-                ceil_blocks(r.prompt + r.max_tokens - (r.prefix_len if r.attached else 0))
+                ceil_blocks(r.prompt + r.max_tokens - self.seg_tokens(r.attached))
                 for r in self.live()
                 if r.status in ON_GPU
             )
@@ -646,8 +739,12 @@ class ReferenceEngine:
                 r = self.rows[row]
                 if r.status == OFFLOADING:
                     continue
-                swapped = r.status == SWAPPED
-                hit = 0 if swapped else hit_of.get(row, 0)
+                swapped = r.status == SWAPPED  # (looks nothing up: no hit row)
+                hit_row = hit_row_of.get(row, -1)
+                hit = min(self.seg_tokens(hit_row), r.target - 1) if hit_row >= 0 else 0
+                # reading: a hit row that skips no token (target 1: only when prefix_len >
+                # prompt) is no hit - nothing attached, nothing subtracted (engine.py too).
+                hit_row = hit_row if hit > 0 else -1
                 need = 0 if swapped else r.target - hit
                 tok = min(left, need)
                 if not swapped and tok <= 0:
@@ -660,7 +757,7 @@ class ReferenceEngine:
                     break
                 if partial and partials + 1 > p.max_partial_prefills:
                     break
-                full = ceil_blocks(r.prompt + r.max_tokens - (r.prefix_len if hit > 0 else 0))
+                full = ceil_blocks(r.prompt + r.max_tokens - self.seg_tokens(hit_row))
                 if p.engine == TRT and trt_reserved + full > trt_cap:
                     break
                 if p.engine == SGLANG:
@@ -683,9 +780,14 @@ class ReferenceEngine:
                     r.status = LOADING
                 else:
                     r.status = RUNNING
-                    r.computed, r.attached = hit, hit > 0
+                    r.computed, r.attached = hit, hit_row
                     r.hit_tokens += hit
                     hits[row] = hit
+                    if hit_row >= 0:
+                        hit_rows[row] = hit_row
+                        self.events["fallback_hits"] += (
+                            hit > 0 and self.segments[hit_row].key != r.segment
+                        )
                     tokens[row] = tok
                     lookups += r.target
                     self.events["partial_admits"] += partial
@@ -709,22 +811,36 @@ class ReferenceEngine:
             r.cpu_blocks if r.status == LOADING else ceil_blocks(tokens[r.row]) for r in admitted
         )
         shortfall = alloc - (free + freed)
-        hit_segs = {self.rows[row].segment for row, h in hits.items() if h > 0}
-        cands = sorted(
-            (g for g in evictable if g not in hit_segs),
-            key=lambda g: (self.segments[g].priority, self.segments[g].last_access, g),
-        )
+        # Only leaves are evictable (the set at the iteration's start), so a path loses at most
+        # one level per iteration; an evicted row keeps its key.
+        hit_segs = set(hit_rows.values())
+        cands = self.eviction_order(g for g in evictable if g not in hit_segs)
         covered = 0
+        evicted = []
         for g in cands:
             if covered >= shortfall:
                 break
+            covered += self.own_blocks(g)
+            evicted.append(g)
+        if evicted:
+            refs = self.refs()
+            leaves = self.leaves()
+            self.events["nonleaf_spared"] += any(
+                self.cached(g)
+                and g not in leaves
+                and refs[g] == 0
+                and self.segments[g].pinned_until <= self.clock
+                for g in range(len(self.segments))
+            )
+        for g in evicted:
             s = self.segments[g]
-            covered += s.blocks()
             s.on_gpu, s.pinned_until = False, f32(0)
             self.events["evictions"] += 1
+            self.events["deep_evictions"] += s.parent >= 0
         return dict(
             tokens=tokens,
             hits=hits,
+            hit_rows=hit_rows,
             victims=len(victims),
             lost=lost,
             lookups=lookups,
@@ -734,10 +850,7 @@ class ReferenceEngine:
     def execute(self, plan: dict) -> None:
         p, cfg = self.p, self.cfg
         tokens = {row: t for row, t in plan["tokens"].items() if t > 0}
-        # Segments in use are touched (LRU) at the iteration's start time.
-        for r in self.live():
-            if (r.status in ON_GPU and r.attached) or plan["hits"].get(r.row, 0) > 0:
-                self.segments[r.segment].last_access = self.clock
+        self.touch_segments(plan)
         # The iteration's duration, or a jump to the next event.
         num_tokens, ctx, pairs, prefill = 0, 0, f32(0), 0
         for row in sorted(tokens):
@@ -759,7 +872,7 @@ class ReferenceEngine:
                 if r.status == WAITING and r.first_token < 0:
                     events.append(f32(r.arrival + p.client_timeout))
             for s in self.segments:
-                if s.valid and s.on_gpu and s.pinned_until > self.clock:
+                if s.resident() and s.pinned_until > self.clock:
                     events.append(s.pinned_until)
             dt = max(f32(min(events) - self.clock), p.t_cpu)
             self.events["idle"] += 1
@@ -776,20 +889,7 @@ class ReferenceEngine:
                 if r.first_token < 0:
                     r.first_token = clock
                 r.last_token = clock
-        # A request past its prefix makes an uncached segment resident (lowest row first).
-        for r in self.live():
-            if (
-                r.status == RUNNING
-                and r.segment >= 0
-                and not r.attached
-                and r.prefix_len > 0
-                and r.computed >= r.prefix_len
-                and not self.cached(r.segment)
-            ):
-                r.attached = True
-                s = self.segments[r.segment]
-                s.on_gpu, s.last_access = True, clock
-                self.events["inserts"] += 1
+        self.insert_segments(clock)
         # Completions.
         m = self.metrics
         R = cfg.finished_log
@@ -843,6 +943,81 @@ class ReferenceEngine:
             self.last_iter_time = dt
         self.iterations += 1
 
+    def touch_segments(self, plan: dict) -> None:
+        """LRU: the rows requests on the GPU are attached to (this iteration's hits included)
+        get last access = the iteration's start time. engine.py: the attached row itself, not
+        its ancestors (they cannot be evicted before it)."""
+        for r in self.live():
+            if r.status in ON_GPU and r.attached >= 0:
+                self.segments[r.attached].last_access = self.clock
+
+    def next_insert(self, r: Request) -> tuple[int, int] | None:
+        """(key, tokens) a RUNNING request makes resident next: its `segment` while the
+        attached row ends before `prefix_len`, else its `publish` while it ends before
+        `publish_len`; None when neither (or the key is -1)."""
+        have = self.seg_tokens(r.attached)
+        if have < r.prefix_len:
+            key, tokens = r.segment, r.prefix_len
+        elif have < r.publish_len:
+            key, tokens = r.publish, r.publish_len
+        else:
+            return None
+        return (key, tokens) if key >= 0 else None
+
+    def insert_segments(self, clock: np.float32) -> None:
+        """Segment inserts (section 3, phase 5) at the new clock: a RUNNING request whose
+        computed tokens reach its next insert's tokens, with no resident row holding that key,
+        makes it resident (of several requests with one key, the lowest table row). The row:
+        the non-resident row with the key if there is one, else the next free row in order -
+        rows never used, rows not resident whose key nobody inserts now (lowest row first),
+        then evictable leaves in eviction order (each evicted by the insert); none left, no
+        insert. Inserts take free rows in the order of their requests' table rows (reading)."""
+        L = self.cfg.priority_levels
+        inserts: dict[int, tuple[Request, int]] = {}  # key -> (request, tokens), by row
+        for r in sorted(self.live(), key=lambda r: r.row):
+            if r.status != RUNNING:
+                continue
+            nxt = self.next_insert(r)
+            if nxt is None:
+                continue
+            key, tokens = nxt
+            if r.computed >= tokens and self.resident_row(key) < 0 and key not in inserts:
+                inserts[key] = (r, tokens)
+        if not inserts:
+            return
+        row_of_key = {s.key: g for g, s in enumerate(self.segments) if s.valid}
+        never = [g for g, s in enumerate(self.segments) if not s.valid]
+        stale = [
+            g
+            for g, s in enumerate(self.segments)
+            if s.valid and not s.on_gpu and s.key not in inserts
+        ]
+        # engine.py: the evictable leaves as the insert phase starts (after this iteration's
+        # admissions, evictions and progress), pins compared with the new clock.
+        leaves = self.eviction_order(self.evictable(clock))
+        free_rows = [("fresh_rows", g) for g in never] + [("stale_rows", g) for g in stale]
+        free_rows += [("replacements", g) for g in leaves]
+        self.events["insert_overflow"] += sum(1 for key in inserts if key not in row_of_key) > len(
+            self.segments
+        )
+        for key, (r, tokens) in inserts.items():
+            if key in row_of_key:
+                g, how = row_of_key[key], "reinserts"
+            elif free_rows:
+                how, g = free_rows.pop(0)
+            else:
+                self.events["no_row"] += 1
+                continue
+            s = self.segments[g]
+            if not (s.valid and s.key == key):
+                s.priority, s.pinned_until = (L - 1) // 2, f32(0)
+            s.valid, s.key, s.parent, s.tokens = True, key, r.attached, tokens
+            s.on_gpu, s.last_access = True, clock
+            r.attached = g  # its blocks up to `tokens` move to the segment
+            self.events["inserts"] += 1
+            self.events[how] += 1
+            self.events["publish_inserts"] += key == r.publish and key != r.segment
+
     # -- env step ----------------------------------------------------------------------------
     def step(self, action: dict) -> np.float32:
         """The action, then `iterations_per_step` iterations; returns the reward."""
@@ -863,7 +1038,9 @@ class ReferenceEngine:
             requests={r.row: {k: getattr(r, k) for k in REQUEST_FIELDS} for r in self.live()},
             waiting_order=list(self.waiting),
             running_order=list(self.running),
-            segments=[{k: getattr(s, k) for k in SEGMENT_FIELDS} for s in self.segments],
+            segments=[
+                _segment_view({k: getattr(s, k) for k in SEGMENT_FIELDS}) for s in self.segments
+            ],
             scalars={k: getattr(self, k) for k in SCALAR_FIELDS},
             link_free=list(self.link_free),
             metrics=dict(self.metrics),
@@ -879,6 +1056,12 @@ def _py(x, name: str):
     if a.dtype == bool:
         return bool(a)
     return int(a)
+
+
+def _segment_view(row: dict) -> dict:
+    """A segment row as compared: all fields of a valid row; of a row never used only that
+    (and that it is not resident) - its other fields are never read."""
+    return row if row["valid"] else {"valid": False, "on_gpu": row["on_gpu"]}
 
 
 def _numpy_tree(tree):
@@ -910,7 +1093,7 @@ def snapshot_of_state(state: ServeState, cfg: ServeConfig) -> dict:
             key=lambda r: (int(rq.run_key[r]), r),
         ),
         segments=[
-            {k: _py(getattr(st.segments, k)[g], k) for k in SEGMENT_FIELDS}
+            _segment_view({k: _py(getattr(st.segments, k)[g], k) for k in SEGMENT_FIELDS})
             for g in range(cfg.max_segments)
         ],
         scalars={k: _py(getattr(st, k), k) for k in SCALAR_FIELDS},
