@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.scenarios import budget_tokens
+from kvjax.scenarios import arrival_row, budget_tokens, has_schedule
 from kvjax.types import (
     COMPRESS,
     CONTEXT,
@@ -448,8 +448,15 @@ def _advance_queue(
     n_timeout = slot_sum(timeout)  # FIFO: the oldest, so a prefix of what is left
     kept = count - n_admit - n_timeout
 
-    # This step's arrivals (none once t >= T): row t of the schedule, by selects.
-    row = jax.tree_util.tree_map(lambda x: _row(x, t, T), state.arrivals)
+    # This step's arrivals (none once t >= T): row t + 1 of the scenario's draws (row 0 was
+    # the queue at reset), or row t of a hand-built table.
+    if has_schedule(state):
+        row = jax.tree_util.tree_map(lambda x: _row(x, t, T), state.arrivals)
+    else:
+        row = arrival_row(state.seed, t + 1, state.regime, params, cfg)
+        row = row.replace(valid=row.valid & (t < T))
+        if row.valid.ndim > 1:  # batch-trailing: drawn once, not re-fused into every reader
+            row = jax.tree_util.tree_map(materialize, row)
     arriving = row.valid
     n_arrive = slot_sum(arriving)
     accepted = jnp.minimum(n_arrive, P - kept)
@@ -470,7 +477,9 @@ def _advance_queue(
         failures=c.failures + n_timeout + overflow,
     )
     return state.replace(
-        pending=q, counters=c, pending_queue_growth=(kept + accepted - count).astype(jnp.int32)
+        pending=q,
+        counters=c,
+        pending_queue_growth=(kept + accepted - count).astype(jnp.int32),
     )
 
 

@@ -12,7 +12,13 @@ A reference state is a dict::
      "counters": {name: int | float},
      "time", "usage_peak", "time_above_0_95", "pending_queue_growth",
      "tier", "regime", "memory_budget",
+     "seed",                              # [int, int] of a generated scenario, else None
      "max_pending", "max_arrivals"}       # capacities, for converting back to arrays
+
+A generated JAX scenario draws its arrivals from its seed when they arrive (docs/dynamics.md,
+section 3); `from_jax` draws its whole schedule with the same JAX code
+(`kvjax.scenarios.schedule`) and keeps the seed, so the reference reads the same future as a
+table, and `to_arrays` / `to_jax` give back a state in the generated form.
 
 and reference params are a dict with every `EnvParams` field as a Python int or float (floats
 rounded to float32, the values JAX computes with). Every public function is pure: it returns a
@@ -492,8 +498,9 @@ def _requests(tree: dict[str, list], fields: Sequence[str]) -> list[dict]:
     ]
 
 
-def _state_from_lists(t: dict[str, Any]) -> RefState:
-    """Build a reference state from a nested dict of Python lists / scalars (one scenario)."""
+def _state_from_lists(t: dict[str, Any], seed: list[int] | None = None) -> RefState:
+    """Build a reference state from a nested dict of Python lists / scalars (one scenario).
+    `seed`: the scenario's seed when its arrivals table was drawn from it (generated)."""
     sl = t["slots"]
     slots = [
         {k: sl[k][i] for k in SLOT_FIELDS} if sl["active"][i] else None
@@ -511,9 +518,35 @@ def _state_from_lists(t: dict[str, Any]) -> RefState:
         "counters": dict(t["counters"]),
         **{k: t[k] for k in ("time", "usage_peak", "time_above_0_95", "pending_queue_growth",
                              "tier", "regime", "memory_budget")},
+        "seed": seed,
         "max_pending": len(t["pending"]["valid"]),
         "max_arrivals": len(arr["valid"][0]),
     }
+
+
+def _draw_schedules(arrays: dict[str, Any], params: Any, cfg: Any, batched: bool) -> None:
+    """Replace `arrays["arrivals"]` of generated scenarios ([T, 0]: drawn when they arrive) by
+    their whole schedule [T, K], drawn from the seed by `kvjax.scenarios.schedule` (in place)."""
+    import jax
+    import numpy as np
+
+    from kvjax import scenarios
+    from kvjax.types import EnvConfig
+
+    if np.shape(arrays["arrivals"]["valid"])[-1] != 0:
+        return
+    S = np.shape(arrays["slots"]["active"])[-1]
+    P = np.shape(arrays["pending"]["valid"])[-1]
+    T = np.shape(arrays["arrivals"]["valid"])[-2]
+    cfg = cfg or EnvConfig()
+    cfg = EnvConfig(max_seqs=S, max_pending=P, max_actions=cfg.max_actions, episode_len=T,
+                    max_arrivals=cfg.max_arrivals)
+    fn = lambda seed, regime, p: scenarios.schedule(seed, regime, p, cfg)  # noqa: E731
+    if batched:
+        axes = jax.tree_util.tree_map(lambda x: 0 if np.ndim(x) > 0 else None, params)
+        fn = jax.vmap(fn, in_axes=(0, 0, axes))
+    table = jax.device_get(jax.jit(fn)(arrays["seed"], arrays["regime"], params))
+    arrays["arrivals"] = {k: np.asarray(v) for k, v in vars(table).items()}
 
 
 def state_arrays(state: Any, canonical: bool = True) -> dict[str, Any]:
@@ -543,7 +576,7 @@ def state_arrays(state: Any, canonical: bool = True) -> dict[str, Any]:
         "counters": table(host.counters),
     }
     for k in ("time", "usage_peak", "time_above_0_95", "pending_queue_growth", "tier", "regime",
-              "memory_budget"):
+              "memory_budget", "seed"):
         out[k] = np.asarray(getattr(host, k))
     return out
 
@@ -552,24 +585,44 @@ def _to_lists(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: _to_lists(v) if isinstance(v, dict) else v.tolist() for k, v in tree.items()}
 
 
-def from_jax(state: Any, params: Any) -> tuple[RefState, RefParams]:
-    """One unbatched JAX EnvState and EnvParams -> (reference state, reference params)."""
+def _seed_of(arrays: dict[str, Any], drawn: bool) -> list[int] | None:
+    return [int(x) for x in arrays["seed"]] if drawn else None
+
+
+def from_jax(state: Any, params: Any, cfg: Any = None) -> tuple[RefState, RefParams]:
+    """One unbatched JAX EnvState and EnvParams -> (reference state, reference params). A
+    generated state's future is drawn into the reference's arrivals table; `cfg` (an
+    EnvConfig) gives its max_arrivals when that is not the default."""
     arrays = state_arrays(state)
     if arrays["time"].ndim != 0:
         raise ValueError("from_jax takes one unbatched state; use from_jax_batch for a batch")
-    return _state_from_lists(_to_lists(arrays)), _params_from(params)
+    drawn = arrays["arrivals"]["valid"].shape[-1] == 0
+    _draw_schedules(arrays, params, cfg, batched=False)
+    seed = _seed_of(arrays, drawn)
+    del arrays["seed"]
+    return _state_from_lists(_to_lists(arrays), seed), _params_from(params)
 
 
-def from_jax_batch(states: Any, params: Any) -> list[tuple[RefState, RefParams]]:
+def from_jax_batch(
+    states: Any, params: Any, cfg: Any = None
+) -> list[tuple[RefState, RefParams]]:
     """A batched JAX EnvState (leading axis) and EnvParams (batched or shared leaves) -> one
-    (reference state, reference params) pair per scenario."""
-    lists = _to_lists(state_arrays(states))
+    (reference state, reference params) pair per scenario (see `from_jax`)."""
+    arrays = state_arrays(states)
+    drawn = arrays["arrivals"]["valid"].shape[-1] == 0
+    _draw_schedules(arrays, params, cfg, batched=True)
+    seeds = arrays.pop("seed")
+    lists = _to_lists(arrays)
     n = len(lists["time"])
 
     def pick(tree: Any, i: int) -> Any:
         return {k: pick(v, i) for k, v in tree.items()} if isinstance(tree, dict) else tree[i]
 
-    return [(_state_from_lists(pick(lists, i)), _params_from(params, i)) for i in range(n)]
+    return [
+        (_state_from_lists(pick(lists, i), _seed_of({"seed": seeds[i]}, drawn)),
+         _params_from(params, i))
+        for i in range(n)
+    ]
 
 
 def _request_lists(rows: Sequence[dict], capacity: int, step: int | None = None) -> dict:
@@ -590,13 +643,19 @@ def _as_lists(state: RefState) -> dict[str, Any]:
     for k in SLOT_FIELDS:
         empty = -1 if k == "seq_id" else 0
         sl[k] = [empty if s is None else s[k] for s in slots]
-    rows = [
-        _request_lists(r, state["max_arrivals"], t) for t, r in enumerate(state["arrivals"])
-    ]
+    seed = state.get("seed")
+    if seed is None:  # a hand-built schedule: the table itself
+        rows = [
+            _request_lists(r, state["max_arrivals"], t) for t, r in enumerate(state["arrivals"])
+        ]
+        arrivals = {k: [r[k] for r in rows] for k in rows[0]}
+    else:  # generated: drawn from the seed when they arrive ([T, 0])
+        arrivals = {k: [[] for _ in state["arrivals"]] for k in ("valid", *REQUEST_FIELDS)}
     return {
         "slots": sl,
         "pending": _request_lists(state["pending"], state["max_pending"]),
-        "arrivals": {k: [r[k] for r in rows] for k in rows[0]},
+        "arrivals": arrivals,
+        "seed": [0, 0] if seed is None else list(seed),
         "counters": {k: state["counters"][k] for k in (*FLOAT_COUNTERS, *INT_COUNTERS)},
         **{k: state[k] for k in ("time", "usage_peak", "time_above_0_95",
                                  "pending_queue_growth", "tier", "regime", "memory_budget")},
@@ -616,6 +675,8 @@ def _to_numpy(tree: dict[str, Any], counters: bool = False) -> dict[str, Any]:
             continue
         if k in ("valid", "active"):
             dtype = np.bool_
+        elif k == "seed":
+            dtype = np.uint32
         elif k in _FLOAT_LEAVES or (counters and k in FLOAT_COUNTERS):
             dtype = np.float32
         else:

@@ -1,12 +1,17 @@
-"""Scenario generator: (key, params) -> initial state with its whole arrival schedule.
+"""Scenario generator: (key, params) -> initial state; later arrivals drawn when they arrive.
 
-A scenario is fully determined by its key and params, so it is reproducible and an oracle can
-read its future. Every draw is branch-free (tables indexed by tier, regime and block type), so
+A scenario is fully determined by its key and params: every draw is a word of a counter-based
+hash stream seeded from the key (`word_layout` fixes which word is which), so `reset` draws only
+the initial cache and queue, the step draws row t + 1 of the arrival schedule at step t
+(`arrival_row`), and an oracle or the reference can draw the whole future (`schedule`).
+Every draw is branch-free (tables indexed by tier, regime and block type), so
 `generate` vmaps over keys and over per-scenario params. Calibration sources are in
 docs/dynamics.md ("Scenarios").
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import chex
 import jax
@@ -91,17 +96,6 @@ class _Digits:
         return d.astype(jnp.int32)
 
 
-def random_words(key: chex.PRNGKey, shape: tuple[int, ...]) -> chex.Array:
-    """uint32 words for a scenario's draws: a counter hashed with a 64-bit seed from `key`.
-
-    Threefry costs ~17 ns per word on CPU and would be over half of a reset; one threefry
-    call seeds a counter-based hash instead (deterministic, vmap-invariant, a pure function
-    of the key)."""
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    n = int(np.prod(shape))
-    return rng.hash_words(seed, jnp.arange(n, dtype=jnp.uint32)).reshape(shape)
-
-
 _uniform = rng.uniform
 
 
@@ -116,8 +110,12 @@ def _block_type(digits: _Digits, mix: tuple) -> chex.Array:
     return sum(jnp.where(d >= e, 1, 0) for e in edges[:-1]).astype(jnp.int32)
 
 
-def _request_fields(words: chex.Array, digits: _Digits, block_type: chex.Array) -> dict:
-    """Per-request draws that depend only on the block type. `words` is uint32 [..., 3]."""
+def _request_fields(
+    w_tokens: chex.Array, w_output: chex.Array, w_tool: chex.Array, digits: _Digits,
+    block_type: chex.Array,
+) -> dict:
+    """Per-request draws that depend only on the block type (one word each for the prompt,
+    output and tool-result lengths)."""
     lo = _lookup(PRIORITY_LO, block_type)
     priority = lo + digits.take(_lookup(PRIORITY_HI, block_type) - lo + 1)
     agentic = block_type == CONTEXT
@@ -125,14 +123,12 @@ def _request_fields(words: chex.Array, digits: _Digits, block_type: chex.Array) 
         agentic, TOOL_PERIOD[0] + digits.take(TOOL_PERIOD[1] - TOOL_PERIOD[0]), 0
     )
     tool_wait_len = jnp.where(agentic, TOOL_WAIT[0] + digits.take(TOOL_WAIT[1] - TOOL_WAIT[0]), 0)
-    tokens = jnp.maximum(
-        jnp.round(_lognormal(words[..., 0], _lookup(PROMPT_MEDIAN, block_type))), 16.0
-    )
+    tokens = jnp.maximum(jnp.round(_lognormal(w_tokens, _lookup(PROMPT_MEDIAN, block_type))), 16.0)
     output_len = jnp.maximum(
-        jnp.round(_lognormal(words[..., 1], _lookup(OUTPUT_MEDIAN, block_type))), 1.0
+        jnp.round(_lognormal(w_output, _lookup(OUTPUT_MEDIAN, block_type))), 1.0
     )
     output_len = jnp.where(block_type == SYSTEM, 0.0, output_len)
-    tool_tokens = jnp.where(agentic, jnp.round(_lognormal(words[..., 2], TOOL_TOKENS_MEDIAN)), 0.0)
+    tool_tokens = jnp.where(agentic, jnp.round(_lognormal(w_tool, TOOL_TOKENS_MEDIAN)), 0.0)
     return dict(
         block_type=block_type,
         tokens=tokens.astype(jnp.int32),
@@ -144,38 +140,154 @@ def _request_fields(words: chex.Array, digits: _Digits, block_type: chex.Array) 
     )
 
 
-def _arrival_counts(words: chex.Array, regime: chex.Array, params: EnvParams, cfg: EnvConfig):
-    """Arrivals per step for T + 1 rows (row 0 is the queue at reset), each in [0, K].
+# Where a scenario's words sit in its counter stream (a stable layout: the same key always
+# gives the same scenario, whichever part is drawn first): S slot rows of SLOT_WORDS, then
+# T + 1 arrival rows of K x REQUEST_WORDS, then T + 1 count rows of 2 + K, then MISC_WORDS.
+SLOT_WORDS, REQUEST_WORDS, MISC_WORDS = 5, 4, 6
 
-    `words` is uint32 [T + 1, 2 + K]: the chain's switch draw, the Gamma draw, K hit draws."""
-    u_switch = _uniform(words[:, 0])
 
-    def chain(burst, u_t):
-        nxt = jnp.where(burst, u_t >= BURST_EXIT, u_t < BURST_ENTER)
-        return nxt, burst
+def word_layout(cfg: EnvConfig) -> dict[str, int]:
+    """First counter of each block of a scenario's words (see SLOT_WORDS)."""
+    S, K, T = cfg.max_seqs, cfg.max_arrivals, cfg.episode_len
+    arrivals = S * SLOT_WORDS
+    counts = arrivals + (T + 1) * K * REQUEST_WORDS
+    misc = counts + (T + 1) * (2 + K)
+    return {"slots": 0, "arrivals": arrivals, "counts": counts, "misc": misc}
 
-    _, burst = jax.lax.scan(chain, jnp.bool_(False), u_switch)
-    burst = burst & (regime == BURSTY_REGIME)
-    rate = jnp.where(burst, _lookup(RATE_BURST, regime), _lookup(RATE_CALM, regime))
-    # Gamma(1/2, scale 2) = Z^2 for a standard normal Z: exact, and no rejection loop.
-    z = jax.scipy.special.ndtri(_uniform(words[:, 1]))
+
+def scenario_seed(key: chex.PRNGKey) -> chex.Array:
+    """The scenario's 64-bit hash seed (uint32 [2]): one threefry call on the reset key."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def seed_words(seed: chex.Array, start: chex.Array, shape: tuple[int, ...]) -> chex.Array:
+    """Words `start .. start + prod(shape) - 1` of the scenario's stream, shaped `shape` (then
+    any trailing batch axes of `seed` [2, *batch] and `start` [*batch])."""
+    n = int(np.prod(shape))
+    batch = seed.shape[1:]
+    counter = jnp.arange(n, dtype=jnp.uint32).reshape((n,) + (1,) * len(batch))
+    counter = counter + jnp.asarray(start).astype(jnp.uint32)
+    return rng.hash_words(seed, counter).reshape(shape + batch)
+
+
+def random_words(key: chex.PRNGKey, shape: tuple[int, ...]) -> chex.Array:
+    """uint32 words 0 .. prod(shape) - 1 of the scenario `key` draws (one threefry call seeds a
+    counter-based hash: ~17 ns per threefry word on CPU would be most of a reset)."""
+    return seed_words(scenario_seed(key), 0, shape)
+
+
+def _switch_draw(seed: chex.Array, row, cfg: EnvConfig) -> chex.Array:
+    """The bursty chain's uniform draw of schedule row `row` (its first count word)."""
+    start = word_layout(cfg)["counts"] + jnp.asarray(row, jnp.int32) * (2 + cfg.max_arrivals)
+    return _uniform(seed_words(seed, start, (1,))[0])
+
+
+def burst_state(seed: chex.Array, row: chex.Array, cfg: EnvConfig) -> chex.Array:
+    """Whether the bursty regime's 2-state chain is in its burst state at schedule row `row`:
+    it starts calm at row 0 and switches on each row's first count word (enter w.p.
+    BURST_ENTER, leave w.p. BURST_EXIT). A pure function of (seed, row): T + 1 chain steps,
+    masked past `row`."""
+    row = jnp.asarray(row, jnp.int32)
+    burst = jnp.zeros(row.shape, jnp.bool_)
+    for r in range(cfg.episode_len + 1):
+        u = _switch_draw(seed, r, cfg)
+        nxt = jnp.where(burst, u >= BURST_EXIT, u < BURST_ENTER)
+        burst = jnp.where(r < row, nxt, burst)
+    return burst
+
+
+def arrival_row(
+    seed: chex.Array,
+    row: chex.Array,
+    regime: chex.Array,
+    params: EnvParams,
+    cfg: EnvConfig,
+    burst: chex.Array | None = None,
+) -> Requests:
+    """Row `row` of a scenario's arrival schedule (row 0: the queue at reset; row t + 1 arrives
+    at the end of step t), drawn from its words alone: Requests [K]. `burst`: the chain's
+    state at this row when the caller has it (default: `burst_state(seed, row, cfg)`).
+
+    Batch-polymorphic: `seed` [2, *batch] with `row`, `regime` [*batch] gives Requests
+    [K, *batch]."""
+    S, K = cfg.max_seqs, cfg.max_arrivals
+    layout = word_layout(cfg)
+    row = jnp.asarray(row, jnp.int32)
+    if burst is None:
+        burst = burst_state(seed, row, cfg)
+    wc = seed_words(seed, layout["counts"] + row * (2 + K), (2 + K,))
+    # The per-step rate: the regime's (calm or burst) rate; the high regime multiplies it by
+    # Gamma(1/2, scale 2) = Z^2 for a standard normal Z (exact, and no rejection loop).
+    rate = jnp.where(
+        burst & (regime == BURSTY_REGIME), _lookup(RATE_BURST, regime), _lookup(RATE_CALM, regime)
+    )
+    z = jax.scipy.special.ndtri(_uniform(wc[1]))
     rate = rate * jnp.where(regime == GAMMA_REGIME, z * z, 1.0)
     rate = rate * jnp.asarray(params.arrival_scale, jnp.float32)
-    p = jnp.minimum(rate / cfg.max_arrivals, 1.0)
-    hits = _uniform(words[:, 2:]) < p[:, None]
-    return hits.sum(axis=1).astype(jnp.int32)
+    p = jnp.minimum(rate / K, 1.0)
+    count = jnp.sum(_uniform(wc[2:]) < p, axis=0, dtype=jnp.int32)
+
+    wa = seed_words(seed, layout["arrivals"] + row * (K * REQUEST_WORDS), (K, REQUEST_WORDS))
+    digits = _Digits(wa[:, 0])
+    f = _request_fields(wa[:, 1], wa[:, 2], wa[:, 3], digits, _block_type(digits, ARRIVAL_MIX))
+    k = jnp.arange(K, dtype=jnp.int32).reshape((K,) + (1,) * row.ndim)
+    valid = k < count  # a FIFO prefix
+    seq_id = S + row * K + k
+    out = Requests(
+        valid=valid,
+        seq_id=jnp.where(valid, seq_id, -1),
+        arrival_step=jnp.broadcast_to(row - 1, valid.shape),
+        **{name: jnp.where(valid, v, 0) for name, v in f.items()},
+    )
+    return out
+
+
+def no_schedule(cfg: EnvConfig) -> Requests:
+    """The arrival table of a generated scenario: [T, 0] (no entries). Its arrivals are drawn
+    from the scenario's seed when they arrive (`arrival_row`); a hand-built scenario carries a
+    full [T, K] table instead (`build`), which the step reads."""
+    T = cfg.episode_len
+    empty = jnp.zeros((T, 0), jnp.int32)
+    names = [f.name for f in dataclasses.fields(Requests) if f.name != "valid"]
+    return Requests(valid=jnp.zeros((T, 0), jnp.bool_), **{f: empty for f in names})
+
+
+def has_schedule(state: EnvState) -> bool:
+    """Whether the state carries its arrivals as a table (hand-built) rather than drawing them
+    from its seed (generated). Static: from shapes alone."""
+    return state.arrivals.valid.shape[1] != 0
+
+
+def schedule(
+    seed: chex.Array, regime: chex.Array, params: EnvParams, cfg: EnvConfig
+) -> Requests:
+    """A generated scenario's whole future, rows 1..T of its draws (Requests [T, K]): what
+    the step draws one row at a time (for oracles, the reference and tests)."""
+    burst = jnp.zeros(jnp.shape(regime), jnp.bool_)
+    rows = []
+    for r in range(cfg.episode_len + 1):
+        rows.append(arrival_row(seed, r, regime, params, cfg, burst=burst))
+        u = _switch_draw(seed, r, cfg)
+        burst = jnp.where(burst, u >= BURST_EXIT, u < BURST_ENTER)
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows[1:])
+
+
+def with_schedule(state: EnvState, params: EnvParams, cfg: EnvConfig) -> EnvState:
+    """A generated (one-scenario) state with its future drawn into a [T, K] table - the form
+    `build` makes and the reference reads; a state that has a table is returned unchanged."""
+    if has_schedule(state):
+        return state
+    return state.replace(arrivals=schedule(state.seed, state.regime, params, cfg))
 
 
 def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
-    """Draw one scenario: tier, budget, arrival regime, initial cache, queue and schedule."""
-    S, P, K, T = cfg.max_seqs, cfg.max_pending, cfg.max_arrivals, cfg.episode_len
-    sizes = (S * 5, (T + 1) * K * 4, (T + 1) * (2 + K), 6)
-    words = random_words(key, (sum(sizes),))
-    cuts = np.cumsum(sizes)[:-1]
-    w_slot, w_arr, w_count, w_misc = jnp.split(words, cuts)
-    w_slot = w_slot.reshape(S, 5)  # digits, 3 lengths, done fraction
-    w_arr = w_arr.reshape(T + 1, K, 4)  # digits, 3 lengths
-    w_count = w_count.reshape(T + 1, 2 + K)  # chain switch, Gamma draw, K hit draws
+    """Draw one scenario: tier, budget, arrival regime, initial cache and queue. Later arrivals
+    are drawn when they arrive (`arrival_row`), from the same seed."""
+    S, P, K = cfg.max_seqs, cfg.max_pending, cfg.max_arrivals
+    seed = scenario_seed(key)
+    layout = word_layout(cfg)
+    w_slot = seed_words(seed, layout["slots"], (S, SLOT_WORDS))  # digits, 3 lengths, done
+    w_misc = seed_words(seed, layout["misc"], (MISC_WORDS,))
 
     misc = _Digits(w_misc[0])
     difficulty = jnp.asarray(params.difficulty, jnp.int32)
@@ -193,7 +305,7 @@ def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
     slot = jnp.arange(S)
     digits = _Digits(w_slot[:, 0])
     btype = jnp.where(slot == 0, SYSTEM, _block_type(digits, INIT_MIX))
-    f = _request_fields(w_slot[:, 1:4], digits, btype)
+    f = _request_fields(w_slot[:, 1], w_slot[:, 2], w_slot[:, 3], digits, btype)
     active = slot <= n_res
     # Scale resident lengths so the cache starts at the drawn occupancy (independent of the
     # tier: a tight budget then starts under pressure, as in the seed's hard tier).
@@ -235,26 +347,13 @@ def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
         arrival_step=act(slot.astype(jnp.int32) - 2 * S),
     )
 
-    # Arrival schedule: row 0 is the queue at reset, rows 1..T arrive at the end of steps 0..T-1.
-    counts = _arrival_counts(w_count, regime, params, cfg)
-    k_idx = jnp.arange(K)
-    valid = k_idx[None, :] < counts[:, None]  # [T+1, K], FIFO prefix within a step
-    adigits = _Digits(w_arr[..., 0])
-    abtype = _block_type(adigits, ARRIVAL_MIX)
-    af = _request_fields(w_arr[..., 1:4], adigits, abtype)
-    row = jnp.arange(T + 1, dtype=jnp.int32)[:, None]
-    seq_id = S + row * K + k_idx[None, :].astype(jnp.int32)
-    schedule = Requests(
-        valid=valid,
-        seq_id=jnp.where(valid, seq_id, -1),
-        arrival_step=jnp.broadcast_to(row - 1, (T + 1, K)),
-        **{k: jnp.where(valid, v, 0) for k, v in af.items()},
-    )
+    # The queue at reset is row 0 of the schedule (arrival_step -1); rows 1..T arrive at the
+    # end of steps 0..T-1 and are drawn then (dynamics), continuing the bursty chain.
+    row0 = arrival_row(seed, 0, regime, params, cfg, burst=jnp.bool_(False))
     pending = jax.tree_util.tree_map(
-        lambda x: jnp.concatenate([x[0], jnp.zeros((P - K,), x.dtype)]), schedule
+        lambda x: jnp.concatenate([x, jnp.zeros((P - K,), x.dtype)]), row0
     )
     pending = pending.replace(seq_id=jnp.where(pending.valid, pending.seq_id, -1))
-    arrivals = jax.tree_util.tree_map(lambda x: x[1:], schedule)
 
     zf, zn = jnp.float32(0.0), jnp.int32(0)
     counters = Counters(
@@ -266,7 +365,7 @@ def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
     state = EnvState(
         slots=slots,
         pending=pending,
-        arrivals=arrivals,
+        arrivals=no_schedule(cfg),
         counters=counters,
         time=zn,
         usage_peak=zf,
@@ -275,6 +374,7 @@ def generate(key: chex.PRNGKey, params: EnvParams, cfg: EnvConfig) -> EnvState:
         tier=tier.astype(jnp.int32),
         regime=regime.astype(jnp.int32),
         memory_budget=budget.astype(jnp.float32),
+        seed=seed,
     )
     return state.replace(usage_peak=usage(state, params))
 
@@ -382,6 +482,7 @@ def build(
         tier=zn,
         regime=zn,
         memory_budget=jnp.float32(memory_budget),
+        seed=jnp.zeros((2,), jnp.uint32),
     )
     return state.replace(usage_peak=usage(state, params))
 

@@ -149,7 +149,7 @@ def _state_from_plain(plain: Mapping[str, Any], config: EnvConfig) -> EnvState:
         if not np.isfinite(raw.astype(np.float64)).all():
             raise ValueError("state JSON leaf holds NaN or infinity")
         if np.dtype(t.dtype).kind in "biu":
-            info = np.iinfo(np.int32) if np.dtype(t.dtype).kind != "b" else None
+            info = np.iinfo(t.dtype) if np.dtype(t.dtype).kind != "b" else None  # uint32: seed
             x = raw.astype(np.float64)
             if (x != np.round(x)).any() or (info and ((x < info.min) | (x > info.max)).any()):
                 raise ValueError(f"state JSON leaf of dtype {t.dtype} holds non-integral or "

@@ -125,11 +125,14 @@ class Counters:
 
 @struct.dataclass
 class EnvState:
-    """One scenario's full state, including its future (the arrival schedule)."""
+    """One scenario's full state, including its future (the seed its arrivals are drawn from)."""
 
     slots: Slots
     pending: Requests  # [P]
-    arrivals: Requests  # [T, K], arrivals of step t are appended at the end of step t
+    # Arrivals of step t are appended at the end of step t. A generated scenario draws them from
+    # `seed` when they arrive and holds an empty [T, 0] table here; a hand-built one holds the
+    # [T, K] table (scenarios.build), which the step reads.
+    arrivals: Requests
     counters: Counters
     time: chex.Array  # int32, steps played so far
     usage_peak: chex.Array  # float32, usage before engine preemption in the last step
@@ -138,6 +141,7 @@ class EnvState:
     tier: chex.Array  # int32, difficulty tier this scenario was drawn from (0..2)
     regime: chex.Array  # int32, arrival regime (index into REGIMES)
     memory_budget: chex.Array  # float32, fraction of kv_cache_bytes this scenario may use
+    seed: chex.Array  # uint32 [2], the scenario's hash seed: its future arrivals
 
 
 @dataclasses.dataclass(frozen=True)
