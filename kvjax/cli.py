@@ -36,10 +36,12 @@ SERVE_OPTIONS = ("preset", "engine", "load", "workload", "horizon")
 def _serve_names():
     from kvjax.serve import ENGINES, PRESETS, WORKLOADS
     from kvjax.serve.policies import SERVE_POLICY_NAMES
+    from kvjax.serve.traces import TRACE_NAMES
     from kvjax.serve.workload import ALIASES
 
     return dict(presets=list(PRESETS), engines=list(ENGINES),
-                workloads=sorted(WORKLOADS + tuple(ALIASES)), policies=list(SERVE_POLICY_NAMES))
+                workloads=sorted(WORKLOADS + tuple(ALIASES)), traces=list(TRACE_NAMES),
+                policies=list(SERVE_POLICY_NAMES))
 
 
 def _add_serve_options(p: argparse.ArgumentParser, presets_plural: bool = False) -> None:
@@ -53,7 +55,9 @@ def _add_serve_options(p: argparse.ArgumentParser, presets_plural: bool = False)
     p.add_argument("--load", type=real_arg(0.0, None, lo_open=True), default=None,
                    help="offered load, a fraction of the preset's roofline capacity")
     if not presets_plural:
-        p.add_argument("--workload", choices=names["workloads"], default=None)
+        p.add_argument("--workload", default=None,
+                       help=f"{', '.join(names['workloads'])}, a bundled trace "
+                       f"({', '.join(names['traces'])}) or a trace file")
         p.add_argument("--horizon", type=real_arg(0.0, None, lo_open=True), default=None,
                        help="simulated seconds per episode")
 
@@ -76,6 +80,10 @@ def check_env_options(args: argparse.Namespace) -> None:
     for name in policies:
         if name not in allowed:
             raise ValueError(f"unknown {env} policy {name!r}; allowed: {allowed}")
+    if env == "kv-serve-v0" and getattr(args, "workload", None) is not None:
+        from kvjax.serve.env import workload_source
+
+        workload_source(args.workload)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,9 +176,12 @@ def _cmd_eval_serve(args: argparse.Namespace) -> int:
     from kvjax.serve.policies import make_policy
 
     scenario = dict(preset=args.preset or "toy", engine=args.engine or "vllm",
-                    workload_name=args.workload or "synthetic", load=args.load or 0.8)
+                    workload=args.workload or "synthetic", load=args.load or 0.8)
     extra = {} if args.horizon is None else {"horizon": args.horizon}
-    env, params = kvjax.make("kv-serve-v0", **scenario, **extra)
+    try:
+        env, params = kvjax.make("kv-serve-v0", **scenario, **extra)
+    except ValueError as e:
+        return fail("kvjax eval", str(e))
     t0 = time.perf_counter()
     res = rollout(make_policy(args.policy, env), jax.random.PRNGKey(args.seed),
                   args.num_scenarios, params, env, progress=not args.json)
@@ -183,7 +194,7 @@ def _cmd_eval_serve(args: argparse.Namespace) -> int:
         print(json.dumps(record))
         return 0
     print(f"{args.policy} on kv-serve-v0 {scenario['preset']} / {scenario['engine']} / "
-          f"{scenario['workload_name']} at load {scenario['load']:g} "
+          f"{scenario['workload']} at load {scenario['load']:g} "
           f"({float(params.arrival_rate):.2f} req/s, {float(params.horizon):g} s), "
           f"{args.num_scenarios:,} scenarios (seed {args.seed}, {record['seconds']:.1f} s)")
     for k, v in summary.items():

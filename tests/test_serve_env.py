@@ -177,7 +177,7 @@ def test_command_encoding_round_trips():
         (dict(kv_dtype="int4"), "fp8"),
         (dict(load=0.0), "load"),
         (dict(load=math.nan), "load"),
-        (dict(workload_name="nope"), "synthetic-conv"),
+        (dict(workload="nope"), "synthetic-conv"),
         (dict(horizon=-1.0), "horizon"),
         (dict(arrival_rate=math.inf), "arrival_rate"),
         (dict(max_num_seqs=2.5), "max_num_seqs"),

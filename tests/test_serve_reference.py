@@ -69,7 +69,7 @@ SLOW_CASES = {
     "code": dict(
         CASES["tight"],
         seed=5,
-        params=dict(CASES["tight"]["params"], workload_name="synthetic-code"),
+        params=dict(CASES["tight"]["params"], workload="synthetic-code"),
     ),
     "knobs": dict(
         config=dict(
@@ -471,17 +471,6 @@ def tree_errors(st, pool: int) -> list[str]:
     return errs
 
 
-# engine.insert_segments (cbc2a5b) ranks free rows with G for "not free", so the (G+1)-th
-# request needing a free row in one iteration matches every row that is not free - a pinned,
-# referenced or non-leaf resident row - and overwrites it (its `attached` becomes the sum of
-# those rows). Until it is fixed, crafted scenarios whose reference saw more keys needing a
-# free row than the table has rows (`insert_overflow`) are compared only up to the step where
-# they disagree; the hand-built case below pins the bug down (strict xfail: it passes, and so
-# fails, once the engine is fixed - then set KNOWN_INSERT_BUG = False and drop the marker).
-KNOWN_INSERT_BUG = True
-
-
-@pytest.mark.xfail(KNOWN_INSERT_BUG, strict=True, reason="engine.insert_segments row sentinel")
 def test_parity_inserts_when_rows_run_out():
     """Five running requests pass the ends of five keys no row holds, in a 4-row table whose
     row 0 is resident and pinned and rows 1-3 never used: by docs/serving.md section 3 the
@@ -527,7 +516,6 @@ def test_parity_crafted_states(batches):
     )
     pick = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)  # noqa: E731
     refs_all = []
-    known_bug = 0
     for batch_index in range(batches):
         keys = jax.random.split(jax.random.PRNGKey(100 + batch_index), m)
         host = jax.device_get(vreset(keys, stack(base))[1])
@@ -542,27 +530,17 @@ def test_parity_crafted_states(batches):
             errs += tree_errors(st, refs[i].pool())
             assert not errs, errs[:4]
         states, params = stack(built), stack(plist)
-        skip = [False] * m
         for _ in range(4):
             acts = [random_action(rng, refs[i], 0.7) for i in range(m)]
             batch = {k: jnp.asarray(np.stack([a[k] for a in acts])) for k in acts[0]}
             _, states, _, _, _, _ = vstep(keys, states, batch, params)
             host = jax.device_get(states)
             for i in range(m):
-                overflow = refs[i].events["insert_overflow"]
                 refs[i].step(acts[i])
-                if skip[i]:
-                    continue
                 errs = ref_mod.diff(
                     refs[i].snapshot(), ref_mod.snapshot_of_state(pick(host, i), cfg), rtol=RTOL
                 )
                 errs += tree_errors(pick(host, i), refs[i].pool())
-                if errs and KNOWN_INSERT_BUG and refs[i].events["insert_overflow"] > overflow:
-                    # engine.insert_segments' free-row sentinel (see
-                    # test_parity_inserts_when_rows_run_out): compared no further.
-                    skip[i] = True
-                    known_bug += 1
-                    continue
                 if errs:
                     pytest.fail(
                         f"crafted batch {batch_index} scenario {i} ({names[i]}) step "
@@ -570,7 +548,6 @@ def test_parity_crafted_states(batches):
                     )
         refs_all += refs
     refs = refs_all
-    assert known_bug <= len(refs) // 16, f"{known_bug} scenarios hit the known insert bug"
     eng = lambda e: lambda r: r.p.engine == ENGINES.index(e)  # noqa: E731
     assert total(refs, "preempted", eng("vllm")) > 0
     assert total(refs, "sglang_retracts", eng("sglang")) > 0

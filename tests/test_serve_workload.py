@@ -24,7 +24,7 @@ N = 200_000
 @pytest.fixture(scope="module", params=sorted(AZURE))
 def stream(request):
     name = request.param
-    _, p = make("h100-llama3-8b", workload_name=name, arrival_rate=AZURE[name]["rate"])
+    _, p = make("h100-llama3-8b", workload=name, arrival_rate=AZURE[name]["rate"])
     return name, p, workload.request_stream(jnp.array([7, 11], jnp.uint32), N, p)
 
 

@@ -16,12 +16,15 @@ from kvjax.serve import workload
 from kvjax.serve.types import ServeParams
 
 
-def capacity_rps(params: ServeParams) -> float:
-    """Requests per second at saturation (float; params must be concrete)."""
-    w = int(params.workload)
-    e_in, e_in2, e_out = workload.length_moments(
-        w, int(params.max_tokens), int(params.max_model_len)
-    )
+def capacity_rps(params: ServeParams, moments: tuple[float, float, float] | None = None) -> float:
+    """Requests per second at saturation (float; params must be concrete). `moments`:
+    (E[prompt], E[prompt^2], E[output]) of the workload, by default the synthetic workload
+    `params.workload`'s (a replayed trace's come from replay.length_moments)."""
+    if moments is None:
+        moments = workload.length_moments(
+            int(params.workload), int(params.max_tokens), int(params.max_model_len)
+        )
+    e_in, e_in2, e_out = moments
     kv = 0.5 if int(params.kv_dtype) == 1 else 1.0
     context = e_in + e_out / 2
     pool = float(params.gpu_pool_tokens) / kv

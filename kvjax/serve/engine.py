@@ -150,7 +150,7 @@ def arrivals(
     nxt = state.next_index
     # The next K + 1 requests of the stream (one draw each, vectorised) and their arrival times
     # as the same float32 running sum the stream defines.
-    d = workload.draw_request(state.seed, nxt + jnp.arange(K + 1), params, cfg)
+    d = workload.draw_request(state.seed, state.stream_start + nxt + jnp.arange(K + 1), params, cfg)
     times = [state.next_arrival]
     for k in range(1, K + 1):
         times.append(times[-1] + d["gap"][k])
@@ -454,7 +454,8 @@ def insert_segments(
         ),
         free,
     )
-    free_rank = jnp.where(free, before.prefix_sum(free.astype(jnp.int32)), G)
+    # (-2: matches no request's rank, which is -1 or a count from 0 that may exceed G)
+    free_rank = jnp.where(free, before.prefix_sum(free.astype(jnp.int32)), -2)
     new_rank = jnp.where(new, ops.row_prefix_sum(new.astype(jnp.int32)), -1)
     take = (new_rank[:, None] == free_rank[None, :]) & new[:, None]  # [S, G]
     take = take | ((own_row[:, None] == jnp.arange(G)[None, :]) & reuse[:, None])
@@ -719,12 +720,14 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
         log_tpot=zf(R),
         log_count=zi(),
     )
-    first = workload.draw_request(seed, jnp.int32(0), params, cfg)
+    start = workload.stream_start(seed, params, cfg)
+    first = workload.draw_request(seed, start, params, cfg)
     return ServeState(
         requests=req,
         segments=seg,
         metrics=metrics,
         seed=seed,
+        stream_start=start,
         clock=zf(),
         next_index=zi(),
         next_arrival=first["gap"].astype(jnp.float32),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 from typing import Any
 
 import chex
@@ -13,12 +15,15 @@ import numpy as np
 
 from kvjax import spaces
 from kvjax.base import Environment
-from kvjax.serve import actions, engine, metrics, observations, workload
+from kvjax.serve import actions, engine, metrics, observations, replay, traces
+from kvjax.serve import workload as workloads
 from kvjax.serve.capacity import capacity_rps
 from kvjax.serve.presets import PRESETS
 from kvjax.serve.types import ENGINES, KV_DTYPES, ServeConfig, ServeParams, ServeState
 
 ENV_ID = "kv-serve-v0"
+# Segment rows for replayed traces with prefixes (a trace's segments outnumber a preset's G).
+TRACE_SEGMENTS = 64
 
 
 class ServeEnv(Environment):
@@ -203,7 +208,7 @@ def validate_params(params: ServeParams, cfg: ServeConfig) -> ServeParams:
     checks = (
         ("engine", 0, len(ENGINES) - 1),
         ("kv_dtype", 0, len(KV_DTYPES) - 1),
-        ("workload", 0, len(workload.WORKLOADS) - 1),
+        ("workload", 0, len(workloads.WORKLOADS) - 1),
         ("prefix_share", 0.0, 1.0),
         ("num_prefixes", 0, cfg.max_segments),
         ("max_partial_prefills", 1, math.inf),
@@ -217,10 +222,32 @@ def validate_params(params: ServeParams, cfg: ServeConfig) -> ServeParams:
     return params
 
 
+@functools.lru_cache(maxsize=8)
+def _replay_trace(source: str, mtime: float) -> replay.ReplayTrace:
+    """One ReplayTrace per trace (and file version) per process."""
+    return replay.replay_trace(traces.load_trace(source))
+
+
+def workload_source(name: str) -> tuple[int, replay.ReplayTrace | None]:
+    """A workload name -> (synthetic workload index, None) or (0, the trace to replay): a
+    synthetic workload, a bundled trace or a trace file (ValueError naming the allowed)."""
+    synthetic = workloads.WORKLOADS + tuple(workloads.ALIASES)
+    if name in synthetic:
+        return workloads.workload_index(name), None
+    if name in traces.BUNDLED:
+        return 0, _replay_trace(name, 0.0)
+    if isinstance(name, str) and os.path.isfile(name):
+        return 0, _replay_trace(os.path.abspath(name), os.path.getmtime(name))
+    raise ValueError(
+        f"unknown workload {name!r}; allowed: {sorted(synthetic)}, a bundled trace "
+        f"{list(traces.TRACE_NAMES)} or a trace file ({', '.join(traces.FORMATS)})"
+    )
+
+
 def make(
     preset: str = "toy",
     engine: str = "vllm",
-    workload_name: str = "synthetic",
+    workload: str = "synthetic",
     load: float = 0.8,
     kv_dtype: str = "bf16",
     config: dict | None = None,
@@ -228,11 +255,13 @@ def make(
 ) -> tuple[ServeEnv, ServeParams]:
     """`env, params = make(preset="h100-llama3-8b", engine="vllm", load=0.8)`.
 
-    preset: one of PRESETS; engine: vllm | sglang | trt; workload_name: a synthetic workload;
-    load: offered load as a fraction of the preset's roofline capacity for that workload
-    (capacity.capacity_rps); kv_dtype: bf16 | fp8; config: ServeConfig overrides; params:
-    ServeParams overrides (e.g. horizon=30.0, ttft_slo=1.0, arrival_rate=...: an explicit
-    arrival_rate wins over load)."""
+    preset: one of PRESETS; engine: vllm | sglang | trt; workload: a synthetic workload
+    (synthetic-conv, alias synthetic; synthetic-code), a bundled trace (azure-conv, azure-code,
+    mooncake-conv, mooncake-synthetic) or a trace file, replayed (serve/replay.py; traces with
+    prefixes get max_segments 64 unless config says otherwise); load: offered load as a
+    fraction of the preset's roofline capacity for that workload (capacity.capacity_rps);
+    kv_dtype: bf16 | fp8; config: ServeConfig overrides; params: ServeParams overrides (e.g.
+    horizon=30.0, ttft_slo=1.0, arrival_rate=...: an explicit arrival_rate wins over load)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; allowed: {list(PRESETS)}")
     if engine not in ENGINES:
@@ -241,14 +270,17 @@ def make(
         raise ValueError(f"unknown kv_dtype {kv_dtype!r}; allowed: {list(KV_DTYPES)}")
     if not (isinstance(load, int | float) and math.isfinite(load) and load > 0):
         raise ValueError(f"load must be a finite number > 0, got {load!r}")
-    w = workload.workload_index(workload_name)
+    w, trace = workload_source(workload)
     spec = PRESETS[preset]
-    cfg_fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    cfg_fields = {f.name for f in dataclasses.fields(ServeConfig)} - {"trace"}
     cfg_over = {**spec["config"], **(config or {})}
     unknown = set(config or {}) - cfg_fields
     if unknown:
         raise ValueError(f"unknown config {sorted(unknown)}; allowed: {sorted(cfg_fields)}")
-    cfg = ServeConfig(**cfg_over)
+    if trace is not None and trace.has_prefixes:
+        if "max_segments" not in (config or {}):
+            cfg_over["max_segments"] = max(TRACE_SEGMENTS, cfg_over.get("max_segments", 0))
+    cfg = ServeConfig(**cfg_over, trace=trace)
     for name in cfg_fields - {"reserve_levels"}:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
@@ -262,13 +294,26 @@ def make(
         "engine": ENGINES.index(engine),
         "workload": w,
         "kv_dtype": KV_DTYPES.index(kv_dtype),
-        "gap_sigma": workload.GAP_SIGMA[w],
+        "gap_sigma": workloads.GAP_SIGMA[w],
         "prefix_tokens": 512,
     }
+    if trace is not None:  # no synthetic system prompts: the trace's segments use the keys
+        base.update(num_prefixes=0, prefix_share=0.0)
     p = validate_params(ServeParams(**{**base, **params}), cfg)
     if "arrival_rate" not in params:
-        p = p.replace(arrival_rate=float(load) * capacity_rps(p))
+        moments = None
+        if trace is not None:
+            moments = replay.length_moments(trace, int(p.max_tokens), int(p.max_model_len))
+        p = p.replace(arrival_rate=float(load) * capacity_rps(p, moments))
     p = normalize_params(validate_params(p, cfg))
+    if trace is not None:
+        covered = trace.duration * trace.native_rate / float(p.arrival_rate)
+        if float(p.horizon) > covered:
+            raise ValueError(
+                f"trace {trace.name!r} lasts {covered:.0f} simulated s at "
+                f"{float(p.arrival_rate):.3g} req/s; horizon must be <= that, "
+                f"got {float(p.horizon):g}"
+            )
     return ServeEnv(cfg, p), p
 
 

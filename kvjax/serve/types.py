@@ -9,6 +9,7 @@ scenario's KV dtype; lengths in tokens. Every table is fixed-capacity struct-of-
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import chex
 from flax import struct
@@ -39,6 +40,9 @@ class ServeConfig:
     finished_log: int = 2048  # R: ring buffer of finished requests' TTFT / TPOT (percentiles)
     priority_levels: int = 4  # L: retention priority levels 0 (evict first) .. L-1 (keep)
     reserve_levels: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)  # admission reserve fractions
+    # A trace to replay (serve/replay.ReplayTrace, hashed by content); None: the synthetic
+    # workload `params.workload`.
+    trace: Any = None
 
     @property
     def num_command_ids(self) -> int:
@@ -169,6 +173,7 @@ class ServeState:
     segments: SegmentTable
     metrics: Metrics
     seed: chex.Array  # uint32 [2]: the workload stream's seed (serve/workload.py)
+    stream_start: chex.Array  # int32 the stream's first request (a replayed trace's window)
     clock: chex.Array  # float32 s
     next_index: chex.Array  # int32 next request of the stream to enter the table
     next_arrival: chex.Array  # float32 s its arrival time

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import rng
+from kvjax.serve import replay
 from kvjax.serve.types import BLOCK_TOKENS, ServeConfig, ServeParams
 
 WORKLOADS = ("synthetic-conv", "synthetic-code")
@@ -478,7 +479,10 @@ def draw_request(
 ) -> dict:
     """Request `index` of the stream: its gap after the previous arrival (request 0: after time
     0), prompt, output length, max_tokens and prefix fields (segment and prefix length, the
-    fallback segment, the published segment and its length; keys -1 for none)."""
+    fallback segment, the published segment and its length; keys -1 for none). With a trace in
+    `cfg`, `index` is a row of the trace (serve/replay.py)."""
+    if cfg is not None and cfg.trace is not None:
+        return replay.draw(cfg.trace, jnp.asarray(index, jnp.int32), params)
     counters = jnp.asarray(index, jnp.uint32)[..., None] * DRAWS_PER_REQUEST + jnp.arange(
         5, dtype=jnp.uint32
     )
@@ -514,14 +518,26 @@ def draw_request(
     )
 
 
+def stream_start(seed: chex.Array, params: ServeParams, cfg: ServeConfig | None = None):
+    """int32: the stream's first request - a replayed trace's window start, else 0."""
+    if cfg is not None and cfg.trace is not None:
+        return replay.window_start(cfg.trace, seed, params)
+    return jnp.int32(0)
+
+
 def request_stream(
     seed: chex.Array, n: int, params: ServeParams, cfg: ServeConfig | None = None
 ) -> dict[str, np.ndarray]:
     """The first `n` requests of a stream as numpy arrays, with absolute `arrival` times
     (float32 running sums in stream order, the same sums the engine forms)."""
-    d = jax.jit(draw_request, static_argnums=3)(
-        jnp.asarray(seed, jnp.uint32), jnp.arange(n), params, cfg
-    )
+    seed = jnp.asarray(seed, jnp.uint32)
+
+    @jax.jit
+    def draw(seed, params):
+        start = stream_start(seed, params, cfg)
+        return draw_request(seed, start + jnp.arange(n), params, cfg)
+
+    d = draw(seed, params)
     out = {k: np.asarray(v) for k, v in d.items()}
     arrival = np.zeros(n, np.float32)
     t = np.float32(0.0)
