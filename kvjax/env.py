@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import chex
@@ -74,12 +75,7 @@ class KVCacheEnv(Environment):
 
     # -- core API ----------------------------------------------------------------------------
     def reset_env(self, key: chex.PRNGKey, params: EnvParams) -> tuple[Any, EnvState]:
-        if jnp.shape(key) not in ((2,), ()):
-            raise ValueError(
-                f"env.reset_env takes one PRNG key (shape (2,) or a typed key), got shape "
-                f"{jnp.shape(key)}; for a batch use jax.vmap(env.reset_env, in_axes=(0, None))"
-            )
-        state = scenarios.generate(key, params, self.config)
+        _, state = self._reset_state(key, params)
         return self.get_obs(state, params), state
 
     def step_env(
@@ -100,6 +96,32 @@ class KVCacheEnv(Environment):
             "failures": next_state.counters.failures - state.counters.failures,
         }
         return obs, next_state, reward, jnp.bool_(False), truncated, info
+
+    def step(
+        self,
+        key: chex.PRNGKey,
+        state: EnvState,
+        action: chex.Array,
+        params: EnvParams | None = None,
+    ) -> tuple[Any, EnvState, chex.Array, chex.Array, chex.Array, dict[str, Any]]:
+        """`step_env`, then auto-reset at the episode's end (gymnax's contract, as
+        `base.Environment.step`), with the same results and two savings: the state is picked
+        first and observed once (`info["final_observation"]`, the pre-reset observation, is
+        computed only if it is used), and under `jax.vmap` a batch in which no scenario is done
+        skips the reset and the pick (`_auto_reset`)."""
+        params = self.default_params if params is None else params
+        _, state_st, reward, terminated, truncated, info = self.step_env(key, state, action, params)
+        self._reset_state(key, params)  # the key check, eagerly
+        state = _auto_reset(self.config)(terminated | truncated, key, state_st, params)
+        return self.get_obs(state, params), state, reward, terminated, truncated, info
+
+    def _reset_state(self, key: chex.PRNGKey, params: EnvParams) -> tuple[None, EnvState]:
+        if jnp.shape(key) not in ((2,), ()):
+            raise ValueError(
+                f"env.reset_env takes one PRNG key (shape (2,) or a typed key), got shape "
+                f"{jnp.shape(key)}; for a batch use jax.vmap(env.reset_env, in_axes=(0, None))"
+            )
+        return None, scenarios.generate(key, params, self.config)
 
     def get_obs(self, state: EnvState, params: EnvParams) -> observations.Observation:
         return observations.observe(state, params)
@@ -136,6 +158,40 @@ class KVCacheEnv(Environment):
 
     def decode_action(self, action_id: int) -> tuple[str, int]:
         return decode_action(action_id, self.config.max_seqs)
+
+
+@functools.cache
+def _auto_reset(cfg: EnvConfig):
+    """`(done, key, state, params) -> where(done, generate(key, params), state)`.
+
+    For one scenario the reset is drawn and picked branch-free, as gymnax does. Under
+    `jax.vmap` (a custom batching rule) the batch's reset and pick run only when some scenario
+    is done (`lax.cond` on `any(done)`): episodes are truncated at `episode_len` and never
+    terminate early, so a batch whose scenarios were reset together (PureJaxRL's setup) resets
+    on one step in `episode_len` and otherwise passes the state through. Results are the same
+    either way (the done scenarios get `generate(key, params)`, the others keep their state);
+    nested vmaps batch the rule's `cond` into a select, which is the plain form again."""
+
+    def plain(done, key, state, params):
+        fresh = scenarios.generate(key, params, cfg)
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), fresh, state)
+
+    fn = jax.custom_batching.custom_vmap(plain)
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, done, key, state, params):
+        def batched(x, b):
+            return x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+
+        done_b, key_b, state_b, params_b = in_batched
+        done, key = batched(done, done_b), batched(key, key_b)
+        state = jax.tree_util.tree_map(batched, state, state_b)
+        p_axes = jax.tree_util.tree_map(lambda b: 0 if b else None, params_b)
+        run = jax.vmap(plain, in_axes=(0, 0, 0, p_axes))
+        out = jax.lax.cond(jnp.any(done), lambda: run(done, key, state, params), lambda: state)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return fn
 
 
 def encode_action(kind: str | int, slot: int, max_seqs: int) -> int:

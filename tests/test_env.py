@@ -131,6 +131,41 @@ def test_auto_reset_keeps_final_observation():
     assert tree_equal(obs, ENV.get_obs(s, PARAMS))
 
 
+def test_vmapped_auto_reset_equals_gymnax_select_form():
+    """Under vmap, env.step resets and picks only when some scenario is done (a custom batching
+    rule); its outputs equal the base class's branch-free form (reset every step, pick both
+    the state and the observation) on synchronised and desynchronised batches, and under a
+    nested vmap. States exactly; floats to float32 rounding (different programs may fuse
+    sums differently)."""
+    from kvjax.base import Environment
+
+    n = 32
+    space = ENV.action_space(PARAMS)
+    fast = jax.jit(jax.vmap(ENV.step, in_axes=(0, 0, 0, None)))
+    plain = jax.jit(jax.vmap(lambda k, s, a: Environment.step(ENV, k, s, a, PARAMS)))
+    nested = jax.jit(jax.vmap(jax.vmap(ENV.step, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None)))
+    _, s = vreset(jax.random.split(KEY, n), PARAMS)
+    resets = 0
+    for t in range(2 * T + 3):
+        keys = jax.random.split(jax.random.fold_in(KEY, t), n)
+        a = jax.vmap(space.sample)(keys)
+        got, want = fast(keys, s, a, PARAMS), plain(keys, s, a)
+        assert trees_equal(got, want, atol=1e-5)  # integers and bools exactly
+        two = jax.tree_util.tree_map(lambda x: x.reshape((2, n // 2) + x.shape[1:]), (keys, s, a))
+        flat = jax.tree_util.tree_map(lambda x: x.reshape((n,) + x.shape[2:]),
+                                      nested(*two, PARAMS))
+        assert trees_equal(flat, want, atol=1e-5)
+        resets += int(jnp.sum(got[4]))
+        s = got[1]
+        if t == 5:  # desynchronise: half the batch restarts
+            _, fresh = vreset(jax.random.split(jax.random.PRNGKey(9), n), PARAMS)
+            half = jnp.arange(n) < n // 2
+            s = jax.tree_util.tree_map(
+                lambda x, y, h=half: jnp.where(h.reshape((n,) + (1,) * (x.ndim - 1)), x, y),
+                fresh, s)
+    assert resets == 3 * n // 2  # half the batch truncates at steps 14 and 29, half at 20
+
+
 def test_spaces_sample_and_contains():
     space = ENV.action_space(PARAMS)
     a = space.sample(KEY)
