@@ -20,7 +20,8 @@ from kvjax.types import (
 
 # Submodules reachable as `kvjax.<name>` after a plain `import kvjax` (lazily imported).
 SUBMODULES = (
-    "adapters", "base", "bench", "dynamics", "env", "leaderboard", "observations", "policies",
+    "adapters", "base", "bench", "dynamics", "env", "layout", "leaderboard", "observations",
+    "policies",
     "reference", "rewards", "rollout", "scenarios", "serve", "session", "spaces", "types",
     "validation", "viz",
 )

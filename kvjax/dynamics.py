@@ -12,7 +12,9 @@ Batch-polymorphic: every function also accepts a state whose arrays carry traili
 (slots [S, *batch], queue [P, *batch], arrivals [T, K, *batch], scalars [*batch], action
 [A, *batch]). Reductions run over axis 0 and per-scenario scalars broadcast from the right, so the
 same code serves `vmap` (batch leading, one scenario per call) and the rollout engine's
-batch-trailing layout, which XLA vectorises several times better on CPU (kvjax.rollout).
+batch-trailing layout, which XLA vectorises several times better on CPU (kvjax.rollout). The
+operations whose fastest form depends on the layout (prefix sums, row gathers, integer sums,
+materialised values) are in `kvjax.layout`, each with a plain-jnp form tested equal.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.layout import (
+    gather_rows,
+    lead,
+    materialize,
+    prefix_sum,
+    schedule_row,
+    slot_any,
+    slot_sum,
+    slot_sums,
+)
 from kvjax.scenarios import arrival_row, budget_tokens, has_schedule
 from kvjax.types import (
     COMPRESS,
@@ -70,72 +82,6 @@ def quality_of(block_type: chex.Array, precision: chex.Array) -> chex.Array:
     return q
 
 
-def lead(v: chex.Array, like: chex.Array) -> chex.Array:
-    """A vector `v` [n] shaped to run along `like`'s leading axis: [n, 1, ..., 1] (so that it
-    broadcasts against [n, *batch]; unchanged for an unbatched `like`)."""
-    return v.reshape(v.shape + (1,) * (like.ndim - 1))
-
-
-def prefix_sum(x: chex.Array) -> chex.Array:
-    """Inclusive cumulative sum along axis 0, in float32 (exact for the integer-valued token
-    counts used here). A triangular matmul (`jnp.cumsum` under vmap is ~3x slower on CPU): for
-    one scenario `x @ upper`, which vmap turns into one [batch, n] x [n, n] GEMM; batch-trailing,
-    `lower @ x`, one [n, n] x [n, batch] GEMM."""
-    n = x.shape[0]
-    x = x.astype(jnp.float32)
-    # HIGHEST: GPUs would otherwise use TF32 and round token counts above 2,048.
-    hi = jax.lax.Precision.HIGHEST
-    if x.ndim == 1:
-        return jnp.matmul(x, jnp.triu(jnp.ones((n, n), jnp.float32)), precision=hi)
-    return jnp.tensordot(jnp.tril(jnp.ones((n, n), jnp.float32)), x, axes=1, precision=hi)
-
-
-def materialize(x: chex.Array) -> chex.Array:
-    """`x` computed once: finite floats, or integers of magnitude below 2^24 (exact in float32).
-
-    An identity matmul over the leading axis: XLA's CPU backend fuses a producer into every
-    loop that reads it and recomputes it there (per slot for a per-scenario value, per
-    reduction for a per-slot one), and it cannot fuse through a dot."""
-    n = x.shape[0]
-    eye = jnp.eye(n, dtype=jnp.float32)
-    y = jnp.tensordot(eye, x.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
-    return y > 0.5 if x.dtype == jnp.bool_ else y.astype(x.dtype)
-
-
-def gather_rows(
-    table: dict[str, chex.Array], index: chex.Array, n: int
-) -> dict[str, chex.Array]:
-    """{name: column[index]} along axis 0 for int32 columns [n, *batch] and `index` [m, *batch]
-    (outside [0, n): 0).
-
-    One scenario (what vmap sees): the columns packed into one [n, F] table and a single row
-    gather. Batch-trailing: the columns stacked into one [F, n, *batch] table and an n-way
-    select (XLA's CPU gather runs element by element; the selects vectorise across the batch:
-    ~1.17x on a whole value_aware rollout against one gather per column)."""
-    if index.ndim == 1:
-        packed = jnp.stack(list(table.values()), axis=-1)
-        rows = packed[jnp.clip(index, 0, n - 1)]
-        rows = jnp.where(((index >= 0) & (index < n))[:, None], rows, 0)
-        return {f: rows[:, i] for i, f in enumerate(table)}
-    # The index once (not once per column: see `materialize`); the columns stacked, so that
-    # each compare of the n-way select serves every column.
-    index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
-    packed = jnp.stack(list(table.values()))  # [F, n, *batch]
-    out = jnp.zeros((packed.shape[0],) + index.shape, packed.dtype)
-    for r in range(n):
-        out = jnp.where(index == r, packed[:, r:r + 1], out)
-    return {f: out[i] for i, f in enumerate(table)}
-
-
-def pick(table: chex.Array, index: chex.Array, n: int) -> chex.Array:
-    """table[index] along axis 0 for `index` in [0, n) (out of range gives 0), as one select
-    per row of `table` [n, *rest]; `index` broadcasts against the result's leading axis."""
-    out = jnp.zeros(jnp.broadcast_shapes(index.shape, table.shape[1:]), table.dtype)
-    for r in range(n):
-        out = jnp.where(index == r, table[r], out)
-    return out
-
-
 def slot_memory(slots: Slots) -> chex.Array:
     """KV of each slot in fp16-token equivalents (float32 [S]); 0 for empty slots."""
     return jnp.where(slots.active, slots.tokens * memory_factor(slots.precision), 0.0)
@@ -156,32 +102,6 @@ def action_validity(slots: Slots) -> tuple[chex.Array, chex.Array, chex.Array]:
     """Per-slot validity of evict, compress and swap_to_cpu (bool [S] each)."""
     on_gpu = slots.active & (slots.location == GPU)
     return slots.active, on_gpu & (slots.precision < 2), on_gpu
-
-
-def slot_sum(x: chex.Array) -> chex.Array:
-    """Sum over axis 0 (slots or queue rows); bools count as int32.
-
-    Batch-trailing integer arrays are summed in float32 (exact: every count and token sum here
-    is far below 2^24): XLA's CPU backend vectorises float reductions over a major axis across
-    the batch, but runs integer ones element by element (~4x slower)."""
-    if x.ndim > 1 and x.dtype != jnp.float32:
-        return jnp.sum(x.astype(jnp.float32), axis=0).astype(jnp.int32)
-    return jnp.sum(x, axis=0, dtype=jnp.int32 if x.dtype == jnp.bool_ else None)
-
-
-def slot_sums(*xs: chex.Array) -> list[chex.Array]:
-    """`slot_sum` of several arrays of one shape. Batch-trailing they are stacked and reduced
-    together: one pass instead of one per sum (each a separate loop on XLA's CPU backend)."""
-    if xs[0].ndim < 2:
-        return [slot_sum(x) for x in xs]
-    sums = jnp.sum(jnp.stack([x.astype(jnp.float32) for x in xs]), axis=1)
-    return [t if x.dtype == jnp.float32 else t.astype(jnp.int32)
-            for t, x in zip(sums, xs, strict=True)]
-
-
-def slot_any(x: chex.Array) -> chex.Array:
-    """Any over axis 0 (see slot_sum for why it counts)."""
-    return slot_sum(x) > 0
 
 
 def apply_actions(
@@ -426,15 +346,6 @@ def _preempt(state: EnvState, B: chex.Array) -> tuple[EnvState, chex.Array]:
     return state.replace(slots=s.replace(active=s.active & ~victim), counters=c), used / B
 
 
-def _row(x: chex.Array, t: chex.Array, T: int) -> chex.Array:
-    """Row `t` of an arrival-schedule field [T, K, *batch] (zeros once t >= T). Batch-trailing:
-    a T-way select, materialised once (see `materialize`) instead of being re-fused into, and
-    recomputed by, every element of the queue that reads it."""
-    if x.ndim == 2:  # one scenario: index it
-        return jnp.where(t < T, x[jnp.minimum(t, T - 1)], jnp.zeros((), x.dtype))
-    return materialize(pick(x, t, T))
-
-
 def _advance_queue(
     state: EnvState, n_admit: chex.Array, params: EnvParams, cfg: EnvConfig
 ) -> EnvState:
@@ -451,7 +362,7 @@ def _advance_queue(
     # This step's arrivals (none once t >= T): row t + 1 of the scenario's draws (row 0 was
     # the queue at reset), or row t of a hand-built table.
     if has_schedule(state):
-        row = jax.tree_util.tree_map(lambda x: _row(x, t, T), state.arrivals)
+        row = jax.tree_util.tree_map(lambda x: schedule_row(x, t, T), state.arrivals)
     else:
         row = arrival_row(state.seed, t + 1, state.regime, params, cfg)
         row = row.replace(valid=row.valid & (t < T))

@@ -46,16 +46,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from kvjax.dynamics import (
-    lead,
-    materialize,
-    prefix_sum,
-    progress,
-    quality_of,
-    slot_memory,
-    slot_sum,
-    step_dynamics,
-)
+from kvjax.dynamics import progress, quality_of, slot_memory, step_dynamics
+from kvjax.layout import lead, materialize, prefix_sum, slot_sum
 from kvjax.observations import action_mask
 from kvjax.rewards import total as rubric_total
 from kvjax.scenarios import budget_tokens

@@ -1,0 +1,155 @@
+"""The batch layouts of kvjax's kv-cache-v0 step and the XLA-CPU idioms that make them fast.
+
+`kvjax.dynamics` states the rules of docs/dynamics.md; the few operations whose fastest form
+depends on the layout or on an XLA CPU quirk live here, each named for what it computes and each
+with a plain-`jnp` form (`PLAIN`) that `tests/test_layout.py` proves equal on both layouts:
+
+* one scenario (what `jax.vmap` hands the step): slots [S], queue [P], scalars [];
+* batch-trailing (the rollout engine's `episodes_trailing`): slots [S, *batch], queue
+  [P, *batch], arrivals [T, K, *batch], scalars [*batch], action [A, *batch].
+
+Reductions run over axis 0 and per-scenario scalars broadcast from the right, so one code path
+serves both. Why each idiom (measured on a 2-core x86 CPU, docs/dynamics.md section 8):
+`prefix_sum` is a triangular matmul (`jnp.cumsum` lowers to a reduce-window, ~3x slower under
+vmap); `materialize` stops XLA's CPU backend from re-fusing a producer into every reader;
+`gather_rows` / `pick` / `schedule_row` are selects (XLA's CPU gather runs element by element);
+`slot_sum` sums integers in float32 batch-trailing (vectorised; exact below 2^24).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def lead(v: chex.Array, like: chex.Array) -> chex.Array:
+    """A vector `v` [n] shaped to run along `like`'s leading axis: [n, 1, ..., 1] (so that it
+    broadcasts against [n, *batch]; unchanged for an unbatched `like`)."""
+    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
+def prefix_sum(x: chex.Array) -> chex.Array:
+    """Inclusive cumulative sum along axis 0, in float32 (exact for the integer-valued token
+    counts used here). A triangular matmul (`jnp.cumsum` under vmap is ~3x slower on CPU): for
+    one scenario `x @ upper`, which vmap turns into one [batch, n] x [n, n] GEMM; batch-trailing,
+    `lower @ x`, one [n, n] x [n, batch] GEMM."""
+    n = x.shape[0]
+    x = x.astype(jnp.float32)
+    # HIGHEST: GPUs would otherwise use TF32 and round token counts above 2,048.
+    hi = jax.lax.Precision.HIGHEST
+    if x.ndim == 1:
+        return jnp.matmul(x, jnp.triu(jnp.ones((n, n), jnp.float32)), precision=hi)
+    return jnp.tensordot(jnp.tril(jnp.ones((n, n), jnp.float32)), x, axes=1, precision=hi)
+
+
+def materialize(x: chex.Array) -> chex.Array:
+    """`x` computed once: finite floats, or integers of magnitude below 2^24 (exact in float32).
+
+    An identity matmul over the leading axis: XLA's CPU backend fuses a producer into every
+    loop that reads it and recomputes it there (per slot for a per-scenario value, per
+    reduction for a per-slot one), and it cannot fuse through a dot."""
+    n = x.shape[0]
+    eye = jnp.eye(n, dtype=jnp.float32)
+    y = jnp.tensordot(eye, x.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
+    return y > 0.5 if x.dtype == jnp.bool_ else y.astype(x.dtype)
+
+
+def gather_rows(
+    table: dict[str, chex.Array], index: chex.Array, n: int
+) -> dict[str, chex.Array]:
+    """{name: column[index]} along axis 0 for int32 columns [n, *batch] and `index` [m, *batch]
+    (outside [0, n): 0).
+
+    One scenario (what vmap sees): the columns packed into one [n, F] table and a single row
+    gather. Batch-trailing: the columns stacked into one [F, n, *batch] table and an n-way
+    select (XLA's CPU gather runs element by element; the selects vectorise across the batch:
+    ~1.17x on a whole value_aware rollout against one gather per column)."""
+    if index.ndim == 1:
+        packed = jnp.stack(list(table.values()), axis=-1)
+        rows = packed[jnp.clip(index, 0, n - 1)]
+        rows = jnp.where(((index >= 0) & (index < n))[:, None], rows, 0)
+        return {f: rows[:, i] for i, f in enumerate(table)}
+    # The index once (not once per column: see `materialize`); the columns stacked, so that
+    # each compare of the n-way select serves every column.
+    index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
+    packed = jnp.stack(list(table.values()))  # [F, n, *batch]
+    out = jnp.zeros((packed.shape[0],) + index.shape, packed.dtype)
+    for r in range(n):
+        out = jnp.where(index == r, packed[:, r:r + 1], out)
+    return {f: out[i] for i, f in enumerate(table)}
+
+
+def pick(table: chex.Array, index: chex.Array, n: int) -> chex.Array:
+    """table[index] along axis 0 for `index` in [0, n) (out of range gives 0), as one select
+    per row of `table` [n, *rest]; `index` broadcasts against the result's leading axis."""
+    out = jnp.zeros(jnp.broadcast_shapes(index.shape, table.shape[1:]), table.dtype)
+    for r in range(n):
+        out = jnp.where(index == r, table[r], out)
+    return out
+
+
+def slot_sum(x: chex.Array) -> chex.Array:
+    """Sum over axis 0 (slots or queue rows); bools count as int32.
+
+    Batch-trailing integer arrays are summed in float32 (exact: every count and token sum here
+    is far below 2^24): XLA's CPU backend vectorises float reductions over a major axis across
+    the batch, but runs integer ones element by element (~4x slower)."""
+    if x.ndim > 1 and x.dtype != jnp.float32:
+        return jnp.sum(x.astype(jnp.float32), axis=0).astype(jnp.int32)
+    return jnp.sum(x, axis=0, dtype=jnp.int32 if x.dtype == jnp.bool_ else None)
+
+
+def slot_sums(*xs: chex.Array) -> list[chex.Array]:
+    """`slot_sum` of several arrays of one shape. Batch-trailing they are stacked and reduced
+    together: one pass instead of one per sum (each a separate loop on XLA's CPU backend)."""
+    if xs[0].ndim < 2:
+        return [slot_sum(x) for x in xs]
+    sums = jnp.sum(jnp.stack([x.astype(jnp.float32) for x in xs]), axis=1)
+    return [t if x.dtype == jnp.float32 else t.astype(jnp.int32)
+            for t, x in zip(sums, xs, strict=True)]
+
+
+def slot_any(x: chex.Array) -> chex.Array:
+    """Any over axis 0 (see slot_sum for why it counts)."""
+    return slot_sum(x) > 0
+
+
+def schedule_row(x: chex.Array, t: chex.Array, T: int) -> chex.Array:
+    """Row `t` of an arrival-schedule field [T, K, *batch] (zeros once t >= T). Batch-trailing:
+    a T-way select, materialised once (see `materialize`) instead of being re-fused into, and
+    recomputed by, every element of the queue that reads it."""
+    if x.ndim == 2:  # one scenario: index it
+        return jnp.where(t < T, x[jnp.minimum(t, T - 1)], jnp.zeros((), x.dtype))
+    return materialize(pick(x, t, T))
+
+
+def _plain_gather_rows(table, index, n):
+    ok = (index >= 0) & (index < n)
+    safe = jnp.clip(index, 0, n - 1)
+    return {f: jnp.where(ok, jnp.take_along_axis(col, safe, axis=0), 0)
+            for f, col in table.items()}
+
+
+def _plain_pick(table, index, n):
+    idx = jnp.broadcast_to(index, jnp.broadcast_shapes(index.shape, table.shape[1:]))
+    ok = (idx >= 0) & (idx < n)
+    got = jnp.take_along_axis(table, jnp.clip(idx, 0, n - 1)[None], axis=0)[0]
+    return jnp.where(ok, got, jnp.zeros((), table.dtype))
+
+
+# The plain-jnp meaning of each idiom (what tests/test_layout.py checks them against).
+PLAIN = {
+    "prefix_sum": lambda x: jnp.cumsum(x.astype(jnp.float32), axis=0),
+    "materialize": lambda x: x,
+    "gather_rows": _plain_gather_rows,
+    "pick": _plain_pick,
+    "slot_sum": lambda x: jnp.sum(x, axis=0, dtype=jnp.int32 if x.dtype == jnp.bool_ else None),
+    "slot_any": lambda x: jnp.any(x, axis=0),
+    "schedule_row": lambda x, t, T: jnp.where(
+        t < T, jnp.take_along_axis(x, jnp.minimum(t, T - 1)[None, None], axis=0)[0]
+        if x.ndim > 2 else x[jnp.minimum(t, T - 1)], jnp.zeros((), x.dtype)),
+}
+
+__all__ = ["PLAIN", "gather_rows", "lead", "materialize", "pick", "prefix_sum", "schedule_row",
+           "slot_any", "slot_sum", "slot_sums"]

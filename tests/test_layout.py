@@ -1,0 +1,70 @@
+"""kvjax.layout: every layout-dependent idiom equals its plain-jnp form (`layout.PLAIN`), for one
+scenario (what vmap hands the step) and batch-trailing, and under vmap."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import layout
+
+RNG = np.random.default_rng(0)
+SHAPES = [(16,), (16, 8), (16, 3, 5)]  # one scenario, batch-trailing, two trailing axes
+
+
+def ints(shape, lo=-40, hi=40):
+    return jnp.asarray(RNG.integers(lo, hi, shape), jnp.int32)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prefix_sum_is_a_cumulative_sum(shape):
+    x = ints(shape, 0, 5000)
+    np.testing.assert_array_equal(layout.prefix_sum(x), layout.PLAIN["prefix_sum"](x))
+    np.testing.assert_array_equal(jax.vmap(layout.prefix_sum)(x[None]), x[None].cumsum(1))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_materialize_is_the_identity(shape):
+    for x in (ints(shape, -2**23, 2**23), ints(shape, 0, 2) > 0,
+              jnp.asarray(RNG.normal(size=shape), jnp.float32)):
+        got = jax.jit(layout.materialize)(x)
+        assert got.dtype == x.dtype
+        np.testing.assert_array_equal(got, layout.PLAIN["materialize"](x))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sums_and_any_over_axis_0(shape):
+    for x in (ints(shape, 0, 3000), ints(shape, 0, 2) > 0,
+              jnp.asarray(RNG.integers(0, 400, shape) / 4, jnp.float32)):
+        np.testing.assert_array_equal(layout.slot_sum(x), layout.PLAIN["slot_sum"](x))
+        np.testing.assert_array_equal(layout.slot_any(x), layout.PLAIN["slot_any"](x))
+    a, b = ints(shape, 0, 100), ints(shape, 0, 2) > 0
+    got = layout.slot_sums(a, b)
+    for g, x in zip(got, (a, b), strict=True):
+        np.testing.assert_array_equal(g, layout.PLAIN["slot_sum"](x))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gather_rows_and_pick_are_takes_with_zero_outside(shape):
+    n, m = shape[0], 12
+    table = {"a": ints(shape), "b": ints(shape, 0, 9)}
+    index = ints((m,) + shape[1:], -3, n + 3)  # some out of range both ways
+    got = layout.gather_rows(table, index, n)
+    want = layout.PLAIN["gather_rows"](table, index, n)
+    for f in table:
+        np.testing.assert_array_equal(got[f], want[f])
+    sel = ints(shape[1:], -2, n + 2)
+    np.testing.assert_array_equal(layout.pick(table["a"], sel, n),
+                                  layout.PLAIN["pick"](table["a"], sel, n))
+
+
+@pytest.mark.parametrize("batch", [(), (7,)])
+def test_schedule_row_is_row_t_or_zeros_past_the_end(batch):
+    T, K = 6, 4
+    x = ints((T, K) + batch)
+    for t in range(-0, T + 2):
+        tt = jnp.full(batch, t, jnp.int32)
+        np.testing.assert_array_equal(layout.schedule_row(x, tt, T),
+                                      layout.PLAIN["schedule_row"](x, tt, T))
