@@ -91,6 +91,95 @@ def time_rollout(
     return row, outs
 
 
+STANDARD_STEPS = 90  # steps per standard-path call: 6 kv-cache-v0 episodes, auto-resets included
+GYMNAX_BASELINE = "Asterix-MinAtar"
+
+
+def standard_path_program(env: Any, params: Any, batch: int, steps: int = STANDARD_STEPS):
+    """What a gymnax / PureJaxRL user writes: `batch` scenarios reset once, then `steps` steps
+    of `jax.vmap(env.step)` (auto-reset inside) in a `lax.scan`, with random actions from
+    `env.action_space(params).sample` and the observation consumed (summed into the carry with
+    the reward, so it cannot be skipped). Works for any gymnax-style env; returns a jitted
+    `key -> [batch]` function."""
+    space = env.action_space(params)
+
+    def consume(tree: Any) -> jax.Array:
+        leaves = jax.tree_util.tree_leaves(tree)
+        return sum(jnp.sum(x.reshape(batch, -1).astype(jnp.float32), axis=1) for x in leaves)
+
+    def run(key: jax.Array) -> jax.Array:
+        k_reset, key = jax.random.split(key)
+        keys = jax.random.split(k_reset, batch)
+        _, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+
+        def body(carry, _):
+            state, acc, key = carry
+            key, k_act, k_step = jax.random.split(key, 3)
+            action = jax.vmap(space.sample)(jax.random.split(k_act, batch))
+            out = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+                jax.random.split(k_step, batch), state, action, params
+            )
+            obs, state, reward = out[0], out[1], out[2]
+            return (state, acc + reward + consume(obs), key), None
+
+        init = (state, jnp.zeros((batch,), jnp.float32), key)
+        (_, acc, _), _ = jax.lax.scan(body, init, None, length=steps)
+        return acc
+
+    return jax.jit(run)
+
+
+def gymnax_baseline() -> tuple[Any, Any] | None:
+    """gymnax's Asterix-MinAtar (env, params), or None when gymnax is not installed."""
+    try:
+        import gymnax
+    except ImportError:
+        return None
+    return gymnax.make(GYMNAX_BASELINE)
+
+
+def time_standard_path(
+    batch_sizes: Sequence[int],
+    repeats: int = 5,
+    difficulty: str = "hard",
+    steps: int = STANDARD_STEPS,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Env-steps/s of the standard path (`standard_path_program`) for kv-cache-v0 and, when
+    gymnax is installed, gymnax's Asterix-MinAtar, per batch size. The two programs' calls
+    alternate (A, B, A, B, ...) so that both see the same machine load, and each row carries
+    `x_gymnax`: its rate over Asterix's at the same batch size, measured in the same run.
+    One jit on the default device (what a user's jit gets), compile time apart."""
+    env, params = kvjax.make("kv-cache-v0", difficulty=difficulty)
+    envs = [("kv-cache-v0", env, params)]
+    baseline = gymnax_baseline()
+    if baseline is not None:
+        envs.append((f"gymnax {GYMNAX_BASELINE}", *baseline))
+    rows = []
+    for batch in tqdm(batch_sizes, desc="bench standard path", disable=not progress):
+        fns, compile_s = [], []
+        for _, e, p in envs:
+            fn = standard_path_program(e, p, batch, steps)
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(jax.random.PRNGKey(0)))  # compile and warm-up
+            compile_s.append(time.perf_counter() - t0)
+            fns.append(fn)
+        times: list[list[float]] = [[] for _ in envs]
+        for r in range(repeats):
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(jax.random.PRNGKey(r + 1)))
+                times[i].append(time.perf_counter() - t0)
+        medians = [statistics.median(t) for t in times]
+        for (name, _, _), med, ts, cs in zip(envs, medians, times, compile_s, strict=True):
+            rows.append({
+                "env": name, "batch": batch, "steps": steps, "median_s": med, "min_s": min(ts),
+                "compile_s": cs, "steps_per_s": batch * steps / med,
+                "x_gymnax": (medians[-1] / med) if baseline is not None else None,
+            })
+    return rows
+
+
 def reference_steps_per_s(
     num_episodes: int = 32, params: Any = None, seed: int = 0, policy: str = "keep"
 ) -> float | None:
@@ -142,8 +231,11 @@ def run_benchmark(
     difficulty: str = "all",
     reference_episodes: int = 32,
     progress: bool = True,
+    standard: bool = True,
 ) -> dict[str, Any]:
-    """Time every (policy, batch size); return one JSON-ready record."""
+    """Time every (policy, batch size) through the rollout engine, and (`standard`) the
+    standard path - `vmap(env.step)` with auto-reset, observation consumed - beside gymnax's
+    Asterix-MinAtar when gymnax is installed; return one JSON-ready record."""
     batch_sizes = tuple(int(b) for b in (batch_sizes or default_batch_sizes()))
     if any(b < 1 for b in batch_sizes) or repeats < 1:
         raise ValueError(f"batch sizes and repeats must be >= 1, got {batch_sizes}, {repeats}")
@@ -159,8 +251,14 @@ def run_benchmark(
     for r in rows:
         base = ref.get(r["policy"]) or ref_keep
         r["speedup_vs_reference"] = (r["steps_per_s"] / base) if base else None
+    std_rows = time_standard_path(batch_sizes, repeats, progress=progress) if standard else []
+    asterix = {r["batch"]: r for r in std_rows if r["env"] != "kv-cache-v0"}
+    for r in rows:  # the rollout engine against Asterix's standard path, same run
+        base = asterix.get(r["batch"])
+        r["x_gymnax"] = r["steps_per_s"] / base["steps_per_s"] if base else None
     cfg = env.config
     return {
+        "standard_path": std_rows,
         "machine": machine_info(),
         "config": {"max_seqs": cfg.max_seqs, "max_actions": cfg.max_actions,
                    "episode_len": cfg.episode_len, "difficulty": difficulty,
@@ -190,6 +288,25 @@ def markdown_table(record: dict[str, Any]) -> str:
             f"{'-' if sp is None else f'{sp:,.0f}x'} | {r.get('path', '-')} |"
         )
     ref = record["reference_steps_per_s"]
+    std = record.get("standard_path") or []
+    if std:
+        lines += [
+            "",
+            f"Standard path (`vmap(env.step)` with auto-reset in a `lax.scan` of "
+            f"{std[0]['steps']} steps, random actions from `action_space(params).sample`, "
+            "observation and reward summed into the carry; kv-cache-v0 on the hard tier; one "
+            "jit on one device; calls of the two envs alternate):",
+            "",
+            "| env | batch | env-steps/s (median) | s per call | compile s | x Asterix |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in std:
+            x = r.get("x_gymnax")
+            lines.append(
+                f"| {r['env']} | {r['batch']:,} | {_fmt_rate(r['steps_per_s'])} | "
+                f"{r['median_s']:.4f} | {r['compile_s']:.1f} | "
+                f"{'-' if x is None else f'{x:.2f}x'} |"
+            )
     lines.append("")
     lines.append(
         "Pure-Python reference (`kvjax.reference.run_episode`, one scenario at a time): "
@@ -206,8 +323,17 @@ def summary_line(record: dict[str, Any]) -> str:
         rows = record["results"]
     best = min(rows, key=lambda r: abs(r["batch"] - TARGET_BATCH))
     sp = best.get("speedup_vs_reference")
-    return (f"{best['policy']} @ batch {best['batch']:,}: {best['steps_per_s']:,.0f} env-steps/s"
-            + ("" if sp is None else f" ({sp:,.0f}x the pure-Python reference)"))
+    line = (f"{best['policy']} @ batch {best['batch']:,}: {best['steps_per_s']:,.0f} env-steps/s"
+            + ("" if sp is None else f" ({sp:,.0f}x the pure-Python reference")
+            + ("" if best.get("x_gymnax") is None else f", {best['x_gymnax']:.2f}x Asterix's "
+               "standard path") + ("" if sp is None else ")"))
+    std = [r for r in record.get("standard_path") or [] if r["env"] == "kv-cache-v0"]
+    if std:
+        s = min(std, key=lambda r: abs(r["batch"] - TARGET_BATCH))
+        line += (f"; standard path vmap(env.step) @ batch {s['batch']:,}: "
+                 f"{s['steps_per_s']:,.0f} env-steps/s"
+                 + ("" if s.get("x_gymnax") is None else f" ({s['x_gymnax']:.2f}x Asterix)"))
+    return line
 
 
 SERVE_PRESETS = ("toy", "h100-llama3-8b")
@@ -315,6 +441,7 @@ def serve_summary_line(record: dict[str, Any]) -> str:
             f"({best['speedup_vs_reference']:,.0f}x the pure-Python reference)")
 
 
-__all__ = ["BENCH_POLICIES", "default_batch_sizes", "markdown_table", "reference_steps_per_s",
+__all__ = ["BENCH_POLICIES", "default_batch_sizes", "standard_path_program",
+           "time_standard_path", "gymnax_baseline", "markdown_table", "reference_steps_per_s",
            "run_benchmark", "run_serve_benchmark", "serve_markdown_table", "serve_summary_line",
            "summary_line", "time_policy", "time_rollout", "machine_info"]

@@ -89,6 +89,39 @@ def test_bench_table_and_summary_line():
     assert "2-core CI machine: met." in doc
     record["results"][0]["steps_per_s"] = 200_000.0
     assert "not met in this run (200,000 env-steps/s" in cli.benchmarks_document(record, table)
+    assert "issue 14)" in doc and "not measured in this run" in doc
+
+
+def test_bench_standard_path_table_and_targets():
+    record = {
+        "machine": bench.machine_info(),
+        "config": {"max_seqs": 32, "max_actions": 3, "episode_len": 15, "difficulty": "all",
+                   "repeats": 3},
+        "reference_steps_per_s": {"keep": 5000.0, "random": 4000.0},
+        "results": [
+            {"policy": "value_aware", "batch": 4096, "compile_s": 3.0, "median_s": 0.05,
+             "min_s": 0.04, "steps_per_s": 1_228_800.0, "speedup_vs_reference": 245.76,
+             "micro_batch": 256, "devices": 2, "path": "batch-trailing", "x_gymnax": 2.4},
+        ],
+        "standard_path": [
+            {"env": "kv-cache-v0", "batch": 4096, "steps": 90, "median_s": 0.4, "min_s": 0.39,
+             "compile_s": 9.0, "steps_per_s": 921_600.0, "x_gymnax": 1.25},
+            {"env": "gymnax Asterix-MinAtar", "batch": 4096, "steps": 90, "median_s": 0.5,
+             "min_s": 0.49, "compile_s": 5.0, "steps_per_s": 737_280.0, "x_gymnax": 1.0},
+        ],
+    }
+    table = bench.markdown_table(record)
+    assert "| kv-cache-v0 | 4,096 | 0.92M | 0.4000 | 9.0 | 1.25x |" in table
+    assert "| gymnax Asterix-MinAtar | 4,096 | 0.74M | 0.5000 | 5.0 | 1.00x |" in table
+    assert "2.40x Asterix's standard path" in bench.summary_line(record)
+    assert "standard path vmap(env.step) @ batch 4,096: 921,600 env-steps/s (1.25x Asterix)" in (
+        bench.summary_line(record))
+    doc = cli.benchmarks_document(record, table)
+    assert ("standard path 921,600 env-steps/s (met); 1.25x Asterix (met); value_aware 2.40x "
+            "Asterix (met)") in doc
+    record["standard_path"][0].update(steps_per_s=500_000.0, x_gymnax=0.8)
+    assert "500,000 env-steps/s (not met); 0.80x Asterix (not met)" in cli.benchmarks_document(
+        record, table)
 
 
 def _one_line_exit_2(run, capsys) -> str:
