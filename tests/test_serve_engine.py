@@ -302,3 +302,39 @@ def test_iterations_stop_at_the_horizon():
     s2 = step(None, s, env.noop_action(), p)[1]
     assert c >= 2.0 and float(s2.clock) == c
     assert isinstance(env, ServeEnv)
+
+
+def test_an_agentic_session_reads_its_history_call_after_call():
+    """One session alone in a big engine: each call after the first hits exactly the previous
+    call's published history; the first inserts the system prompt (cold) and hits nothing."""
+    env, p = make(
+        "toy", workload="agentic", arrival_rate=0.004, horizon=400.0, gpu_pool_tokens=2**24
+    )
+    cfg = env.config
+    keys = jax.random.split(jax.random.PRNGKey(0), 2048)
+    seeds = jax.vmap(lambda k: env.reset(k, p)[1].seed)(keys)
+    first = jax.vmap(lambda s: workload.draw_session(s, jnp.arange(2), p, cfg))(seeds)
+    t0, t1 = np.cumsum(np.asarray(first["gap"]), axis=1).T
+    b = int(np.flatnonzero((t0 < 40.0) & (t1 > 400.0))[0])
+    _, state = env.reset(keys[b], p)
+    s = jax.tree.map(lambda x: np.asarray(x)[b], first)
+    seed = state.seed
+    cap = int(p.max_model_len - p.max_tokens)
+    prompts, hits, prompt, published = [], [], int(s["prompt"][0]), 0
+    for t in range(int(s["turns"][0])):
+        c = jax.tree.map(int, workload.draw_call(seed, 0, t, p, cfg))
+        prompts.append(prompt)
+        hits.append(published)
+        published = (prompt + c["output_len"] - 1) // 16 * 16
+        prompt = prompt + c["output_len"] + c["new_tokens"]
+        if prompt > cap:
+            break
+    step = jax.jit(lambda st: engine.run(st, p, cfg))
+    while float(state.clock) < float(p.horizon):
+        state = step(state)
+    m = state.metrics
+    assert int(m.arrived) == int(m.finished) == len(prompts) >= 2
+    assert int(m.prompt_tokens) == sum(prompts)
+    assert int(m.hit_tokens) == sum(hits)
+    keys_held = set(np.asarray(state.segments.key)[np.asarray(state.segments.valid)].tolist())
+    assert {workload.history_key(0, t, cfg) for t in range(len(prompts))} <= keys_held

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.serve import actions, engine, metrics
-from kvjax.serve.types import EMPTY, ServeConfig
+from kvjax.serve import actions, engine, metrics, observations
+from kvjax.serve.types import EMPTY, TOOL, ServeConfig
 
 SMALL = dict(max_requests=16, max_segments=4, iterations_per_step=8)
 
@@ -200,3 +200,48 @@ def test_bad_action_shape_is_rejected(small):
         env.step_env(None, s, {**env.noop_action(), "commands": jnp.zeros(7, jnp.int32)}, p)
     with pytest.raises(ValueError, match="keys"):
         env.step_env(None, s, jnp.zeros(3, jnp.int32), p)
+
+
+@pytest.fixture(scope="module", params=["agentic", "mooncake-synthetic"])
+def other_workload(request):
+    extra = dict(gpu_pool_tokens=65536, horizon=40.0, tool_gap_median=1.0)
+    if request.param != "agentic":
+        extra.pop("tool_gap_median")
+    return request.param, *kvjax.make(
+        "kv-serve-v0",
+        preset="toy",
+        workload=request.param,
+        load=1.0,
+        config=dict(SMALL, max_segments=16),
+        **extra,
+    )
+
+
+def test_invariants_and_structure_on_agentic_and_trace_workloads(other_workload):
+    name, env, p = other_workload
+    obs0, s0 = env.reset(jax.random.PRNGKey(0), p)
+    obs1, s1, *_ = env.step(jax.random.PRNGKey(1), s0, env.noop_action(), p)
+    assert jax.tree_util.tree_structure((obs0, s0)) == jax.tree_util.tree_structure((obs1, s1))
+    keys = jax.random.split(jax.random.PRNGKey(5), 8)
+    _, (final, tr) = jax.jit(jax.vmap(lambda k: rollout(env, p, k, 80)))(keys)
+    assert int(tr["free"].min()) >= 0
+    s = tr["s"]
+    m, req, seg = s.metrics, s.requests, s.segments
+    in_system = jnp.sum((req.status != EMPTY) & (req.status != TOOL), axis=-1)
+    np.testing.assert_array_equal(m.arrived, m.finished + in_system + m.timed_out)
+    # the segment tree: a resident segment's parent is resident and shorter
+    parent = np.asarray(seg.parent)
+    resident = np.asarray(seg.valid & seg.on_gpu)
+    has = resident & (parent >= 0)
+    p_res = np.take_along_axis(resident, np.maximum(parent, 0), axis=-1)
+    p_tok = np.take_along_axis(np.asarray(seg.tokens), np.maximum(parent, 0), axis=-1)
+    assert np.all(p_res[has]) and np.all(p_tok[has] < np.asarray(seg.tokens)[has])
+    assert int(final.metrics.hit_tokens.sum()) > 0
+    if name == "agentic":
+        assert bool(jnp.any(req.status == TOOL))
+        # a call waiting for its tool shows only the flag, its priority and its prefix flag
+        obs = tr["obs"].requests
+        tool = np.asarray(req.status == TOOL)
+        hidden = [i for i in range(obs.shape[-1]) if i not in observations.TOOL_VISIBLE]
+        assert np.all(np.asarray(obs)[tool][:, hidden] == 0)
+        assert np.all(np.asarray(obs)[tool][:, observations.REQUEST_FEATURES.index("in_tool")] == 1)

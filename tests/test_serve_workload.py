@@ -84,3 +84,65 @@ def test_load_scales_the_arrival_rate_by_capacity():
 def test_unknown_workload_names_the_allowed_values():
     with pytest.raises(ValueError, match="synthetic-code"):
         workload.workload_index("azure")
+
+
+# -- agentic sessions ---------------------------------------------------------------------------
+def session_calls(p, cfg, seeds, sessions):
+    """Every session's calls (prompt, output, unconstrained-cache hit) from the JAX draws, with
+    the closed-loop recurrence of docs/serving.md section 7 run in NumPy."""
+    idx = jnp.arange(sessions)
+    cap = int(p.max_model_len - p.max_tokens)
+    plen = int(p.prefix_tokens) // 16 * 16
+    rows = []
+    for seed in seeds:
+        seed = jnp.asarray(seed, jnp.uint32)
+        s = jax.tree.map(np.asarray, workload.draw_session(seed, idx, p, cfg))
+        calls = [
+            jax.tree.map(np.asarray, workload.draw_call(seed, idx, t, p, cfg))
+            for t in range(workload.MAX_CALLS)
+        ]
+        for i in range(sessions):
+            prompt, cached = int(s["prompt"][i]), (plen if s["prompt"][i] > plen else 0)
+            for t in range(int(s["turns"][i])):
+                out = int(calls[t]["output_len"][i])
+                rows.append((prompt, out, cached, t))
+                cached = (prompt + out - 1) // 16 * 16
+                prompt = prompt + out + int(calls[t]["new_tokens"][i])
+                if prompt > cap:
+                    break
+    return np.array(rows)
+
+
+def test_agentic_sessions_hit_85_to_97_percent_of_prompt_tokens_unconstrained():
+    env, p = make("h100-llama3-8b", workload="agentic", load=0.9)
+    rows = session_calls(p, env.config, [(1, 2), (3, 4)], 1500)
+    share = rows[:, 2].sum() / rows[:, 0].sum()
+    assert 0.85 <= share <= 0.97, share
+    # make's Monte Carlo (NumPy draws) agrees with the JAX draws on calls per session and share
+    m = workload.agentic_moments(p)
+    assert float(p.calls_per_arrival) == pytest.approx(len(rows) / 3000, rel=0.05)
+    assert 1 - m["prefill"] / m["prompt"] == pytest.approx(share, abs=0.02)
+    # subagents live 1-3 calls; tool gaps have the Codex median and p99 (serving.md section 6)
+    turns = np.asarray(
+        workload.draw_session(jnp.asarray([5, 6], jnp.uint32), jnp.arange(20000), p, env.config)[
+            "turns"
+        ]
+    )
+    assert turns.min() == 1 and turns.max() <= workload.MAX_CALLS
+    gaps = np.asarray(
+        workload.draw_call(jnp.asarray([5, 6], jnp.uint32), jnp.arange(20000), 0, p)["tool_gap"]
+    )
+    assert np.median(gaps) == pytest.approx(5.2, rel=0.05)
+    assert np.percentile(gaps, 99) == pytest.approx(81.4, rel=0.15)
+
+
+def test_agentic_load_and_score_count_calls():
+    env, p = make("h100-llama3-8b", workload="agentic", load=0.9)
+    m = workload.agentic_moments(p)
+    assert float(p.calls_per_arrival) == pytest.approx(m["calls_per_session"], rel=1e-6)
+    assert float(p.arrival_rate) * m["calls_per_session"] == pytest.approx(
+        0.9 * capacity_rps(p, m), rel=1e-5
+    )
+    assert env.config.agentic and env.config.max_segments == 64
+    with pytest.raises(ValueError, match="agent_turns"):
+        make("toy", workload="agentic", agent_turns=0.5)

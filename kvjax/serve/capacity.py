@@ -16,15 +16,17 @@ from kvjax.serve import workload
 from kvjax.serve.types import ServeParams
 
 
-def capacity_rps(params: ServeParams, moments: tuple[float, float, float] | None = None) -> float:
-    """Requests per second at saturation (float; params must be concrete). `moments`:
-    (E[prompt], E[prompt^2], E[output]) of the workload, by default the synthetic workload
-    `params.workload`'s (a replayed trace's come from replay.length_moments)."""
+def capacity_rps(params: ServeParams, moments: dict | None = None) -> float:
+    """Requests per second at saturation (float; params must be concrete). `moments` of a
+    request: prompt (E[prompt]), output (E[output]), prefill (E[tokens prefilled]) and
+    prefill_pairs (E[prefilled x (cached + prefilled / 2)]: attention pairs); by default the
+    synthetic workload `params.workload`'s (nothing cached: prefill = prompt). A replayed
+    trace's come from replay.length_moments, agentic calls' from workload.agentic_moments."""
     if moments is None:
         moments = workload.length_moments(
             int(params.workload), int(params.max_tokens), int(params.max_model_len)
         )
-    e_in, e_in2, e_out = moments
+    e_in, e_out = moments["prompt"], moments["output"]
     kv = 0.5 if int(params.kv_dtype) == 1 else 1.0
     context = e_in + e_out / 2
     pool = float(params.gpu_pool_tokens) / kv
@@ -35,6 +37,8 @@ def capacity_rps(params: ServeParams, moments: tuple[float, float, float] | None
         + float(params.attn_decode) * kv * batch * context
     )
     per_request = (
-        e_out * dt / batch + float(params.lin_b) * e_in + float(params.attn_prefill) * e_in2 / 2
+        e_out * dt / batch
+        + float(params.lin_b) * moments["prefill"]
+        + float(params.attn_prefill) * moments["prefill_pairs"]
     )
     return 1.0 / per_request

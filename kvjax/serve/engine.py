@@ -36,6 +36,7 @@ from kvjax.serve.types import (
     RUNNING,
     SGLANG,
     SWAPPED,
+    TOOL,
     TRT,
     WAITING,
     Metrics,
@@ -148,6 +149,13 @@ def arrivals(
     req = state.requests
     K = cfg.max_arrivals_per_iter
     nxt = state.next_index
+    # Agentic sessions' next calls whose tool has returned enter the queue first.
+    woken = (req.status == TOOL) & (req.arrival <= state.clock) & live
+    req = req.replace(
+        status=jnp.where(woken, WAITING, req.status),
+        queue_key=jnp.where(woken, nxt, req.queue_key),
+    )
+    n_woken = jnp.sum(woken).astype(jnp.int32)
     # The next K + 1 requests of the stream (one draw each, vectorised) and their arrival times
     # as the same float32 running sum the stream defines.
     d = workload.draw_request(state.seed, state.stream_start + nxt + jnp.arange(K + 1), params, cfg)
@@ -167,6 +175,7 @@ def arrivals(
     req = req.replace(
         status=jnp.where(put, WAITING, req.status),
         index=jnp.where(put, index, req.index),
+        turn=jnp.where(put, 0, req.turn),
         arrival=jnp.where(put, pick(t), req.arrival),
         prompt=jnp.where(put, prompt, req.prompt),
         output_len=jnp.where(put, pick(d["output_len"]), req.output_len),
@@ -193,7 +202,7 @@ def arrivals(
     )
     nxt = nxt + n.astype(jnp.int32)
     t_next = jnp.sum(jnp.where(jnp.arange(K + 1) == n, t, 0.0))
-    arrived = state.metrics.arrived + (nxt - state.next_index)
+    arrived = state.metrics.arrived + (nxt - state.next_index) + n_woken
     return state.replace(
         requests=req,
         next_index=nxt,
@@ -478,6 +487,55 @@ def insert_segments(
     return req.replace(attached=jnp.where(inserts, row, req.attached)), seg
 
 
+def next_calls(
+    req: RequestTable,
+    done: chex.Array,
+    seed: chex.Array,
+    clock: chex.Array,
+    params: ServeParams,
+    cfg: ServeConfig,
+) -> RequestTable:
+    """Agentic sessions (docs/serving.md section 7): a completed call whose session has calls
+    left, and whose next prompt fits, keeps its row as the next call - in TOOL until its tool
+    returns - reading this call's history and publishing its own."""
+    session = workload.draw_session(seed, req.index, params, cfg)
+    this = workload.draw_call(seed, req.index, req.turn, params, cfg)
+    turn = req.turn + 1
+    following = workload.draw_call(seed, req.index, turn, params, cfg)
+    prompt = req.prompt + req.generated + this["new_tokens"]
+    cap = jnp.asarray(params.max_model_len, jnp.int32) - jnp.asarray(params.max_tokens, jnp.int32)
+    go = done & (turn < session["turns"]) & (prompt <= cap)
+    out = following["output_len"]
+    system = jnp.where(session["segment"] >= 0, session["segment"], -1)
+    w = lambda new, old: jnp.where(go, new, old)  # noqa: E731
+    return req.replace(
+        status=w(TOOL, req.status),
+        turn=w(turn, req.turn),
+        arrival=w(clock + this["tool_gap"], req.arrival),
+        prompt=w(prompt, req.prompt),
+        output_len=w(out, req.output_len),
+        segment=w(workload.history_key(req.index, req.turn, cfg), req.segment),
+        segment_up=w(system, req.segment_up),
+        prefix_len=w(req.publish_len, req.prefix_len),
+        publish=w(workload.history_key(req.index, turn, cfg), req.publish),
+        publish_len=w(workload.block_floor(prompt + out - 1), req.publish_len),
+        attached=w(-1, req.attached),
+        computed=w(0, req.computed),
+        target=w(prompt, req.target),
+        generated=w(0, req.generated),
+        queue_key=w(0, req.queue_key),
+        run_key=w(0, req.run_key),
+        priority=w((cfg.priority_levels - 1) // 2, req.priority),
+        first_token=w(-1.0, req.first_token),
+        last_token=w(-1.0, req.last_token),
+        preemptions=w(0, req.preemptions),
+        recomputed=w(0, req.recomputed),
+        hit_tokens=w(0, req.hit_tokens),
+        xfer_done=w(0.0, req.xfer_done),
+        cpu_blocks=w(0, req.cpu_blocks),
+    )
+
+
 # -- phase 5: execute --------------------------------------------------------------------------
 def execute(
     state: ServeState, plan: Plan, params: ServeParams, cfg: ServeConfig, live: chex.Array = True
@@ -546,6 +604,8 @@ def execute(
         state.next_arrival,
         jnp.min(jnp.where(in_flight, req.xfer_done, NEVER)),
     )
+    if cfg.agentic:
+        t_event = jnp.minimum(t_event, jnp.min(jnp.where(req.status == TOOL, req.arrival, NEVER)))
     deadline = jnp.min(
         jnp.where(
             (req.status == WAITING) & (req.first_token < 0),
@@ -609,6 +669,8 @@ def execute(
         log_tpot=m.log_tpot.at[pos].set(tpot, mode="drop"),
         log_count=m.log_count + n_done,
     )
+    if cfg.agentic:
+        req = next_calls(req, done, state.seed, clock, params, cfg)
     ratio = jnp.where(
         plan.retracted,
         params.sglang_ratio_init,
@@ -662,6 +724,7 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
     req = RequestTable(
         status=zi(S),
         index=jnp.full((S,), -1, jnp.int32),
+        turn=zi(S),
         arrival=zf(S),
         prompt=zi(S),
         output_len=zi(S),

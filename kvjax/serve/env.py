@@ -22,8 +22,9 @@ from kvjax.serve.presets import PRESETS
 from kvjax.serve.types import ENGINES, KV_DTYPES, ServeConfig, ServeParams, ServeState
 
 ENV_ID = "kv-serve-v0"
-# Segment rows for replayed traces with prefixes (a trace's segments outnumber a preset's G).
-TRACE_SEGMENTS = 64
+# Segment rows for replayed traces with prefixes and agentic sessions (their segments - trace
+# nodes, session histories - outnumber a preset's G).
+MANY_SEGMENTS = 64
 
 
 class ServeEnv(Environment):
@@ -31,7 +32,7 @@ class ServeEnv(Environment):
 
     State: `ServeState` - the request table [S], prefix segments [G], engine scalars (a clock
         in seconds per scenario) and metric accumulators.
-    Observation: `ServeObservation` - requests [S, 17], segments [G, 7], globals [17] and
+    Observation: `ServeObservation` - requests [S, 18], segments [G, 7], globals [17] and
         `command_mask` [num_command_ids] (observations.py). No true output lengths.
     Action: dict `request_priority` int32 [S], `segment_priority` int32 [G], `commands`
         int32 [A] (actions.py); all zeros = the engine default.
@@ -153,6 +154,11 @@ _POSITIVE = (
     "horizon",
     "sglang_retract_tokens",
     "sglang_reserve_cap",
+    "agent_task_tokens",
+    "agent_output_tokens",
+    "tool_gap_median",
+    "agent_turn_tokens",
+    "calls_per_arrival",
 )
 _NON_NEGATIVE = (
     "max_partial_prefills",
@@ -169,6 +175,7 @@ _NON_NEGATIVE = (
     "num_prefixes",
     "prefix_tokens",
     "pin_ttl",
+    "tool_gap_sigma",
 )
 _INTEGRAL = (
     "engine",
@@ -210,6 +217,8 @@ def validate_params(params: ServeParams, cfg: ServeConfig) -> ServeParams:
         ("kv_dtype", 0, len(KV_DTYPES) - 1),
         ("workload", 0, len(workloads.WORKLOADS) - 1),
         ("prefix_share", 0.0, 1.0),
+        ("subagent_share", 0.0, 1.0),
+        ("agent_turns", 1.0, 64.0),
         ("num_prefixes", 0, cfg.max_segments),
         ("max_partial_prefills", 1, math.inf),
     )
@@ -231,7 +240,9 @@ def _replay_trace(source: str, mtime: float) -> replay.ReplayTrace:
 def workload_source(name: str) -> tuple[int, replay.ReplayTrace | None]:
     """A workload name -> (synthetic workload index, None) or (0, the trace to replay): a
     synthetic workload, a bundled trace or a trace file (ValueError naming the allowed)."""
-    synthetic = workloads.WORKLOADS + tuple(workloads.ALIASES)
+    synthetic = workloads.WORKLOADS + tuple(workloads.ALIASES) + (workloads.AGENTIC,)
+    if name == workloads.AGENTIC:
+        return 0, None
     if name in synthetic:
         return workloads.workload_index(name), None
     if name in traces.BUNDLED:
@@ -256,10 +267,11 @@ def make(
     """`env, params = make(preset="h100-llama3-8b", engine="vllm", load=0.8)`.
 
     preset: one of PRESETS; engine: vllm | sglang | trt; workload: a synthetic workload
-    (synthetic-conv, alias synthetic; synthetic-code), a bundled trace (azure-conv, azure-code,
-    mooncake-conv, mooncake-synthetic) or a trace file, replayed (serve/replay.py; traces with
-    prefixes get max_segments 64 unless config says otherwise); load: offered load as a
-    fraction of the preset's roofline capacity for that workload (capacity.capacity_rps);
+    (synthetic-conv, alias synthetic; synthetic-code), `agentic` (closed-loop sessions), a
+    bundled trace (azure-conv, azure-code, mooncake-conv, mooncake-synthetic) or a trace file,
+    replayed (serve/replay.py); agentic and traces with prefixes get max_segments 64 unless
+    config says otherwise; load: offered load as a fraction of the preset's roofline capacity
+    for that workload (capacity.capacity_rps);
     kv_dtype: bf16 | fp8; config: ServeConfig overrides; params: ServeParams overrides (e.g.
     horizon=30.0, ttft_slo=1.0, arrival_rate=...: an explicit arrival_rate wins over load)."""
     if preset not in PRESETS:
@@ -272,15 +284,17 @@ def make(
         raise ValueError(f"load must be a finite number > 0, got {load!r}")
     w, trace = workload_source(workload)
     spec = PRESETS[preset]
-    cfg_fields = {f.name for f in dataclasses.fields(ServeConfig)} - {"trace"}
+    cfg_fields = {f.name for f in dataclasses.fields(ServeConfig)} - {"trace", "agentic"}
+    agentic = workload == workloads.AGENTIC
     cfg_over = {**spec["config"], **(config or {})}
     unknown = set(config or {}) - cfg_fields
     if unknown:
         raise ValueError(f"unknown config {sorted(unknown)}; allowed: {sorted(cfg_fields)}")
-    if trace is not None and trace.has_prefixes:
-        if "max_segments" not in (config or {}):
-            cfg_over["max_segments"] = max(TRACE_SEGMENTS, cfg_over.get("max_segments", 0))
-    cfg = ServeConfig(**cfg_over, trace=trace)
+    if (agentic or (trace is not None and trace.has_prefixes)) and "max_segments" not in (
+        config or {}
+    ):
+        cfg_over["max_segments"] = max(MANY_SEGMENTS, cfg_over.get("max_segments", 0))
+    cfg = ServeConfig(**cfg_over, trace=trace, agentic=agentic)
     for name in cfg_fields - {"reserve_levels"}:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
@@ -299,12 +313,18 @@ def make(
     }
     if trace is not None:  # no synthetic system prompts: the trace's segments use the keys
         base.update(num_prefixes=0, prefix_share=0.0)
+    if agentic:  # the main agents' and the subagents' system prompts
+        base.update(num_prefixes=len(workloads.SYSTEM_KEYS), prefix_tokens=8192, gap_sigma=1.0)
     p = validate_params(ServeParams(**{**base, **params}), cfg)
+    moments = None
+    if trace is not None:
+        moments = replay.length_moments(trace, int(p.max_tokens), int(p.max_model_len))
+    if agentic:
+        moments = workloads.agentic_moments(p)
+        p = p.replace(calls_per_arrival=moments["calls_per_session"])
     if "arrival_rate" not in params:
-        moments = None
-        if trace is not None:
-            moments = replay.length_moments(trace, int(p.max_tokens), int(p.max_model_len))
-        p = p.replace(arrival_rate=float(load) * capacity_rps(p, moments))
+        calls = float(p.calls_per_arrival)
+        p = p.replace(arrival_rate=float(load) * capacity_rps(p, moments) / calls)
     p = normalize_params(validate_params(p, cfg))
     if trace is not None:
         covered = trace.duration * trace.native_rate / float(p.arrival_rate)

@@ -20,7 +20,9 @@ QUANTILES = (50, 90, 99)
 
 def score(state: ServeState, params: ServeParams) -> chex.Array:
     """Requests within both SLOs per request offered in the window (the potential)."""
-    offered = jnp.asarray(params.arrival_rate, jnp.float32) * params.horizon
+    offered = (
+        jnp.asarray(params.arrival_rate, jnp.float32) * params.calls_per_arrival * params.horizon
+    )
     return state.metrics.good.astype(jnp.float32) / offered
 
 

@@ -16,6 +16,7 @@ from kvjax.serve.types import (
     OFFLOADING,
     RUNNING,
     SWAPPED,
+    TOOL,
     WAITING,
     ServeConfig,
     ServeParams,
@@ -40,7 +41,10 @@ REQUEST_FEATURES = (
     "attached",
     "has_prefix",
     "preemptions",
+    "in_tool",
 )
+# Features of a TOOL row (an agentic session's next call, not yet arrived) the agent sees.
+TOOL_VISIBLE = tuple(REQUEST_FEATURES.index(k) for k in ("priority", "has_prefix", "in_tool"))
 SEGMENT_FEATURES = ("valid", "on_gpu", "tokens_k", "refs", "pinned_s", "priority", "idle_s")
 GLOBAL_FEATURES = (
     (
@@ -102,10 +106,15 @@ def observe(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ServeOb
             f(req.attached >= 0),
             f(req.segment >= 0),
             f(req.preemptions),
+            f(req.status == TOOL),
         ],
         axis=-1,
     )
     r = jnp.where((req.status > 0)[:, None], r, 0.0)
+    # A session waiting for its tool shows only that and its prefix flags: engines know neither
+    # when a tool returns nor what it adds (serving.md section 7).
+    shown = jnp.isin(jnp.arange(len(REQUEST_FEATURES)), jnp.asarray(TOOL_VISIBLE))
+    r = jnp.where((req.status == TOOL)[:, None] & ~shown[None, :], 0.0, r)
     refs = engine.segment_refs(req, cfg.max_segments)
     s = jnp.stack(
         [

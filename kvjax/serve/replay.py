@@ -205,8 +205,21 @@ def draw(rt: ReplayTrace, index: chex.Array, params) -> dict:
     )
 
 
-def length_moments(rt: ReplayTrace, max_tokens: int, max_model_len: int):
-    """(E[prompt], E[prompt^2], E[output]) after clipping, for capacity estimates."""
+def length_moments(rt: ReplayTrace, max_tokens: int, max_model_len: int) -> dict:
+    """capacity.capacity_rps's moments after clipping (prefixes not counted: windows start
+    cold)."""
     prompt = np.clip(rt.columns["input_len"].astype(np.float64), 1, max_model_len - max_tokens)
     out = np.clip(rt.columns["output_len"].astype(np.float64), 1, max_tokens)
-    return float(prompt.mean()), float((prompt**2).mean()), float(out.mean())
+    return moments(prompt, out)
+
+
+def moments(prompt: np.ndarray, output: np.ndarray, cached: np.ndarray | None = None) -> dict:
+    """capacity.capacity_rps's moments of requests with these lengths (and cached tokens)."""
+    cached = np.zeros_like(prompt) if cached is None else cached
+    new = prompt - cached
+    return dict(
+        prompt=float(prompt.mean()),
+        output=float(output.mean()),
+        prefill=float(new.mean()),
+        prefill_pairs=float((new * (cached + new / 2)).mean()),
+    )

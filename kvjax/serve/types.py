@@ -17,8 +17,9 @@ from flax import struct
 BLOCK_TOKENS = 16  # vLLM's default block size (serving.md section 2)
 
 # Request status (one row of the request table).
-EMPTY, WAITING, RUNNING, OFFLOADING, SWAPPED, LOADING = 0, 1, 2, 3, 4, 5
-STATUSES = ("empty", "waiting", "running", "offloading", "swapped", "loading")
+# TOOL: an agentic session's next call, waiting for its tool to return (serve/workload.py).
+EMPTY, WAITING, RUNNING, OFFLOADING, SWAPPED, LOADING, TOOL = 0, 1, 2, 3, 4, 5, 6
+STATUSES = ("empty", "waiting", "running", "offloading", "swapped", "loading", "tool")
 # Engines (scheduling / preemption rule sets).
 VLLM, SGLANG, TRT = 0, 1, 2
 ENGINES = ("vllm", "sglang", "trt")
@@ -43,6 +44,8 @@ class ServeConfig:
     # A trace to replay (serve/replay.ReplayTrace, hashed by content); None: the synthetic
     # workload `params.workload`.
     trace: Any = None
+    # The agentic closed-loop workload (sessions of calls separated by tool gaps).
+    agentic: bool = False
 
     @property
     def num_command_ids(self) -> int:
@@ -86,6 +89,15 @@ class ServeParams:
     num_prefixes: chex.Array = 4  # distinct shared system prompts (<= max_segments)
     prefix_tokens: chex.Array = 1024  # length of each shared system prompt
     prefix_share: chex.Array = 0.5  # fraction of requests that start with one
+    # agentic sessions (workload.py; used when ServeConfig.agentic)
+    subagent_share: chex.Array = 0.3  # sessions that are subagents (1-3 calls)
+    agent_turns: chex.Array = 12.0  # mean calls of a main agent session
+    agent_task_tokens: chex.Array = 4000.0  # median task tokens after the system prompt
+    agent_output_tokens: chex.Array = 300.0  # median output tokens of a call
+    tool_gap_median: chex.Array = 5.2  # s, median tool gap between calls
+    tool_gap_sigma: chex.Array = 1.18  # lognormal sigma (p99 81.4 s)
+    agent_turn_tokens: chex.Array = 2000.0  # median new tokens per call (tool results)
+    calls_per_arrival: chex.Array = 1.0  # expected calls per stream arrival (score denominator)
     # client and scoring
     client_timeout: chex.Array = 60.0  # a waiting request is dropped after this long
     ttft_slo: chex.Array = 2.0
@@ -100,6 +112,7 @@ class RequestTable:
 
     status: chex.Array  # int32, STATUSES
     index: chex.Array  # int32, request index in the workload stream (-1 when empty)
+    turn: chex.Array  # int32, the call's number within its agentic session (0 otherwise)
     arrival: chex.Array  # float32 s
     prompt: chex.Array  # int32 prompt tokens
     output_len: chex.Array  # int32 tokens it will generate (hidden from the agent)

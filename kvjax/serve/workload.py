@@ -483,6 +483,10 @@ def draw_request(
     `cfg`, `index` is a row of the trace (serve/replay.py)."""
     if cfg is not None and cfg.trace is not None:
         return replay.draw(cfg.trace, jnp.asarray(index, jnp.int32), params)
+    if cfg is not None and cfg.agentic:
+        d = draw_session(seed, index, params, cfg)
+        d.pop("turns")
+        return d
     counters = jnp.asarray(index, jnp.uint32)[..., None] * DRAWS_PER_REQUEST + jnp.arange(
         5, dtype=jnp.uint32
     )
@@ -535,6 +539,8 @@ def request_stream(
     @jax.jit
     def draw(seed, params):
         start = stream_start(seed, params, cfg)
+        if cfg is not None and cfg.agentic:  # with each session's number of calls
+            return draw_session(seed, start + jnp.arange(n), params, cfg)
         return draw_request(seed, start + jnp.arange(n), params, cfg)
 
     d = draw(seed, params)
@@ -561,4 +567,114 @@ def length_moments(workload: int, max_tokens: int, max_model_len: int, grid: int
 
     prompt = np.clip(np.round(inv(INPUT_PERCENTILES[workload])), 1, max_model_len - max_tokens)
     out = np.clip(np.round(inv(OUTPUT_PERCENTILES[workload])), 1, max_tokens)
-    return float(prompt.mean()), float((prompt**2).mean()), float(out.mean())
+    return replay.moments(prompt, out)
+
+
+# -- agentic sessions (closed loop; docs/serving.md section 7) --------------------------------
+AGENTIC = "agentic"
+MAX_CALLS = 64  # calls of a session at most (history keys hold 64 per session)
+CALL_SEED_XOR = 0x9E3779B9  # per-call draws use the seed with its first word XORed with this
+SYSTEM_KEYS = (0, 1)  # the main agents' and the subagents' system prompts
+
+
+def _lognormal(u: chex.Array, median, sigma) -> chex.Array:
+    return jnp.asarray(median, jnp.float32) * jnp.exp(sigma * jax.scipy.special.ndtri(u))
+
+
+def history_key(session: chex.Array, turn: chex.Array, cfg: ServeConfig) -> chex.Array:
+    """The segment key of call `turn` of `session`'s history (above the system prompts')."""
+    return cfg.max_segments + MAX_CALLS * session + turn
+
+
+def block_floor(tokens: chex.Array) -> chex.Array:
+    return tokens // BLOCK_TOKENS * BLOCK_TOKENS
+
+
+def draw_call(
+    seed: chex.Array, session: chex.Array, turn: chex.Array, params: ServeParams, cfg=None
+) -> dict:
+    """Call `turn` of agentic `session`: its output tokens, the tool gap after it (s) and the
+    new tokens the next call adds (counters 4 (64 session + turn) + j under the XORed seed)."""
+    seed = jnp.asarray(seed, jnp.uint32)
+    call_seed = jnp.stack([seed[0] ^ jnp.uint32(CALL_SEED_XOR), seed[1]])
+    t = jnp.minimum(jnp.asarray(turn, jnp.int32), MAX_CALLS - 1)
+    base = (jnp.asarray(session, jnp.int32) * MAX_CALLS + t).astype(jnp.uint32) * 4
+    u = rng.uniform(rng.hash_words(call_seed, base[..., None] + jnp.arange(3, dtype=jnp.uint32)))
+    max_tokens = jnp.asarray(params.max_tokens, jnp.int32)
+    out = jnp.round(_lognormal(u[..., 0], params.agent_output_tokens, 0.8))
+    new = jnp.round(_lognormal(u[..., 2], params.agent_turn_tokens, 0.5))
+    return dict(
+        output_len=jnp.clip(out.astype(jnp.int32), 1, max_tokens),
+        tool_gap=_lognormal(u[..., 1], params.tool_gap_median, params.tool_gap_sigma),
+        new_tokens=jnp.maximum(new.astype(jnp.int32), 1),
+    )
+
+
+def draw_session(seed: chex.Array, index: chex.Array, params: ServeParams, cfg) -> dict:
+    """Agentic session `index`: its gap after the previous session, number of calls and call 0
+    as a request (draw_request's fields plus `turns`)."""
+    seed = jnp.asarray(seed, jnp.uint32)
+    index = jnp.asarray(index, jnp.int32)
+    counters = index.astype(jnp.uint32)[..., None] * DRAWS_PER_REQUEST + jnp.arange(
+        4, dtype=jnp.uint32
+    )
+    u = rng.uniform(rng.hash_words(seed, counters))
+    rate = jnp.asarray(params.arrival_rate, jnp.float32)
+    sigma = jnp.asarray(params.gap_sigma, jnp.float32)
+    gap = jnp.exp(-jnp.log(rate) - 0.5 * sigma * sigma + sigma * jax.scipy.special.ndtri(u[..., 0]))
+    sub = u[..., 1] < params.subagent_share
+    p = 1.0 / jnp.asarray(params.agent_turns, jnp.float32)
+    geometric = jnp.floor(jnp.log(u[..., 2]) / jnp.log1p(-p))
+    main_turns = jnp.minimum(1 + geometric, MAX_CALLS).astype(jnp.int32)
+    sub_turns = jnp.minimum(1 + jnp.floor(3 * u[..., 2]), 3).astype(jnp.int32)
+    max_tokens = jnp.asarray(params.max_tokens, jnp.int32)
+    plen = block_floor(jnp.asarray(params.prefix_tokens, jnp.int32))
+    task = jnp.round(_lognormal(u[..., 3], params.agent_task_tokens, 0.5)).astype(jnp.int32)
+    prompt = jnp.clip(plen + task, 1, jnp.asarray(params.max_model_len, jnp.int32) - max_tokens)
+    out = draw_call(seed, index, 0, params, cfg)["output_len"]
+    reads = prompt > plen
+    return dict(
+        gap=gap,
+        prompt=prompt,
+        output_len=out,
+        max_tokens=jnp.broadcast_to(max_tokens, prompt.shape),
+        segment=jnp.where(reads, jnp.where(sub, SYSTEM_KEYS[1], SYSTEM_KEYS[0]), -1),
+        segment_up=jnp.full_like(prompt, -1),
+        prefix_len=jnp.where(reads, plen, 0),
+        publish=history_key(index, 0, cfg),
+        publish_len=block_floor(prompt + out - 1),
+        turns=jnp.where(sub, sub_turns, main_turns),
+    )
+
+
+def agentic_moments(params: ServeParams, sessions: int = 20_000, seed: int = 0) -> dict:
+    """Expected calls per session and capacity.capacity_rps's moments of a call, with the
+    prefill an unconstrained cache leaves (Monte Carlo over `sessions` sessions in NumPy, the
+    distributions of draw_session / draw_call)."""
+    g = np.random.default_rng(seed)
+    f = lambda name: float(np.asarray(getattr(params, name)))  # noqa: E731
+    cap = int(f("max_model_len") - f("max_tokens"))
+    plen = int(f("prefix_tokens")) // BLOCK_TOKENS * BLOCK_TOKENS
+    lognormal = lambda median, sigma, n: median * np.exp(sigma * g.standard_normal(n))  # noqa: E731
+    sub = g.random(sessions) < f("subagent_share")
+    u = g.random(sessions)
+    main = np.minimum(1 + np.floor(np.log(u) / np.log1p(-1 / f("agent_turns"))), MAX_CALLS)
+    turns = np.where(sub, np.minimum(1 + np.floor(3 * u), 3), main).astype(int)
+    prompt = np.clip(plen + np.round(lognormal(f("agent_task_tokens"), 0.5, sessions)), 1, cap)
+    cached = np.where(prompt > plen, plen, 0)
+    prompts, outputs, hits = [], [], []
+    alive = np.ones(sessions, bool)
+    for t in range(MAX_CALLS):
+        out = np.clip(
+            np.round(lognormal(f("agent_output_tokens"), 0.8, sessions)), 1, f("max_tokens")
+        )
+        prompts.append(prompt[alive]), outputs.append(out[alive]), hits.append(cached[alive])
+        new = np.maximum(np.round(lognormal(f("agent_turn_tokens"), 0.5, sessions)), 1)
+        cached = (prompt + out - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+        prompt = prompt + out + new
+        alive &= (t + 1 < turns) & (prompt <= cap)
+        if not alive.any():
+            break
+    calls = sum(len(p) for p in prompts)
+    m = replay.moments(np.concatenate(prompts), np.concatenate(outputs), np.concatenate(hits))
+    return dict(m, calls_per_session=calls / sessions)
