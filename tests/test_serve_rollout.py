@@ -70,26 +70,15 @@ def test_unknown_serve_policy_names_the_allowed_values(short):
     assert SERVE_POLICY_NAMES == ("engine_default", "random")
 
 
-def test_cli_eval_kv_serve_json(capsys):
-    rc = cli.main(
-        [
-            "eval",
-            "--env",
-            "kv-serve-v0",
-            "--policy",
-            "engine_default",
-            "--num-scenarios",
-            "2",
-            "--horizon",
-            "1",
-            "--load",
-            "0.5",
-            "--json",
-        ]
-    )
+@pytest.mark.parametrize("workload", [None, "mooncake-synthetic"])
+def test_cli_eval_kv_serve_json(capsys, workload):
+    argv = ["eval", "--env", "kv-serve-v0", "--policy", "engine_default", "--num-scenarios", "2"]
+    argv += ["--horizon", "1", "--load", "0.5", "--json"]
+    rc = cli.main(argv + (["--workload", workload] if workload else []))
     assert rc == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["env"] == "kv-serve-v0" and rec["preset"] == "toy"
+    assert rec["workload"] == (workload or "synthetic")
     assert 0.0 <= rec["results"]["score"]["mean"] <= 1.5
 
 
@@ -100,6 +89,12 @@ def test_cli_eval_kv_serve_json(capsys):
         (["eval", "--policy", "keep", "--preset", "toy"], "kv-serve-v0 only"),
         (["eval", "--env", "kv-serve-v0", "--policy", "random", "--load", "-1"], "load"),
         (["bench", "--env", "kv-serve-v0", "--presets", "a100"], "invalid choice"),
+        (["eval", "--env", "kv-serve-v0", "--policy", "random", "--workload", "x"], "agentic"),
+        (
+            ["eval", "--env", "kv-serve-v0", "--policy", "random", "--workload", "azure-code"]
+            + ["--horizon", "1e9"],
+            "horizon must be <=",
+        ),
         (
             ["eval", "--env", "kv-serve-v0", "--policy", "random", "--difficulty", "hard"],
             "difficulty",
