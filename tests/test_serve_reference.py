@@ -17,6 +17,12 @@ keys, published keys, rows allocated for inserts (fresh, stale, an evictable lea
 leaf-only evictions and drops - is exercised by the crafted states: random prefix forests,
 segment tables over part of them and requests reading, falling back and publishing along
 their paths.
+
+The agentic closed-loop workload (docs/serving.md section 7) has its own case: sessions whose
+completed calls continue as TOOL rows, wake into the queue at the stream pointer, read their
+previous call's history or fall back to the system prompt, and end by their number of calls or
+a full context (asserted, with client timeouts of woken calls); a hand-built state pins the
+wake-up order and a continuation's fields.
 """
 
 from __future__ import annotations
@@ -64,6 +70,37 @@ CASES = {
     ),
 }
 
+# The agentic closed-loop workload (docs/serving.md section 7): sessions of calls separated by
+# short tool gaps, small contexts (calls of ~1.5K new tokens in an 8K context, so sessions end
+# by a full context as well as by their number of calls), a short client timeout so woken calls
+# time out under overload, and an 8-row segment table that history keys keep turning over.
+AGENTIC = dict(
+    config=dict(max_requests=16, max_segments=8, finished_log=64),
+    engines=ENGINES,
+    dtypes=("bf16",),
+    loads=(0.6, 3.0),
+    max_steps=400,
+    params=dict(
+        workload="agentic",
+        horizon=10.0,
+        gpu_pool_tokens=24576,
+        cpu_pool_tokens=16384,
+        max_num_seqs=12,
+        max_batched_tokens=1024,
+        max_tokens=256,
+        max_model_len=8192,
+        prefix_tokens=1024,
+        agent_task_tokens=1500.0,
+        agent_output_tokens=60.0,
+        agent_turn_tokens=1500.0,
+        agent_turns=4.0,
+        tool_gap_median=0.3,
+        client_timeout=3.0,
+        pin_ttl=1.0,
+    ),
+)
+CASES["agentic"] = AGENTIC
+
 # Longer (marked slow): another workload, other engine knobs and config shapes, more segments.
 SLOW_CASES = {
     "code": dict(
@@ -84,6 +121,14 @@ SLOW_CASES = {
             CASES["tight"]["params"], max_partial_prefills=2, max_batched_tokens=512, horizon=5.0
         ),
     ),
+    "agentic-fp8": dict(
+        AGENTIC,
+        dtypes=("fp8",),
+        loads=(1.0, 4.0),
+        seed=3,
+        max_steps=800,
+        params=dict(AGENTIC["params"], horizon=25.0, agent_turns=6.0, client_timeout=1.5),
+    ),
     "prefixes": dict(
         config=dict(reserve_levels=(0.0, 0.3)),
         loads=(1.0, 4.0),
@@ -95,7 +140,8 @@ SLOW_CASES = {
 
 def scenarios(case: dict):
     envs, plist, names = [], [], []
-    for engine, dtype, load in itertools.product(ENGINES, KV_DTYPES, case["loads"]):
+    engines, dtypes = case.get("engines", ENGINES), case.get("dtypes", KV_DTYPES)
+    for engine, dtype, load in itertools.product(engines, dtypes, case["loads"]):
         env, p = kvjax.make(
             "kv-serve-v0",
             preset="toy",
@@ -225,6 +271,28 @@ def test_parity_tight_memory():
     assert total(refs, "idle") > 0 and total(refs, "partial_admits") > 0
     assert any(r.metrics["log_count"] > r.cfg.finished_log for r in refs)  # the ring wrapped
     assert total(refs, "held_back") > 0  # arrivals waited behind a full table
+
+
+def test_parity_agentic_sessions():
+    """The agentic workload under random actions: completed calls continue as TOOL rows,
+    wake into the queue at the stream pointer, hit their previous call's history (or fall
+    back to the system prompt), and sessions end by their number of calls and by a full
+    context; woken calls can time out."""
+    refs, names, steps, host = run_case("agentic")
+    assert_agentic(refs)
+
+
+def assert_agentic(refs):
+    eng = lambda e: lambda r: r.p.engine == ENGINES.index(e)  # noqa: E731
+    assert total(refs, "continuations") > 0 and total(refs, "wakes") > 0
+    assert total(refs, "history_hits") > 0 and total(refs, "system_fallbacks") > 0
+    assert total(refs, "ended_turns") > 0 and total(refs, "ended_context") > 0
+    assert total(refs, "woken_timeouts") > 0
+    assert total(refs, "publish_inserts") > 0 and total(refs, "completions") > 0
+    assert total(refs, "preempted", eng("vllm")) > 0
+    assert total(refs, "offloads_done") > 0 and total(refs, "loads_done") > 0
+    # Every scenario had TOOL rows in the table at some point and scored per call.
+    assert all(r.events["continuations"] > 0 for r in refs)
 
 
 # -- crafted states ----------------------------------------------------------------------------
@@ -574,3 +642,88 @@ def test_parity_more_cases(name):
     assert steps >= 600
     assert total(refs, "preempted") > 0 and total(refs, "hits") > 0
     assert total(refs, "loads_done") > 0 and total(refs, "completions") > 0
+    if name.startswith("agentic"):
+        assert_agentic(refs)
+
+
+def test_parity_agentic_wake_and_continue():
+    """One iteration of a hand-built agentic state, against docs/serving.md sections 3 and 7:
+    two TOOL rows whose calls have arrived wake with queue_key = the stream pointer (5) and,
+    like stream request 5 arriving in the same iteration, queue behind request 4, ties by row;
+    a TOOL row not yet due stays; three calls complete - one continues as a TOOL row (fields
+    by the docs), one was its session's last call and one's next prompt does not fit (rows
+    freed)."""
+    from kvjax.serve.types import TOOL, WAITING
+
+    env, plist, _ = scenarios(dict(AGENTIC, engines=("vllm",), loads=(1.0,)))
+    cfg, p = env.config, plist[0]
+    stream = ref_mod.Stream(np.array([7, 9], np.uint32), p, cfg, 256)
+    turns = [stream.session_turns(i) for i in range(256)]
+    many = [i for i in range(6, 256) if turns[i] >= 3][:2]  # sessions with calls left
+    last = next(i for i in range(6, 256) if turns[i] == 2)  # its call 1 is the last
+    cap = int(p.max_model_len) - int(p.max_tokens)
+    t0 = float(stream.arrival_of(5)) + 1e-4 - 1.0  # the clock is t0 + 1, request 5 has arrived
+
+    def finishing(index, turn, prompt, row_key):
+        out = stream.call(index, turn)["output_len"]
+        return dict(
+            status=RUNNING,
+            index=index,
+            turn=turn,
+            arrival=t0 + 0.2,
+            prompt=prompt,
+            output_len=out,
+            max_tokens=int(p.max_tokens),
+            segment=0,
+            prefix_len=1024,
+            publish=cfg.max_segments + 64 * index + turn,
+            publish_len=(prompt + out - 1) // 16 * 16,
+            computed=prompt + out - 2,
+            target=prompt,
+            generated=out - 1,
+            first_token=t0 + 0.5,
+            last_token=t0 + 0.9,
+            run_key=row_key,
+        )
+
+    tool = dict(status=TOOL, turn=1, prompt=3000, output_len=40, max_tokens=int(p.max_tokens))
+    requests = [
+        dict(tool, index=3, arrival=t0 + 0.9, queue_key=0),
+        dict(tool, index=1, arrival=t0 + 0.95, queue_key=0),
+        dict(status=WAITING, index=4, arrival=t0 + 0.8, prompt=2000, output_len=30),
+        dict(tool, index=2, arrival=t0 + 2.0, queue_key=0),
+        finishing(many[0], 1, 3000, 0),
+        finishing(last, 1, 2500, 1),
+        finishing(many[1], 0, cap - 100, 2),  # + output + new tokens > cap: context full
+    ]
+    st = build_state(
+        p,
+        cfg,
+        requests=requests,
+        clock=t0 + 1.0,
+        next_arrival=stream.arrival_of(5),
+        seed=(7, 9),
+        next_index=5,
+    )
+    ref = ref_mod.ReferenceEngine.from_state(st, p, cfg, stream)
+    ref.arrivals()
+    assert ref.events["wakes"] == 2 and ref.metrics["arrived"] == 3
+    assert ref.waiting[:4] == [2, 0, 1, 7] and ref.rows[3].status == TOOL
+    ref = ref_mod.ReferenceEngine.from_state(st, p, cfg, stream)
+    ref.iterate()
+    assert ref.events["continuations"] == 1 and ref.events["ended_turns"] == 1
+    assert ref.events["ended_context"] == 1
+    r = ref.rows[4]
+    assert r.status == TOOL and r.turn == 2 and ref.rows[5] is None and ref.rows[6] is None
+    after = stream.call(many[0], 1)
+    prompt = 3000 + requests[4]["output_len"] + after["new_tokens"]
+    assert r.prompt == prompt and r.output_len == stream.call(many[0], 2)["output_len"]
+    assert r.segment == cfg.max_segments + 64 * many[0] + 1
+    assert r.prefix_len == requests[4]["publish_len"]
+    assert r.segment_up == stream.request(many[0])["segment"]
+    assert r.publish == cfg.max_segments + 64 * many[0] + 2
+    assert r.publish_len == (prompt + r.output_len - 1) // 16 * 16
+    assert r.arrival == np.float32(ref.clock + after["tool_gap"])
+    got = jax.jit(serve_engine.iterate, static_argnums=2)(st, p, cfg)
+    errs = ref_mod.diff(ref.snapshot(), ref_mod.snapshot_of_state(got, cfg), rtol=RTOL)
+    assert not errs, errs[:6]

@@ -1,4 +1,4 @@
-"""A plain-Python oracle of kv-serve-v0's engine rules (docs/serving.md sections 1-6).
+"""A plain-Python oracle of kv-serve-v0's engine rules (docs/serving.md sections 1-7).
 
 One scenario, written from the specification the way vLLM's scheduler is written - Python
 lists of requests, a running list in admission order, a waiting deque, loops that pop
@@ -19,13 +19,20 @@ pinned are evictable. Requests read `segment` (else the fallback `segment_up`), 
 when it is not resident, then `publish` their own deeper prefix; `attached` is a row (-1 none).
 Rows for inserts come in the allocation order of section 3 phase 5 (`insert_segments`).
 
+The agentic closed-loop workload (section 7, `ServeConfig.agentic`): stream rows are sessions'
+first calls; a completed call whose session continues keeps its row as the next call, in status
+TOOL (no GPU or CPU blocks) until its tool returns (`continue_session`), then wakes in the
+arrivals phase, queued at the stream pointer (`arrivals`, `enqueue`). Call t + 1 reads call t's
+history key, falls back to the session's system prompt and publishes its own history.
+
 On the `toy` preset it runs ~4,500 engine iterations per second on one CPU core (vLLM rules,
 load 1.0, no-op actions).
 
 The request stream is shared input: request attributes come from
-`workload.request_stream(seed, n, params, cfg)` (the reference tests the engine rules, not the
-random draws). Times are np.float32 computed in the latency model's operation order, so the
-clocks agree with the JAX engine to float32 rounding of sums; integers agree exactly.
+`workload.request_stream(seed, n, params, cfg)` and an agentic call's from
+`workload.draw_call(seed, session, turn, params, cfg)` (the reference tests the engine rules,
+not the random draws). Times are np.float32 computed in the latency model's operation order,
+so the clocks agree with the JAX engine to float32 rounding of sums; integers agree exactly.
 
 Where docs/serving.md leaves a detail open, the reference follows engine.py (each such place
 is marked "engine.py:"): an offloaded request's place in the queue is fixed when the offload
@@ -37,7 +44,9 @@ two ways are marked "reading:".
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -50,6 +59,7 @@ from kvjax.serve.types import (
     RUNNING,
     SGLANG,
     SWAPPED,
+    TOOL,
     TRT,
     WAITING,
     ServeConfig,
@@ -63,6 +73,7 @@ ON_GPU = (RUNNING, OFFLOADING, LOADING)
 
 REQUEST_FIELDS = (
     "index",
+    "turn",
     "arrival",
     "prompt",
     "output_len",
@@ -179,12 +190,15 @@ def scalar_params(params: ServeParams) -> SimpleNamespace:
 
 
 class Stream:
-    """The scenario's request stream (workload.request_stream), extended on demand."""
+    """The scenario's request stream (workload.request_stream), extended on demand. In the
+    agentic workload a stream row is a session's call 0 (plus `turns`, its number of calls),
+    and `call(session, turn)` gives call `turn`'s own draws (workload.draw_call)."""
 
     def __init__(self, seed, params: ServeParams, cfg: ServeConfig, n: int = 256):
         self.seed = np.asarray(seed, np.uint32)
         self.params = params
         self.cfg = cfg
+        self.calls: dict[tuple[int, int], dict] = {}
         self._load(n)
 
     def _load(self, n: int) -> None:
@@ -195,6 +209,7 @@ class Stream:
         self.n = n
         self.arrival = [f32(x) for x in d["arrival"]]
         self.cols = {k: [int(x) for x in d[k]] for k in STREAM_FIELDS}
+        self.turns = [int(x) for x in d["turns"]] if self.cfg.agentic else [1] * n
 
     def ensure(self, i: int) -> None:
         if i >= self.n:
@@ -208,9 +223,51 @@ class Stream:
         self.ensure(i)
         return self.arrival[i]
 
+    def session_turns(self, i: int) -> int:
+        """Session i's number of calls (1 outside the agentic workload)."""
+        self.ensure(i)
+        return self.turns[i]
+
+    def call(self, session: int, turn: int) -> dict:
+        """Call `turn` of `session`: output_len, tool_gap (after it) and new_tokens (after it),
+        drawn for CALL_BLOCK sessions x MAX_TURNS calls at a time and cached."""
+        if (session, turn) not in self.calls:
+            base = session - session % CALL_BLOCK
+            sessions = np.repeat(np.arange(base, base + CALL_BLOCK, dtype=np.int32), MAX_TURNS)
+            turns = np.tile(np.arange(MAX_TURNS, dtype=np.int32), CALL_BLOCK)
+            d = _call_drawer(self.cfg)(self.seed, sessions, turns, self.params)
+            d = {k: np.asarray(v) for k, v in d.items()}
+            for j, (i, t) in enumerate(zip(sessions.tolist(), turns.tolist(), strict=True)):
+                self.calls[(i, t)] = dict(
+                    output_len=int(d["output_len"][j]),
+                    tool_gap=f32(d["tool_gap"][j]),
+                    new_tokens=int(d["new_tokens"][j]),
+                )
+        return self.calls[(session, turn)]
+
+
+CALL_BLOCK = 64  # sessions per draw of calls
+MAX_TURNS = 64  # calls per session at most (docs/serving.md section 7)
+
+
+@functools.cache
+def _call_drawer(cfg: ServeConfig):
+    """jit(vmap(workload.draw_call)) over (session, turn) pairs (one compile per config)."""
+    import jax
+
+    from kvjax.serve import workload
+
+    def draw(seed, sessions, turns, params):
+        one = lambda i, t: workload.draw_call(seed, i, t, params, cfg)  # noqa: E731
+        return jax.vmap(one)(sessions, turns)
+
+    return jax.jit(draw)
+
 
 class Request:
-    __slots__ = ("row", "status", *REQUEST_FIELDS)
+    # qkey: the queue key of an arrival (stream index, or next_index for a woken call) that
+    # orders it among arrivals (ties by row); None for a preempted or offloaded request.
+    __slots__ = ("row", "status", "qkey", *REQUEST_FIELDS)
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -229,7 +286,7 @@ class Segment:
 
 
 class ReferenceEngine:
-    """One kv-serve-v0 scenario in plain Python (docs/serving.md sections 1-6)."""
+    """One kv-serve-v0 scenario in plain Python (docs/serving.md sections 1-7)."""
 
     def __init__(self, params: ServeParams, cfg: ServeConfig, stream: Stream):
         self.params = params
@@ -304,6 +361,14 @@ class ReferenceEngine:
             partial_admits=0,
             idle=0,
             held_back=0,
+            # agentic sessions
+            continuations=0,  # completed calls whose row became the session's next (TOOL)
+            wakes=0,  # TOOL rows whose call arrived (WAITING)
+            history_hits=0,  # admissions of calls t >= 1 that hit call t-1's history
+            system_fallbacks=0,  # admissions of calls t >= 1 that hit the system prompt
+            ended_turns=0,  # sessions ended with their last call (more than one call)
+            ended_context=0,  # sessions ended with calls left: the next prompt did not fit
+            woken_timeouts=0,  # calls t >= 1 dropped by the client timeout
         )
 
     # -- construction from a JAX state -------------------------------------------------------
@@ -324,7 +389,10 @@ class ReferenceEngine:
             if int(rq.status[r]) == EMPTY:
                 continue
             kw = {k: _py(getattr(rq, k)[r], k) for k in REQUEST_FIELDS}
-            ref.rows[r] = Request(row=r, status=int(rq.status[r]), **kw)
+            qkey = int(rq.queue_key[r])
+            ref.rows[r] = Request(
+                row=r, status=int(rq.status[r]), qkey=qkey if qkey >= 0 else None, **kw
+            )
         key = lambda r: (int(rq.queue_key[r]), r)  # noqa: E731
         ref.waiting = sorted(
             (
@@ -445,6 +513,7 @@ class ReferenceEngine:
         r.attached = -1
         r.preemptions += 1
         r.recomputed += lost
+        r.qkey = None
         self.running.remove(r.row)
         self.waiting.insert(0, r.row)
         self.preempt_counter += 1
@@ -514,6 +583,7 @@ class ReferenceEngine:
                 self.link_free[0] = done
                 r.status, r.xfer_done, r.cpu_blocks = OFFLOADING, done, blocks
                 r.preemptions += 1
+                r.qkey = None
                 # engine.py: it holds its place at the head of the queue from now on.
                 self.running.remove(t)
                 self.waiting.insert(0, t)
@@ -544,7 +614,16 @@ class ReferenceEngine:
         self.execute(plan)
 
     def arrivals(self) -> None:
+        """Section 3 phase 1: (agentic) TOOL rows whose call has arrived wake, queued at the
+        stream pointer; then up to K stream arrivals enter empty rows, in stream order."""
         L = self.cfg.priority_levels
+        if self.cfg.agentic:
+            for r in self.rows:
+                if r is not None and r.status == TOOL and r.arrival <= self.clock:
+                    r.status, r.qkey = WAITING, self.next_index
+                    self.enqueue(r)
+                    self.metrics["arrived"] += 1
+                    self.events["wakes"] += 1
         for _ in range(self.cfg.max_arrivals_per_iter):
             if not self.next_arrival <= self.clock:
                 break
@@ -554,10 +633,12 @@ class ReferenceEngine:
             row = self.rows.index(None)
             i = self.next_index
             d = self.stream.request(i)
-            self.rows[row] = Request(
+            self.rows[row] = r = Request(
                 row=row,
                 status=WAITING,
+                qkey=i,
                 index=i,
+                turn=0,
                 arrival=self.next_arrival,
                 attached=-1,
                 computed=0,
@@ -574,10 +655,20 @@ class ReferenceEngine:
                 cpu_blocks=0,
                 **d,
             )
-            self.waiting.append(row)
+            self.enqueue(r)
             self.next_index = i + 1
             self.next_arrival = self.stream.arrival_of(i + 1)
             self.metrics["arrived"] += 1
+
+    def enqueue(self, r: Request) -> None:
+        """An arrival joins the queue behind the preempted and offloaded requests, among the
+        arrivals in the order of (queue key, row): FIFO by stream index, a woken call at the
+        stream pointer of its wake-up (reading: ties - woken calls and the stream request at
+        that index - by table row, engine.py's tie rule for every order)."""
+        keys = [
+            (-1, -1) if self.rows[q].qkey is None else (self.rows[q].qkey, q) for q in self.waiting
+        ]
+        self.waiting.insert(bisect.bisect(keys, (r.qkey, r.row)), r.row)
 
     def transfers(self) -> None:
         for r in self.live():
@@ -599,6 +690,7 @@ class ReferenceEngine:
                 self.waiting.remove(r.row)
                 self.metrics["timed_out"] += 1
                 self.events["timeouts"] += 1
+                self.events["woken_timeouts"] += r.turn > 0
 
     def running_order(self) -> list[int]:
         """Retention priority (higher first), then the engine's rule: vLLM / TRT admission
@@ -785,9 +877,11 @@ class ReferenceEngine:
                     hits[row] = hit
                     if hit_row >= 0:
                         hit_rows[row] = hit_row
-                        self.events["fallback_hits"] += (
-                            hit > 0 and self.segments[hit_row].key != r.segment
-                        )
+                        fallback = self.segments[hit_row].key != r.segment
+                        self.events["fallback_hits"] += fallback
+                        if r.turn > 0:
+                            self.events["history_hits"] += not fallback
+                            self.events["system_fallbacks"] += fallback
                     tokens[row] = tok
                     lookups += r.target
                     self.events["partial_admits"] += partial
@@ -871,6 +965,8 @@ class ReferenceEngine:
                     events.append(r.xfer_done)
                 if r.status == WAITING and r.first_token < 0:
                     events.append(f32(r.arrival + p.client_timeout))
+                if r.status == TOOL:  # reading: a call's arrival is an arrival event
+                    events.append(r.arrival)
             for s in self.segments:
                 if s.resident() and s.pinned_until > self.clock:
                     events.append(s.pinned_until)
@@ -911,8 +1007,9 @@ class ReferenceEngine:
             n_done += 1
             ttft_sum, tpot_sum = f32(ttft_sum + ttft), f32(tpot_sum + tpot)
             e2e_sum = f32(e2e_sum + f32(r.last_token - r.arrival))
-            self.rows[r.row] = None
             self.running.remove(r.row)
+            if not (self.cfg.agentic and self.continue_session(r, clock)):
+                self.rows[r.row] = None
         self.events["completions"] += n_done
         m["finished"] += n_done
         m["good"] += good
@@ -942,6 +1039,46 @@ class ReferenceEngine:
         if busy:
             self.last_iter_time = dt
         self.iterations += 1
+
+    def continue_session(self, r: Request, clock: np.float32) -> bool:
+        """Agentic sessions (section 7): call t of session i has completed at `clock`. While
+        calls remain (t + 1 < turns) and the next prompt (prompt + output + the new tokens
+        after call t) fits in max_model_len - max_tokens, the row becomes call t + 1 in status
+        TOOL: it arrives after call t's tool gap, reads call t's history (its publish key and
+        length) falling back to the session's system prompt, publishes its own history (the
+        KV that exists when its last token is emitted) and starts with fresh progress fields.
+        Returns whether the session continues (else the row is freed)."""
+        p, L = self.p, self.cfg.priority_levels
+        i, t = r.index, r.turn
+        after = self.stream.call(i, t)
+        prompt = r.prompt + r.output_len + after["new_tokens"]
+        if t + 1 >= self.stream.session_turns(i):
+            self.events["ended_turns"] += t > 0
+            return False
+        if prompt > p.max_model_len - p.max_tokens:
+            self.events["ended_context"] += 1
+            return False
+        nxt = self.stream.call(i, t + 1)
+        system = self.stream.request(i)["segment"]  # call 0 reads the system prompt
+        r.status, r.qkey = TOOL, None
+        r.turn = t + 1
+        r.arrival = f32(clock + after["tool_gap"])
+        r.prompt, r.output_len = prompt, nxt["output_len"]
+        r.segment, r.segment_up, r.prefix_len = self.history_key(i, t), system, r.publish_len
+        r.publish = self.history_key(i, t + 1)
+        r.publish_len = (prompt + r.output_len - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+        # fresh progress fields, as an arrival's (reading: the retention priority too)
+        r.attached, r.computed, r.target, r.generated = -1, 0, prompt, 0
+        r.run_key, r.priority = 0, (L - 1) // 2
+        r.first_token, r.last_token = f32(-1), f32(-1)
+        r.preemptions, r.recomputed, r.hit_tokens = 0, 0, 0
+        r.xfer_done, r.cpu_blocks = f32(0), 0
+        self.events["continuations"] += 1
+        return True
+
+    def history_key(self, session: int, turn: int) -> int:
+        """The key of call `turn`'s history segment: max_segments + 64 session + turn."""
+        return self.cfg.max_segments + MAX_TURNS * session + turn
 
     def touch_segments(self, plan: dict) -> None:
         """LRU: the rows requests on the GPU are attached to (this iteration's hits included)
@@ -1029,7 +1166,10 @@ class ReferenceEngine:
         return f32(self.score() - before)
 
     def score(self) -> np.float32:
-        return f32(f32(self.metrics["good"]) / f32(self.p.arrival_rate * self.p.horizon))
+        """good / (arrival_rate x calls_per_arrival x horizon): per call offered."""
+        p = self.p
+        offered = f32(f32(p.arrival_rate * p.calls_per_arrival) * p.horizon)
+        return f32(f32(self.metrics["good"]) / offered)
 
     # -- comparison --------------------------------------------------------------------------
     def snapshot(self) -> dict:
