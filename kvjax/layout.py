@@ -61,18 +61,14 @@ def gather_rows(
     """{name: column[index]} along axis 0 for int32 columns [n, *batch] and `index` [m, *batch]
     (outside [0, n): 0).
 
-    One scenario (what vmap sees): the columns packed into one [n, F] table and a single row
-    gather. Batch-trailing: the columns stacked into one [F, n, *batch] table and an n-way
-    select (XLA's CPU gather runs element by element; the selects vectorise across the batch:
-    ~1.17x on a whole value_aware rollout against one gather per column)."""
-    if index.ndim == 1:
-        packed = jnp.stack(list(table.values()), axis=-1)
-        rows = packed[jnp.clip(index, 0, n - 1)]
-        rows = jnp.where(((index >= 0) & (index < n))[:, None], rows, 0)
-        return {f: rows[:, i] for i, f in enumerate(table)}
-    # The index once (not once per column: see `materialize`); the columns stacked, so that
-    # each compare of the n-way select serves every column.
-    index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
+    The columns stacked into one [F, n, *batch] table and an n-way select, in both layouts: XLA's
+    CPU gather runs element by element, while the selects vectorise (batch-trailing: ~1.17x on
+    a whole value_aware rollout against one gather per column; one scenario under vmap: the
+    whole step ~1.3x faster than one packed row gather, 9.1 vs 12.2 ms per step of 4,096
+    scenarios, same process). Batch-trailing, the index is materialised once (not re-derived
+    for every column: see `materialize`)."""
+    if index.ndim > 1:
+        index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
     packed = jnp.stack(list(table.values()))  # [F, n, *batch]
     out = jnp.zeros((packed.shape[0],) + index.shape, packed.dtype)
     for r in range(n):
