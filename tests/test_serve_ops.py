@@ -103,8 +103,8 @@ def test_engine_is_the_same_with_sorted_orders(monkeypatch):
     assert int(pairwise.metrics.preemptions.sum()) > 0 and int(pairwise.metrics.finished.sum()) > 0
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 300), st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([1, 5, 17, 64, 129, 300]), st.integers(0, 2**31 - 1))
 def test_first_of_equal_forms_equal_the_plain_definition(n, seed):
     rng = np.random.default_rng(seed)
     keys = rng.integers(-1, max(n // 3, 2), n).astype(np.int32)
