@@ -227,7 +227,7 @@ def make(env_id: str = "kv-cache-v0", difficulty: str = "all", **config: Any):
 
         if difficulty != "all":
             raise ValueError("kv-serve-v0 has no difficulty tiers; set preset, engine, "
-                             "workload_name and load instead")
+                             "workload and load instead")
         return make_serve(**config)
     env = KVCacheEnv(**config)
     return env, env.default_params.replace(difficulty=difficulty_index(difficulty))
