@@ -67,7 +67,7 @@ def test_unknown_serve_policy_names_the_allowed_values(short):
     env, _ = short
     with pytest.raises(ValueError, match="engine_default"):
         make_policy("value_aware", env)
-    assert SERVE_POLICY_NAMES == ("engine_default", "random")
+    assert SERVE_POLICY_NAMES[:2] == ("engine_default", "random")
 
 
 @pytest.mark.parametrize("workload", [None, "mooncake-synthetic"])

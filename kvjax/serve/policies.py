@@ -5,9 +5,9 @@
   paired ratio against.
 - `random`: uniformly random priorities, and commands drawn among the valid ones (the
   command mask) - a smoke test and a lower reference, not a baseline to beat.
-
-The benchmark's heuristic baselines (priority by role, TTL pinning, offload choices, an offline
-Belady policy) belong to the benchmark issue (docs/serving.md).
+- the heuristic baselines of serve/baselines.py (docs/serving.md section 11):
+  `priority_by_role`, `ttl_pin`, `offload_largest_idle`, `infercept`. They live in their own
+  module (rules, a role table and a cost model with their helpers); this one is the registry.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from kvjax.serve import actions
+from kvjax.serve import actions, baselines
 from kvjax.serve.env import ServeEnv
 
-SERVE_POLICY_NAMES = ("engine_default", "random")
+SERVE_POLICY_NAMES = ("engine_default", "random", *baselines.BASELINES)
 
 
 def make_policy(name: str, env: ServeEnv) -> Callable:
@@ -47,4 +47,12 @@ def make_policy(name: str, env: ServeEnv) -> Callable:
             )
 
         return random
+    if name in baselines.BASELINES:
+        rule = baselines.BASELINES[name]
+
+        def baseline(key, state, params):
+            return rule(key, state, params, cfg)
+
+        baseline.__name__ = name
+        return baseline
     raise ValueError(f"unknown kv-serve-v0 policy {name!r}; allowed: {list(SERVE_POLICY_NAMES)}")
