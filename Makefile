@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 FORMATTED := kvjax/validation.py kvjax/gymnax_env.py kvjax/gymnax_hook.py tests/conftest.py \
 	tests/test_validation.py tests/test_readme.py tests/test_gymnax_env.py \
 	scripts/adversarial_probe.py kvjax/serve tests/test_serve_*.py scripts/derive_serve_data.py \
-	kvjax/base.py
+	kvjax/base.py kvjax/layout.py tests/test_layout.py tests/test_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvjax train tests kv_cache_eviction

@@ -55,9 +55,7 @@ def materialize(x: chex.Array) -> chex.Array:
     return y > 0.5 if x.dtype == jnp.bool_ else y.astype(x.dtype)
 
 
-def gather_rows(
-    table: dict[str, chex.Array], index: chex.Array, n: int
-) -> dict[str, chex.Array]:
+def gather_rows(table: dict[str, chex.Array], index: chex.Array, n: int) -> dict[str, chex.Array]:
     """{name: column[index]} along axis 0 for int32 columns [n, *batch] and `index` [m, *batch]
     (outside [0, n): 0).
 
@@ -72,7 +70,7 @@ def gather_rows(
     packed = jnp.stack(list(table.values()))  # [F, n, *batch]
     out = jnp.zeros((packed.shape[0],) + index.shape, packed.dtype)
     for r in range(n):
-        out = jnp.where(index == r, packed[:, r:r + 1], out)
+        out = jnp.where(index == r, packed[:, r : r + 1], out)
     return {f: out[i] for i, f in enumerate(table)}
 
 
@@ -102,8 +100,9 @@ def slot_sums(*xs: chex.Array) -> list[chex.Array]:
     if xs[0].ndim < 2:
         return [slot_sum(x) for x in xs]
     sums = jnp.sum(jnp.stack([x.astype(jnp.float32) for x in xs]), axis=1)
-    return [t if x.dtype == jnp.float32 else t.astype(jnp.int32)
-            for t, x in zip(sums, xs, strict=True)]
+    return [
+        t if x.dtype == jnp.float32 else t.astype(jnp.int32) for t, x in zip(sums, xs, strict=True)
+    ]
 
 
 def slot_any(x: chex.Array) -> chex.Array:
@@ -123,8 +122,7 @@ def schedule_row(x: chex.Array, t: chex.Array, T: int) -> chex.Array:
 def _plain_gather_rows(table, index, n):
     ok = (index >= 0) & (index < n)
     safe = jnp.clip(index, 0, n - 1)
-    return {f: jnp.where(ok, jnp.take_along_axis(col, safe, axis=0), 0)
-            for f, col in table.items()}
+    return {f: jnp.where(ok, jnp.take_along_axis(col, safe, axis=0), 0) for f, col in table.items()}
 
 
 def _plain_pick(table, index, n):
@@ -143,9 +141,23 @@ PLAIN = {
     "slot_sum": lambda x: jnp.sum(x, axis=0, dtype=jnp.int32 if x.dtype == jnp.bool_ else None),
     "slot_any": lambda x: jnp.any(x, axis=0),
     "schedule_row": lambda x, t, T: jnp.where(
-        t < T, jnp.take_along_axis(x, jnp.minimum(t, T - 1)[None, None], axis=0)[0]
-        if x.ndim > 2 else x[jnp.minimum(t, T - 1)], jnp.zeros((), x.dtype)),
+        t < T,
+        jnp.take_along_axis(x, jnp.minimum(t, T - 1)[None, None], axis=0)[0]
+        if x.ndim > 2
+        else x[jnp.minimum(t, T - 1)],
+        jnp.zeros((), x.dtype),
+    ),
 }
 
-__all__ = ["PLAIN", "gather_rows", "lead", "materialize", "pick", "prefix_sum", "schedule_row",
-           "slot_any", "slot_sum", "slot_sums"]
+__all__ = [
+    "PLAIN",
+    "gather_rows",
+    "lead",
+    "materialize",
+    "pick",
+    "prefix_sum",
+    "schedule_row",
+    "slot_any",
+    "slot_sum",
+    "slot_sums",
+]

@@ -27,8 +27,11 @@ def test_prefix_sum_is_a_cumulative_sum(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_materialize_is_the_identity(shape):
-    for x in (ints(shape, -2**23, 2**23), ints(shape, 0, 2) > 0,
-              jnp.asarray(RNG.normal(size=shape), jnp.float32)):
+    for x in (
+        ints(shape, -(2**23), 2**23),
+        ints(shape, 0, 2) > 0,
+        jnp.asarray(RNG.normal(size=shape), jnp.float32),
+    ):
         got = jax.jit(layout.materialize)(x)
         assert got.dtype == x.dtype
         np.testing.assert_array_equal(got, layout.PLAIN["materialize"](x))
@@ -36,8 +39,11 @@ def test_materialize_is_the_identity(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sums_and_any_over_axis_0(shape):
-    for x in (ints(shape, 0, 3000), ints(shape, 0, 2) > 0,
-              jnp.asarray(RNG.integers(0, 400, shape) / 4, jnp.float32)):
+    for x in (
+        ints(shape, 0, 3000),
+        ints(shape, 0, 2) > 0,
+        jnp.asarray(RNG.integers(0, 400, shape) / 4, jnp.float32),
+    ):
         np.testing.assert_array_equal(layout.slot_sum(x), layout.PLAIN["slot_sum"](x))
         np.testing.assert_array_equal(layout.slot_any(x), layout.PLAIN["slot_any"](x))
     a, b = ints(shape, 0, 100), ints(shape, 0, 2) > 0
@@ -56,8 +62,9 @@ def test_gather_rows_and_pick_are_takes_with_zero_outside(shape):
     for f in table:
         np.testing.assert_array_equal(got[f], want[f])
     sel = ints(shape[1:], -2, n + 2)
-    np.testing.assert_array_equal(layout.pick(table["a"], sel, n),
-                                  layout.PLAIN["pick"](table["a"], sel, n))
+    np.testing.assert_array_equal(
+        layout.pick(table["a"], sel, n), layout.PLAIN["pick"](table["a"], sel, n)
+    )
 
 
 @pytest.mark.parametrize("batch", [(), (7,)])
@@ -66,5 +73,6 @@ def test_schedule_row_is_row_t_or_zeros_past_the_end(batch):
     x = ints((T, K) + batch)
     for t in range(-0, T + 2):
         tt = jnp.full(batch, t, jnp.int32)
-        np.testing.assert_array_equal(layout.schedule_row(x, tt, T),
-                                      layout.PLAIN["schedule_row"](x, tt, T))
+        np.testing.assert_array_equal(
+            layout.schedule_row(x, tt, T), layout.PLAIN["schedule_row"](x, tt, T)
+        )
