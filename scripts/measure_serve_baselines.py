@@ -1,7 +1,8 @@
 """The heuristic baselines against the engine default, paired (docs/serving.md section 11).
 
     python scripts/measure_serve_baselines.py [--preset toy] [--workload agentic]
-        [--horizon 60] [--scenarios 8] [--loads 0.9 1.1] [--json out.json]
+        [--horizon 60] [--scenarios 8] [--loads 0.9 1.1] [--set gpu_pool_tokens=40000]
+        [--json out.json]
 
 Every policy runs the same scenarios (the same key); prints a markdown table per load: goodput,
 hit rate, p99 TTFT (means over scenarios) and the paired goodput difference against
@@ -32,12 +33,14 @@ def main() -> None:
     ap.add_argument("--scenarios", type=int, default=8)
     ap.add_argument("--loads", type=float, nargs="+", default=[0.9, 1.1])
     ap.add_argument("--policies", nargs="+", default=list(BASELINES))
+    ap.add_argument("--set", nargs="*", default=[], help="ServeParams overrides NAME=NUMBER")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    over = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     rows = []
     print(
         f"{args.preset}, {args.workload}, vLLM rules, {args.horizon:g} s, "
-        f"{args.scenarios} paired scenarios\n"
+        f"{args.scenarios} paired scenarios {over or ''}\n"
     )
     for load in args.loads:
         env, p = kvjax.make(
@@ -46,6 +49,7 @@ def main() -> None:
             workload=args.workload,
             load=load,
             horizon=args.horizon,
+            **over,
         )
         print(f"load {load:g}\n")
         print(
