@@ -5,7 +5,7 @@
 # python3), and gymnax (pip install -e ".[gymnax]") for the Asterix-MinAtar baseline of the
 # standard-path table (vmap(env.step) with auto-reset, observation consumed; without gymnax the
 # kv-cache-v0 rows are still measured). Batch sizes go up to 2^20 on an accelerator; override
-# with BATCHES="1 4096 ...". Tested on the CPU: BATCHES="64" REPEATS=1 OUT=/tmp/b scripts/gpu_bench.sh
+# with BATCHES="1 4096 ...". Tested on the CPU: BATCHES="64" REPEATS=1 OUT=$(mktemp -d) scripts/gpu_bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
