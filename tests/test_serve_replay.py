@@ -98,6 +98,7 @@ def test_a_window_gives_back_the_trace(name):
     env, p = kvjax.make("kv-serve-v0", preset="h100-llama3-8b", workload=name, load=0.9)
     rt, tr = env.config.trace, traces.load_trace(name)
     scale = rt.native_rate / float(p.arrival_rate)
+    keys = replay.segment_keys(tr)
     starts = set()
     for seed in range(6):
         seed = jnp.asarray([seed, 7], jnp.uint32)
@@ -114,7 +115,6 @@ def test_a_window_gives_back_the_trace(name):
         np.testing.assert_array_equal(
             st["output_len"], np.clip(tr.output_len[s : s + n], 1, int(p.max_tokens))
         )
-        keys = replay.segment_keys(tr)
         reads = keys["prefix_len"][s : s + n] < st["prompt"]
         np.testing.assert_array_equal(
             st["segment"], np.where(reads, keys["segment"][s : s + n], -1)

@@ -506,7 +506,6 @@ def next_calls(
     cap = jnp.asarray(params.max_model_len, jnp.int32) - jnp.asarray(params.max_tokens, jnp.int32)
     go = done & (turn < session["turns"]) & (prompt <= cap)
     out = following["output_len"]
-    system = jnp.where(session["segment"] >= 0, session["segment"], -1)
     w = lambda new, old: jnp.where(go, new, old)  # noqa: E731
     return req.replace(
         status=w(TOOL, req.status),
@@ -515,7 +514,7 @@ def next_calls(
         prompt=w(prompt, req.prompt),
         output_len=w(out, req.output_len),
         segment=w(workload.history_key(req.index, req.turn, cfg), req.segment),
-        segment_up=w(system, req.segment_up),
+        segment_up=w(session["segment"], req.segment_up),  # the system prompt (-1: none)
         prefix_len=w(req.publish_len, req.prefix_len),
         publish=w(workload.history_key(req.index, turn, cfg), req.publish),
         publish_len=w(workload.block_floor(prompt + out - 1), req.publish_len),
