@@ -13,7 +13,7 @@ import numpy as np
 from kvjax import dynamics, observations, rewards, scenarios, spaces
 from kvjax.base import Environment
 from kvjax.types import ACTION_KINDS, DIFFICULTIES, EnvConfig, EnvParams, EnvState
-from kvjax.validation import check_single
+from kvjax.validation import batch_layout, check_single
 
 ENV_IDS = ("kv-cache-v0", "kv-serve-v0")
 
@@ -81,10 +81,17 @@ class KVCacheEnv(Environment):
     def step_env(
         self, key: chex.PRNGKey, state: EnvState, action: chex.Array, params: EnvParams
     ) -> tuple[Any, EnvState, chex.Array, chex.Array, chex.Array, dict[str, Any]]:
-        """One step without auto-reset (key unused: the scenario holds its own future)."""
-        check_single(state, "env.step_env", hint="map it over the batch with jax.vmap, e.g. "
+        """One step without auto-reset (key unused: the scenario holds its own future).
+
+        `state` is one scenario (`jax.vmap` this for a batch) or a whole batch in the
+        batch-trailing layout (slots [S, n], ..., `action` [max_actions, n]; what the rollout
+        engine steps for `@batch_polymorphic` policies): the same action check, dynamics,
+        reward and info either way. For a batch-trailing state the observation is the
+        batch-leading one `jax.vmap(step_env)` would return (the state stays trailing)."""
+        check_single(state, "env.step_env", trailing_ok=True,
+                     hint="map it over the batch with jax.vmap, e.g. "
                      "jax.vmap(env.step_env, in_axes=(0, 0, 0, None))")
-        action = self._check_action(action)
+        action = self._check_action(action, jnp.shape(state.time))
         next_state = dynamics.step_dynamics(state, action, params, self.config)
         reward = rewards.total(next_state, params) - rewards.total(state, params)
         obs = self.get_obs(next_state, params)
@@ -95,7 +102,7 @@ class KVCacheEnv(Environment):
             - state.counters.invalid_actions,
             "failures": next_state.counters.failures - state.counters.failures,
         }
-        return obs, next_state, reward, jnp.bool_(False), truncated, info
+        return obs, next_state, reward, jnp.zeros_like(truncated), truncated, info
 
     def step(
         self,
@@ -110,6 +117,8 @@ class KVCacheEnv(Environment):
         computed only if it is used), and under `jax.vmap` a batch in which no scenario is done
         skips the reset and the pick (`_auto_reset`)."""
         params = self.default_params if params is None else params
+        check_single(state, "env.step", hint="map it over the batch with jax.vmap, e.g. "
+                     "jax.vmap(env.step, in_axes=(0, 0, 0, None))")
         _, state_st, reward, terminated, truncated, info = self.step_env(key, state, action, params)
         self._reset_state(key, params)  # the key check, eagerly
         state = _auto_reset(self.config)(terminated | truncated, key, state_st, params)
@@ -124,12 +133,16 @@ class KVCacheEnv(Environment):
         return None, scenarios.generate(key, params, self.config)
 
     def get_obs(self, state: EnvState, params: EnvParams) -> observations.Observation:
+        """`observations.observe`; for a batch-trailing state, per scenario, batch-leading."""
+        if batch_layout(state) == "trailing":
+            return jax.vmap(observations.observe, in_axes=(-1, None))(state, params)
         return observations.observe(state, params)
 
-    def _check_action(self, action: chex.Array) -> chex.Array:
-        """Shape and dtype checks; an id outside [0, num_actions) - including one that int32
-        cannot hold (a numpy int64 2**32 + 1 would otherwise wrap to 1) - becomes -1, a counted
-        invalid no-op, before the cast to int32."""
+    def _check_action(self, action: chex.Array, batch: tuple[int, ...] = ()) -> chex.Array:
+        """Shape ([max_actions, *batch]: `batch` is () for one scenario) and dtype checks; an
+        id outside [0, num_actions) - including one that int32 cannot hold (a numpy int64
+        2**32 + 1 would otherwise wrap to 1) - becomes -1, a counted invalid no-op, before the
+        cast to int32."""
         n = self.num_actions
         if not isinstance(action, jax.Array):  # host values: range-check before any cast
             host = np.asarray(action)
@@ -140,9 +153,9 @@ class KVCacheEnv(Environment):
                 action = host
         action = jnp.asarray(action)
         A = self.config.max_actions
-        if action.shape != (A,):
+        if action.shape != (A, *batch):
             raise ValueError(
-                f"action must have shape ({A},) (max_actions entries of "
+                f"action must have shape {(A, *batch)} (max_actions entries of "
                 f"0..{self.num_actions - 1}), got shape {tuple(action.shape)}"
             )
         if not jnp.issubdtype(action.dtype, jnp.integer):

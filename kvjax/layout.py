@@ -55,6 +55,13 @@ def materialize(x: chex.Array) -> chex.Array:
     return y > 0.5 if x.dtype == jnp.bool_ else y.astype(x.dtype)
 
 
+def once(x: chex.Array) -> chex.Array:
+    """`x` computed once and shared by all its readers: batch-trailing, `materialize`d; for one
+    scenario (under vmap) `x` itself (XLA fuses those readers well, and an identity matmul
+    per scenario would cost more than it saves)."""
+    return materialize(x) if x.ndim > 1 else x
+
+
 def gather_rows(table: dict[str, chex.Array], index: chex.Array, n: int) -> dict[str, chex.Array]:
     """{name: column[index]} along axis 0 for int32 columns [n, *batch] and `index` [m, *batch]
     (outside [0, n): 0).
@@ -136,6 +143,7 @@ def _plain_pick(table, index, n):
 PLAIN = {
     "prefix_sum": lambda x: jnp.cumsum(x.astype(jnp.float32), axis=0),
     "materialize": lambda x: x,
+    "once": lambda x: x,
     "gather_rows": _plain_gather_rows,
     "pick": _plain_pick,
     "slot_sum": lambda x: jnp.sum(x, axis=0, dtype=jnp.int32 if x.dtype == jnp.bool_ else None),
@@ -154,6 +162,7 @@ __all__ = [
     "gather_rows",
     "lead",
     "materialize",
+    "once",
     "pick",
     "prefix_sum",
     "schedule_row",

@@ -9,7 +9,7 @@ the chunk size or on how many devices share the batch. One chunk runs
 `jit(lax.map over micro-batches of vmap(reset + lax.scan(step_env over episode_len steps)))`;
 for policies marked `@kvjax.policies.batch_polymorphic` the micro-batch is instead reset with
 vmap and then stepped in the batch-trailing layout without vmap (`episodes_trailing`: the same
-dynamics code, faster on CPU; results agree with the vmapped path to float32 rounding);
+public `env.step_env`, faster on CPU; results agree with the vmapped path to float32 rounding);
 chunks are padded to a fixed size (one compile per policy, config and size; `params`, including
 the difficulty, are traced), and a tqdm bar tracks them. A chunk's micro-batches are sharded
 over a 1-D `jax.sharding.Mesh` of all devices (`mesh=None`: every device of every process;
@@ -41,10 +41,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from kvjax import dynamics
 from kvjax.env import KVCacheEnv
 from kvjax.rewards import rubric
-from kvjax.rewards import total as rubric_total
 from kvjax.types import EnvConfig, EnvParams, EnvState
 
 DEFAULT_CHUNK = 4096
@@ -82,11 +80,11 @@ def scenario_keys(key: chex.PRNGKey, index: chex.Array) -> tuple[chex.Array, che
     return k_reset, k_policy
 
 
-def _record(action: chex.Array, state: EnvState, nxt: EnvState, params: EnvParams) -> dict:
+def _record(action: chex.Array, reward: chex.Array, nxt: EnvState) -> dict:
     """One trajectory row (any batch layout; `action` already in the output's layout)."""
     return dict(
         action=action,
-        reward=rubric_total(nxt, params) - rubric_total(state, params),
+        reward=reward,
         usage_peak=nxt.usage_peak,
         failures=nxt.counters.failures,
         pending=jnp.sum(nxt.pending.valid, axis=0).astype(jnp.int32),
@@ -113,8 +111,8 @@ def episode(
 
     def step(st: EnvState, t):
         action = policy(jax.random.fold_in(k_policy, t), st, params)
-        _, nxt, _, _, _, _ = env.step_env(k_policy, st, action, params)
-        return nxt, _record(action, st, nxt, params) if return_trajectory else None
+        _, nxt, reward, _, _, _ = env.step_env(k_policy, st, action, params)
+        return nxt, _record(action, reward, nxt) if return_trajectory else None
 
     final, traj = jax.lax.scan(step, state, jnp.arange(env.config.episode_len))
     out = _results(final, params)
@@ -166,8 +164,8 @@ def episodes_trailing(
     """`episode` for a whole batch `index` [n] at once, for batch-polymorphic policies.
 
     Resets are vmapped as usual; the states are then moved to the batch-trailing layout (slots
-    [S, n], queue [P, n], ...) and `dynamics.step_dynamics` and the policy run on the whole
-    batch directly, without vmap: reductions over slots become vector adds across scenarios,
+    [S, n], queue [P, n], ...) and the policy and `env.step_env` run on the whole batch
+    directly, without vmap: reductions over slots become vector adds across scenarios,
     which XLA's CPU backend runs several times faster than the [n, S] layout vmap gives. Same
     keys and the same maths as `episode`; results agree to float32 rounding (sums over slots
     may associate differently)."""
@@ -181,8 +179,10 @@ def episodes_trailing(
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_policy, t)
         action = policy(keys, st, params)
         chex.assert_shape(action, (A, n))
-        nxt = dynamics.step_dynamics(st, action.astype(jnp.int32), params, cfg)
-        return nxt, _record(action.T, st, nxt, params) if return_trajectory else None
+        # The public step on the batch-trailing state (its observation is unused, so XLA
+        # drops it): the same action check, dynamics and reward as `episode`'s.
+        _, nxt, reward, _, _, _ = env.step_env(keys, st, action, params)
+        return nxt, _record(action.T, reward, nxt) if return_trajectory else None
 
     final, traj = jax.lax.scan(step, state, jnp.arange(cfg.episode_len))
     out = _results(final, params)

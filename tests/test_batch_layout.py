@@ -61,6 +61,27 @@ def test_step_on_trailing_states_equals_vmapped_step(trajectory):
     assert preempted > 0  # the preemption loop was exercised
 
 
+def test_step_env_on_trailing_states_equals_vmapped_step_env(trajectory):
+    """The one public step: a batch-trailing state gets step_env's action check, dynamics,
+    reward, truncation and info, equal to vmap(step_env) scenario by scenario."""
+    lead = jax.jit(jax.vmap(ENV.step_env, in_axes=(None, 0, 0, None)))
+    trail = jax.jit(ENV.step_env)
+    key = jax.random.PRNGKey(0)
+    for state, act in trajectory:
+        obs, nxt, reward, term, trunc, info = trail(key, to_trailing(state), act.T, P)
+        w_obs, w_nxt, w_reward, w_term, w_trunc, w_info = lead(key, state, act, P)
+        assert_trees_match(w_nxt, from_trailing(nxt))
+        assert_trees_match((w_obs, w_reward, w_info), (obs, reward, info))
+        np.testing.assert_array_equal(term, w_term)
+        np.testing.assert_array_equal(trunc, w_trunc)
+        assert reward.shape == trunc.shape == term.shape == (act.shape[0],)
+    assert int(jnp.sum(info["invalid_actions"])) > 0  # out-of-range ids counted, not applied
+    with pytest.raises(ValueError, match=r"action must have shape \(3, 96\)"):
+        trail(key, to_trailing(state), act, P)
+    with pytest.raises(ValueError, match="env.step takes one scenario"):
+        ENV.step(key, to_trailing(state), act.T, P)
+
+
 @pytest.mark.parametrize("name", POLYMORPHIC)
 def test_policies_on_trailing_states_equal_vmapped(name, trajectory):
     policy = make_policy(name, ENV)

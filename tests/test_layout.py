@@ -26,15 +26,16 @@ def test_prefix_sum_is_a_cumulative_sum(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_materialize_is_the_identity(shape):
+def test_materialize_and_once_are_the_identity(shape):
     for x in (
         ints(shape, -(2**23), 2**23),
         ints(shape, 0, 2) > 0,
         jnp.asarray(RNG.normal(size=shape), jnp.float32),
     ):
-        got = jax.jit(layout.materialize)(x)
-        assert got.dtype == x.dtype
-        np.testing.assert_array_equal(got, layout.PLAIN["materialize"](x))
+        for name in ("materialize", "once"):
+            got = jax.jit(getattr(layout, name))(x)
+            assert got.dtype == x.dtype
+            np.testing.assert_array_equal(got, layout.PLAIN[name](x))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
