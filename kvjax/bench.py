@@ -91,6 +91,29 @@ def time_rollout(
     return row, outs
 
 
+def ab_medians(
+    fns: dict[str, Any], repeats: int = 15, progress: bool = False
+) -> dict[str, dict[str, float]]:
+    """Same-process A/B: each of `fns` (name -> zero-argument callable returning jax arrays)
+    is called once to compile and warm up, then the calls alternate (A, B, C, A, B, C, ...)
+    `repeats` times so that every candidate sees the same machine load; returns per name the
+    median and min seconds per call and its ratio to the first candidate's median."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in tqdm(range(repeats), desc="A/B", disable=not progress):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(next(iter(times.values())))
+    return {
+        name: {"median_s": statistics.median(ts), "min_s": min(ts),
+               "x_first": statistics.median(ts) / base}
+        for name, ts in times.items()
+    }
+
+
 STANDARD_STEPS = 90  # steps per standard-path call: 6 kv-cache-v0 episodes, auto-resets included
 GYMNAX_BASELINE = "Asterix-MinAtar"
 

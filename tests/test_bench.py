@@ -43,3 +43,19 @@ def test_standard_path_rows_compare_with_asterix_in_the_same_run():
     assert kv["x_gymnax"] == pytest.approx(ast["median_s"] / kv["median_s"])
     assert ast["x_gymnax"] == pytest.approx(1.0)
     assert kv["steps_per_s"] == pytest.approx(2 * 2 / kv["median_s"])
+
+
+def test_ab_medians_alternates_the_candidates_and_reports_each():
+    calls = []
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            return jnp.zeros(())
+
+        return fn
+
+    out = bench.ab_medians({"a": make("a"), "b": make("b")}, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then alternating
+    assert set(out) == {"a", "b"} and out["a"]["x_first"] == 1.0
+    assert all(0 < r["min_s"] <= r["median_s"] for r in out.values())
