@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 PUBLIC = ("kvjax", "kvjax.viz", "kvjax.policies", "kvjax.rollout", "train", "train.ppo",
-          "train.evaluate")
+          "train.evaluate", "kvjax.serve", "kvjax.serve.policies", "kvjax.serve.sweep")
 NAMES = [p.stem for p in NOTEBOOKS]
 KERNEL = "kvjax-test-python"
 
@@ -42,8 +42,9 @@ def _code(nb) -> str:
     return "\n".join(lines)
 
 
-def test_all_three_notebooks_exist():
-    assert NAMES == ["01_quickstart", "02_policy_comparison", "03_training_analysis"]
+def test_all_notebooks_exist():
+    assert NAMES == ["01_quickstart", "02_policy_comparison", "03_training_analysis",
+                     "04_serving"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)

@@ -127,8 +127,8 @@ def pin_window(state: ServeState, params: ServeParams, window: ServeParams, cfg:
 
 
 def episode(policy, env: ServeEnv, key, index, params: ServeParams, window: ServeParams):
-    """One scenario (the rollout engine's keys and loop): episode_metrics and `outcomes` of
-    the final state."""
+    """One scenario (the rollout engine's keys and loop): episode_metrics, `outcomes` and the
+    finished-request TTFT / TPOT log (`log_ttft`, `log_tpot`) of the final state."""
     k_reset, k_policy = scenario_keys(key, index)
     _, state = env.reset_env(k_reset, params)
     state = pin_window(state, params, window, env.config)
@@ -146,6 +146,12 @@ def episode(policy, env: ServeEnv, key, index, params: ServeParams, window: Serv
     _, final, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, jnp.bool_(False)))
     out = {k: v for k, v in env.metrics(final, params).items()}
     out.update(outcomes(final, params, env.config))
+    # Finished requests' TTFT / TPOT (the last finished_log of them; NaN where unused), for
+    # distributions pooled over scenarios.
+    m = final.metrics
+    used = jnp.arange(m.log_ttft.shape[-1]) < m.log_count
+    out["log_ttft"] = jnp.where(used, m.log_ttft, jnp.nan)
+    out["log_tpot"] = jnp.where(used, m.log_tpot, jnp.nan)
     return out
 
 
