@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.serve import actions, baselines, engine, workload
+from kvjax.serve import actions, baselines, engine, offline, workload
 from kvjax.serve.build import build_state
-from kvjax.serve.policies import SERVE_POLICY_NAMES, make_policy
+from kvjax.serve.policies import OFFLINE_POLICIES, SERVE_POLICY_NAMES, label, make_policy
 from kvjax.serve.types import RUNNING, TOOL, WAITING
 
-BASELINES = ("priority_by_role", "ttl_pin", "offload_largest_idle", "infercept")
+BASELINES = (
+    "priority_by_role",
+    "ttl_pin",
+    "offload_largest_idle",
+    "infercept",
+    "belady_offline",
+)
 SMALL = dict(max_requests=16, max_segments=16)
 
 
@@ -36,6 +42,7 @@ SLOW_CASES = {
     ("synthetic", "ttl_pin"),
     ("synthetic", "infercept"),
     ("synthetic", "priority_by_role"),
+    ("synthetic", "belady_offline"),
 }
 CASES = [
     pytest.param(name, w, marks=[pytest.mark.slow] if (w, name) in SLOW_CASES else [])
@@ -76,7 +83,9 @@ def test_baselines_emit_only_valid_actions_over_random_episodes(name, workload_n
         assert a[k].dtype == jnp.int32 and a[k].shape[2:] == shape, k
     assert bool(np.all(ok))
     assert int(np.sum(invalid)) == 0 and int(np.sum(final.metrics.invalid_commands)) == 0
-    if name == "offload_largest_idle" or (workload_name == "agentic" and name == "ttl_pin"):
+    if name in ("offload_largest_idle", "belady_offline") or (
+        workload_name == "agentic" and name == "ttl_pin"
+    ):
         assert int(np.sum(acted)) > 0  # the episodes exercise the rule
     if workload_name == "synthetic" and name in ("ttl_pin", "infercept"):
         assert int(np.sum(acted)) == 0  # no sessions, no tool gaps
@@ -246,3 +255,66 @@ def test_baselines_jit_and_vmap_without_retracing(name, agentic):
     )
     for k in a1:
         np.testing.assert_array_equal(v[k][0], a1[k], err_msg=k)
+
+
+# -- belady_offline (future-aware, offline) ------------------------------------------------------
+def test_belady_offline_is_registered_and_labelled_offline(agentic):
+    assert "belady_offline" in SERVE_POLICY_NAMES and OFFLINE_POLICIES == ("belady_offline",)
+    assert label("belady_offline") == "belady_offline (offline: reads the future)"
+    assert label("ttl_pin") == "ttl_pin"
+
+
+def test_belady_offline_ranks_segments_by_next_use_and_requests_by_remaining_work(agentic):
+    env, p = agentic
+    cfg = env.config
+    # System prompt (row 0) read now by a waiting request; session 4's history (row 2) read
+    # when its tool returns at 10 s, session 3's (row 1) at 100 s; session 5's (row 3): no use
+    # in sight (the stream never arrives). Two running requests, 50 and 5 tokens left.
+    segments = [dict(key=0, tokens=8192, on_gpu=True)]
+    for s in (3, 4, 5):
+        segments.append(dict(key=hist(s, 0, cfg), parent=0, tokens=12288, on_gpu=True))
+    requests = [
+        dict(status=RUNNING, prompt=900, computed=900, generated=10, output_len=60),
+        dict(status=RUNNING, prompt=900, computed=900, generated=10, output_len=15),
+        dict(status=WAITING, prompt=9000, segment=0, prefix_len=8192),
+        dict(status=TOOL, index=3, turn=1, prompt=14000, segment=hist(3, 0, cfg), arrival=100.0),
+        dict(status=TOOL, index=4, turn=1, prompt=14000, segment=hist(4, 0, cfg), arrival=10.0),
+    ]
+    s = build_state(p, cfg, requests, segments, clock=4.0)
+    use = np.asarray(offline.next_use(s, p, cfg))
+    np.testing.assert_array_equal(use[:4], [4.0, 100.0, 10.0, np.inf])
+    a = jax.jit(make_policy("belady_offline", env))(None, s, p)
+    # soonest use -> level 3 (value 4) ... farthest -> level 1; no use -> level 0 (value 1)
+    np.testing.assert_array_equal(a["segment_priority"], [4, 2, 3, 1, 0, 0, 0, 0])
+    # fewest tokens left -> kept (level 3); the other is the first victim (level 1)
+    np.testing.assert_array_equal(a["request_priority"], [2, 4, 0, 0, 0, 0, 0, 0])
+    assert not np.any(np.asarray(a["commands"]))  # no memory pressure: no offload
+
+
+def test_belady_offline_reads_the_stream_ahead_as_the_engine_draws_it():
+    env, p = kvjax.make("kv-serve-v0", preset="toy", horizon=30.0, load=0.9)
+    _, s = env.reset_env(jax.random.PRNGKey(3), p)
+    use = np.asarray(offline.next_use(s, p, env.config))
+    stream = workload.request_stream(s.seed, offline.LOOKAHEAD, p, env.config)
+    for g in range(env.config.max_segments):
+        reads = stream["segment"] == g
+        want = stream["arrival"][reads].min() if g < int(p.num_prefixes) else np.inf
+        np.testing.assert_allclose(use[g], want, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_belady_offline_hit_rate_beats_every_online_baseline_where_the_pool_binds():
+    """toy, agentic, GPU pool 40,000 tokens, load 3, 20 s, 4 paired scenarios (the setting of
+    serve/offline.py's docstring): mean hit rate >= every online baseline's."""
+    from kvjax.rollout import rollout
+
+    env, p = kvjax.make(
+        "kv-serve-v0", preset="toy", horizon=20.0, config=SMALL, **EPISODES["agentic"]
+    )
+    hit = {}
+    for name in ("engine_default", *BASELINES):
+        res = rollout(make_policy(name, env), jax.random.PRNGKey(0), 4, p, env, progress=False)
+        hit[name] = float(np.mean(res["hit_rate"]))
+    assert int(np.sum(res["invalid_commands"])) == 0
+    online = {k: v for k, v in hit.items() if k != "belady_offline"}
+    assert hit["belady_offline"] >= max(online.values()), hit

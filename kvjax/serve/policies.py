@@ -8,6 +8,9 @@
 - the heuristic baselines of serve/baselines.py (docs/serving.md section 11):
   `priority_by_role`, `ttl_pin`, `offload_largest_idle`, `infercept`. They live in their own
   module (rules, a role table and a cost model with their helpers); this one is the registry.
+- `belady_offline` (serve/offline.py): OFFLINE, future-aware - Belady on prefix segments,
+  reading the workload's future arrivals, tool return times and true output lengths. A bound
+  for the online policies, never a deployable one: `label()` marks it wherever it is shown.
 """
 
 from __future__ import annotations
@@ -17,10 +20,17 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from kvjax.serve import actions, baselines
+from kvjax.serve import actions, baselines, offline
 from kvjax.serve.env import ServeEnv
 
-SERVE_POLICY_NAMES = ("engine_default", "random", *baselines.BASELINES)
+SERVE_POLICY_NAMES = ("engine_default", "random", *baselines.BASELINES, *offline.OFFLINE)
+# Policies that read the future (not deployable; labelled wherever results are shown).
+OFFLINE_POLICIES = tuple(offline.OFFLINE)
+
+
+def label(name: str) -> str:
+    """A policy's name for tables and reports: offline (future-aware) ones say so."""
+    return f"{name} (offline: reads the future)" if name in OFFLINE_POLICIES else name
 
 
 def make_policy(name: str, env: ServeEnv) -> Callable:
@@ -47,8 +57,8 @@ def make_policy(name: str, env: ServeEnv) -> Callable:
             )
 
         return random
-    if name in baselines.BASELINES:
-        rule = baselines.BASELINES[name]
+    if name in baselines.BASELINES or name in offline.OFFLINE:
+        rule = {**baselines.BASELINES, **offline.OFFLINE}[name]
 
         def baseline(key, state, params):
             return rule(key, state, params, cfg)
