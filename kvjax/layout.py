@@ -90,6 +90,28 @@ def pick(table: chex.Array, index: chex.Array, n: int) -> chex.Array:
     return out
 
 
+def stack_last(columns: list[chex.Array]) -> chex.Array:
+    """`jnp.stack(columns, axis=-1)` as float32, for bool and float32 columns of one shape
+    (at most 31 bool ones).
+
+    XLA's CPU backend emits a stack along the minor axis as a per-element branch over the
+    operands, which does not vectorise. Here the bool columns are packed into one int32 bit
+    field and unpacked by a broadcast shift, and each float column is placed by a select on
+    the column index: one vectorised loop over [..., n] (the per-slot observation ~1.6x faster
+    in isolation, docs/benchmarks.md)."""
+    n = len(columns)
+    col = jnp.arange(n, dtype=jnp.int32)
+    bits = jnp.zeros(columns[0].shape, jnp.int32)
+    for c, x in enumerate(columns):
+        if x.dtype == jnp.bool_:
+            bits = bits | (x.astype(jnp.int32) << c)
+    out = ((bits[..., None] >> col) & 1).astype(jnp.float32)
+    for c, x in enumerate(columns):
+        if x.dtype != jnp.bool_:
+            out = jnp.where(col == c, x.astype(jnp.float32)[..., None], out)
+    return out
+
+
 def slot_sum(x: chex.Array) -> chex.Array:
     """Sum over axis 0 (slots or queue rows); bools count as int32.
 
@@ -144,6 +166,7 @@ PLAIN = {
     "prefix_sum": lambda x: jnp.cumsum(x.astype(jnp.float32), axis=0),
     "materialize": lambda x: x,
     "once": lambda x: x,
+    "stack_last": lambda cols: jnp.stack([jnp.asarray(c, jnp.float32) for c in cols], axis=-1),
     "gather_rows": _plain_gather_rows,
     "pick": _plain_pick,
     "slot_sum": lambda x: jnp.sum(x, axis=0, dtype=jnp.int32 if x.dtype == jnp.bool_ else None),
@@ -169,4 +192,5 @@ __all__ = [
     "slot_any",
     "slot_sum",
     "slot_sums",
+    "stack_last",
 ]

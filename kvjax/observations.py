@@ -15,6 +15,7 @@ import numpy as np
 from flax import struct
 
 from kvjax.dynamics import action_validity, progress, slot_memory
+from kvjax.layout import stack_last
 from kvjax.scenarios import budget_tokens, usage
 from kvjax.types import (
     BLOCK_TYPES,
@@ -67,13 +68,13 @@ def observe(state: EnvState, params: EnvParams) -> Observation:
     act = f32(s.active)
     mem = slot_memory(s)
     ready = s.active & (s.tool_wait == 0) & (s.remaining > 0)
-    slot_feats = jnp.stack(
+    slot_feats = stack_last(  # the SLOT_FEATURES in order; 0/1 features as bools
         [
-            act,
-            *[f32(s.block_type == i) for i in range(len(BLOCK_TYPES))],
-            f32(s.precision == 1),
-            f32(s.precision == 2),
-            f32(s.location == CPU),
+            s.active,
+            *[s.block_type == i for i in range(len(BLOCK_TYPES))],
+            s.precision == 1,
+            s.precision == 2,
+            s.location == CPU,
             mem / B,
             f32(s.priority) / 100.0,
             s.eviction_value,
@@ -81,11 +82,10 @@ def observe(state: EnvState, params: EnvParams) -> Observation:
             f32(s.remaining) / 100.0,
             f32(state.time - s.last_access) / T,
             f32(s.tool_wait) / 4.0,
-            f32(s.tool_wait > 0),
-            f32(ready & (s.location == CPU)),
+            s.tool_wait > 0,
+            ready & (s.location == CPU),
             f32(state.time - s.arrival_step) / (4.0 * T),
-        ],
-        axis=-1,
+        ]
     )
     slot_feats = slot_feats * act[..., None]  # empty rows are all zeros (stale fields inert)
     pend_tokens = jnp.sum(jnp.where(q.valid, q.tokens, 0))

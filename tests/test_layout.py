@@ -77,3 +77,18 @@ def test_schedule_row_is_row_t_or_zeros_past_the_end(batch):
         np.testing.assert_array_equal(
             layout.schedule_row(x, tt, T), layout.PLAIN["schedule_row"](x, tt, T)
         )
+
+
+@pytest.mark.parametrize("shape", [(), (16,), (16, 8)])
+def test_stack_last_is_a_float32_stack_along_a_new_minor_axis(shape):
+    cols = []
+    for c in range(19):  # bools and floats interleaved, as in the observation
+        if c % 3 == 0:
+            cols.append(jnp.asarray(RNG.integers(0, 2, shape) > 0))
+        else:
+            cols.append(jnp.asarray(RNG.normal(size=shape), jnp.float32))
+    got = jax.jit(layout.stack_last)(cols)
+    want = layout.PLAIN["stack_last"](cols)
+    assert got.shape == shape + (19,) and got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(jax.vmap(layout.stack_last)([c[None] for c in cols])[0], want)
