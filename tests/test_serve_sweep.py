@@ -143,6 +143,8 @@ def test_capacity_brackets_the_target_and_is_reproducible(toy_runner):
         assert (res["good"] + res["late"] == res["finished"]).all()
         assert (res["decided"] >= res["finished"] + res["timed_out"]).all()
         assert (res["good"] <= res["decided"]).all()
+    # arrival_rate is a traced parameter: every load ran the one compiled program.
+    assert sweep._compiled(policy, env.config)._cache_size() == 1
     # Same inputs, a fresh runner: identical sweep and capacity.
     r2 = sweep.LoadRunner(policy, env, unit, num_scenarios=4, max_load=2.0)
     assert sweep.capacity(r2, GRID, target=0.9, tol=0.05) == cap
@@ -214,4 +216,5 @@ def test_timeline_records_memory_and_queue(toy_runner):
     tl = sweep.timeline(policy, env, unit, jax.random.PRNGKey(0), 40)
     assert tl["clock"].shape == (40,) and (np.diff(tl["clock"]) >= 0).all()
     np.testing.assert_array_equal(tl["used"] + tl["cached"] + tl["free"], tl["pool"])
+    assert (tl["backlog"] >= 0).all() and (tl["running"] <= env.config.max_requests).all()
     assert len(tl["ttft"]) == tl["metrics"]["finished"] > 0

@@ -87,7 +87,24 @@ def outcomes(state: ServeState, params: ServeParams, cfg: ServeConfig) -> dict[s
     pace = (now - req.first_token) / jnp.maximum(req.output_len - 1, 1).astype(f32)
     slow = started & (req.output_len > 1) & (pace > params.tpot_slo)
     missed_rows = present & ((waited > params.ttft_slo) | slow)
-    deadline = now - jnp.asarray(params.ttft_slo, f32)
+    behind = arrived_behind(state, params, cfg, now - jnp.asarray(params.ttft_slo, f32))
+    late = m.finished - m.good
+    missed_in_system = jnp.sum(missed_rows).astype(jnp.int32)
+    return dict(
+        good=m.good,
+        late=late,
+        timed_out=m.timed_out,
+        missed_in_system=missed_in_system,
+        missed_behind=behind,
+        undecided=jnp.sum(present & ~missed_rows).astype(jnp.int32),
+        decided=m.finished + m.timed_out + missed_in_system + behind,
+    )
+
+
+def arrived_behind(state: ServeState, params: ServeParams, cfg: ServeConfig, deadline):
+    """Requests still behind the stream pointer (not yet in the table) that arrived by
+    `deadline` (float32 running sums of the stream's gaps, as the engine forms them; at most
+    BEHIND_CHUNK x BEHIND_CHUNKS)."""
     first = state.stream_start + state.next_index
 
     def cond(c):
@@ -102,18 +119,7 @@ def outcomes(state: ServeState, params: ServeParams, cfg: ServeConfig) -> dict[s
 
     t0 = state.next_arrival
     init = (t0, (t0 <= deadline).astype(jnp.int32), jnp.int32(0), t0 > deadline)
-    _, behind, _, _ = jax.lax.while_loop(cond, body, init)
-    late = m.finished - m.good
-    missed_in_system = jnp.sum(missed_rows).astype(jnp.int32)
-    return dict(
-        good=m.good,
-        late=late,
-        timed_out=m.timed_out,
-        missed_in_system=missed_in_system,
-        missed_behind=behind,
-        undecided=jnp.sum(present & ~missed_rows).astype(jnp.int32),
-        decided=m.finished + m.timed_out + missed_in_system + behind,
-    )
+    return jax.lax.while_loop(cond, body, init)[1]
 
 
 def pin_window(state: ServeState, params: ServeParams, window: ServeParams, cfg: ServeConfig):
@@ -362,14 +368,24 @@ def _progress(items, runner: LoadRunner, desc: str):
     return tqdm(items, desc=f"{name} {desc}", leave=False)
 
 
-TIMELINE_FIELDS = ("clock", "used", "cached", "free", "waiting", "running", "recent_ttft")
+TIMELINE_FIELDS = (
+    "clock",
+    "used",
+    "cached",
+    "free",
+    "waiting",
+    "backlog",
+    "running",
+    "recent_ttft",
+)
 
 
 def timeline(policy, env: ServeEnv, params: ServeParams, key, steps: int) -> dict[str, Any]:
     """One scenario stepped `steps` control periods (jit, lax.scan of step_env; past the
-    horizon the engine idles): per step `TIMELINE_FIELDS` (memory in blocks, queue lengths,
-    the engine's running average of TTFT) and the final state's finished-request TTFT / TPOT
-    log (`ttft`, `tpot`: numpy, the last finished_log completions)."""
+    horizon the engine idles): per step `TIMELINE_FIELDS` (memory in blocks; requests waiting
+    in the table, arrived but still behind the stream pointer, running; the engine's running
+    average of TTFT) and the final state's finished-request TTFT / TPOT log (`ttft`, `tpot`:
+    numpy, the last finished_log completions)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     from kvjax.serve import engine
@@ -390,6 +406,8 @@ def timeline(policy, env: ServeEnv, params: ServeParams, key, steps: int) -> dic
                 cached=mem["cached"],
                 free=mem["free"],
                 waiting=jnp.sum(nxt.requests.status == WAITING),
+                # arrived but not yet in the table (every row taken): the queue's hidden part
+                backlog=arrived_behind(nxt, params, env.config, nxt.clock),
                 running=jnp.sum(nxt.requests.status == RUNNING),
                 recent_ttft=nxt.recent_ttft,
             )
