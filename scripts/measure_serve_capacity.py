@@ -5,6 +5,7 @@
         [--agentic-scenarios 4] [--grid 0.5 1 1.5 2 3 4] [--tol 0.0625]
         [--target 0.9] [--set NAME=NUMBER ...]
         [--write docs/serving-capacity.md] [--plot docs/serving_capacity.png] [--json out.json]
+        [--title TEXT] [--append]
 
 For each workload and policy: a load sweep over the grid (goodput and SLO attainment with 95%
 intervals over scenarios) and the capacity - the largest load at which >= target of the
@@ -104,10 +105,9 @@ def markdown(args, results: dict, wall: float, load_avg: tuple) -> str:
         else ""
     )
     lines = [
-        "# kv-serve-v0: capacity at an SLO",
+        f"# {args.title}",
         "",
-        f"Regenerate: `{cmd}` (rewrites this file's tables and the plot; the notes below "
-        "the tables are written by hand).",
+        f"Regenerate: `{cmd}` (rewrites these tables and the plot; notes are written by hand).",
         "",
         f"Preset `{args.preset}`, vLLM rules, {args.horizon:g} simulated s per episode, "
         f"{args.scenarios} paired scenarios per load (seed {args.seed}; every policy and load "
@@ -126,7 +126,9 @@ def markdown(args, results: dict, wall: float, load_avg: tuple) -> str:
         f"load average (1 / 5 / 15 min) at the end {load_avg[0]:.2f} / {load_avg[1]:.2f} / "
         f"{load_avg[2]:.2f}.",
         "",
-        "![goodput and attainment against load](serving_capacity.png)",
+        f"![goodput and attainment against load]({os.path.basename(args.plot or '')})"
+        if args.plot
+        else "",
         "",
         "## Capacity (largest load with attainment >= target)",
         "",
@@ -250,6 +252,8 @@ def main() -> None:
     ap.add_argument("--write", default=None, help="markdown output (e.g. docs/serving-capacity.md)")
     ap.add_argument("--plot", default=None, help="figure (e.g. docs/serving_capacity.png)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--title", default="kv-serve-v0: capacity at an SLO")
+    ap.add_argument("--append", action="store_true", help="append to --write as a section")
     args = ap.parse_args()
     unknown = [p for p in args.policies if p not in SERVE_POLICY_NAMES]
     if unknown:
@@ -266,9 +270,11 @@ def main() -> None:
     except ValueError as e:
         ap.exit(2, f"{e}\n")
     text = markdown(args, results, time.perf_counter() - t0, os.getloadavg())
+    if args.append:  # a section of the file: every heading one level down
+        text = "\n" + "\n".join("#" + ln if ln.startswith("#") else ln for ln in text.split("\n"))
     print(text)
     if args.write:
-        with open(args.write, "w") as f:
+        with open(args.write, "a" if args.append else "w") as f:
             f.write(text)
     if args.plot:
         plot(args, results, args.plot)
