@@ -7,6 +7,8 @@
     kvjax bench [--json] [--batch-sizes 1 1024 4096] [--repeats R] [--write PATH] [--no-standard]
     kvjax bench --env kv-serve-v0 [--presets toy h100-llama3-8b] [--write PATH]
     kvjax leaderboard [--num-scenarios 4096] [--seed 0] [--output docs/leaderboard.md]
+    kvjax leaderboard --env kv-serve-v0 [--preset h100-llama3-8b] [--workloads ...] [--loads ...]
+                      [--horizon 60] [--num-scenarios 8] [--set NAME=NUMBER] [--no-extra]
     kvjax eval-llm -m MODEL --base-url URL [--api-key-var VAR] [--difficulty T] [-n N]
     kvjax eval-llm --policy NAME [--difficulty T] [-n N]      (docs/llm-eval.md)
     kvjax workload stats NAME_OR_FILE [--plot PATH] [--json]  (a bundled trace or a trace file)
@@ -122,11 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "consumed) and, with gymnax installed, Asterix-MinAtar beside it")
     _add_serve_options(be, presets_plural=True)
 
-    lb = sub.add_parser("leaderboard", help="regenerate docs/leaderboard.md")
-    lb.add_argument("--num-scenarios", type=_positive, default=4096)
+    lb = sub.add_parser("leaderboard", help="regenerate docs/leaderboard.md "
+                                            "(--env kv-serve-v0: docs/serving-leaderboard.md)")
+    lb.add_argument("--env", choices=ENV_IDS, default="kv-cache-v0")
+    lb.add_argument("--num-scenarios", type=_positive, default=None,
+                    help="scenarios per tier (4096) or per kv-serve-v0 setting (8)")
     lb.add_argument("--seed", type=_seed, default=0)
-    lb.add_argument("--output", default="docs/leaderboard.md")
+    lb.add_argument("--output", default=None, help="default: docs/leaderboard.md, or "
+                    "docs/serving-leaderboard.md for kv-serve-v0")
     lb.add_argument("--note", default="", help="a line added under the header (e.g. load)")
+    lb.add_argument("--preset", choices=_serve_names()["presets"], default=None)
+    lb.add_argument("--horizon", type=real_arg(0.0, None, lo_open=True), default=None)
+    lb.add_argument("--workloads", nargs="+", default=None, help="kv-serve-v0 workloads")
+    lb.add_argument("--loads", type=real_arg(0.0, None, lo_open=True), nargs="+", default=None)
+    lb.add_argument("--policies", nargs="+", default=None, help="kv-serve-v0 policies")
+    lb.add_argument("--set", nargs="+", default=None, metavar="NAME=NUMBER",
+                    help="kv-serve-v0 ServeParams overrides, e.g. gpu_pool_tokens=40000")
+    lb.add_argument("--extra", action=argparse.BooleanOptionalAction, default=None,
+                    help="kv-serve-v0: also the settings where the pool binds (default: on)")
     add_eval_llm_parser(sub)  # the LLM tool-calling evaluation (kvjax.adapters)
 
     wl = sub.add_parser("workload", help="request traces for kv-serve-v0 (docs/serving.md)")
@@ -359,9 +374,37 @@ def _target_status(record: dict) -> str:
                              f"{r.get('speedup_vs_reference') or 0:,.0f}x)")
 
 
+SERVE_LEADERBOARD = ("workloads", "loads", "policies", "set", "extra")
+
+
+def leaderboard_defaults(args: argparse.Namespace) -> None:
+    """Per-env defaults of `kvjax leaderboard`; kv-serve-v0's arguments checked (ValueError)."""
+    if args.command != "leaderboard":
+        return
+    serve = args.env == "kv-serve-v0"
+    if args.output is None:
+        args.output = "docs/serving-leaderboard.md" if serve else "docs/leaderboard.md"
+    if args.num_scenarios is None:
+        args.num_scenarios = 8 if serve else 4096
+    given = [o for o in SERVE_LEADERBOARD if getattr(args, o) is not None]
+    if not serve and given:
+        raise ValueError(f"--{given[0]} applies to --env kv-serve-v0 only")
+    if serve:
+        from kvjax.serve import leaderboard as slb
+
+        args.setting = slb.setting_from_args(args.preset, args.workloads, args.loads, args.set)
+        args.policies = args.policies or list(slb.POLICIES)
+        args.horizon = args.horizon or 60.0
+        slb.check_args(args.setting, args.policies, args.horizon, args.num_scenarios)
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from kvjax import leaderboard
 
+    if args.env == "kv-serve-v0":
+        from kvjax.serve import leaderboard as slb
+
+        return slb.main(args)
     results, speed = leaderboard.evaluate(POLICY_NAMES, leaderboard.TIERS, args.num_scenarios,
                                           args.seed)
     text = leaderboard.document(results, args.num_scenarios, args.seed, speed, args.note)
@@ -439,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     unwritable output paths) exit with code 2 and one line on stderr, before any work."""
     args = build_parser().parse_args(argv)
     try:
+        leaderboard_defaults(args)
         check_outputs(args)
         check_env_options(args)
     except ValueError as e:
