@@ -9,6 +9,12 @@ Scenarios come from the rollout engine (`kvjax.rollout.rollout`): scenario i of 
 never used. Every policy sees the same scenarios, so differences are paired: the table gives
 each policy's mean rubric total with a 95% interval, and the PPO policy's paired difference to
 the best non-oracle baseline with its own 95% interval.
+
+A kv-serve-v0 checkpoint (trained with `--env kv-serve-v0`) is evaluated on its training env
+(preset, workload, load and overrides from the checkpoint's config; `--load` evaluates at other
+loads) next to every policy of `kvjax.serve.policies.SERVE_POLICY_NAMES`, on the same held-out
+windows (scenario i: `fold_in(PRNGKey(eval_seed), i)`), with paired 95% intervals of score and
+goodput against `engine_default` (`serve_table`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from kvjax.validation import (
     check_writable_file,
     fail,
     positive_int,
+    real_arg,
     seed_arg,
 )
 
@@ -115,8 +122,81 @@ def summary(results: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, A
     return out
 
 
+# kv-serve-v0 -----------------------------------------------------------------------------------
+SERVE_REFERENCE = "engine_default"
+SERVE_FUTURE_AWARE = ("belady_offline",)  # reads true output lengths / next uses: labelled
+
+
+def serve_baselines(env, include_offline: bool = True) -> dict[str, Any]:
+    """name -> policy for every kv-serve-v0 policy of SERVE_POLICY_NAMES."""
+    from kvjax.serve.policies import SERVE_POLICY_NAMES, make_policy
+
+    names = [n for n in SERVE_POLICY_NAMES if include_offline or n not in SERVE_FUTURE_AWARE]
+    return {n: make_policy(n, env) for n in names}
+
+
+def evaluate_serve(policies: dict[str, Any], env, params, num_scenarios: int,
+                   eval_seed: int = EVAL_SEED, progress: bool = True) -> dict[str, Any]:
+    """-> results[policy] = kvjax.serve.episode_metrics per scenario (numpy [num_scenarios]);
+    every policy plays the same windows."""
+    from kvjax.rollout import rollout
+
+    key = jax.random.PRNGKey(eval_seed)
+    out = {}
+    for name, pol in policies.items():
+        if progress:
+            print(f"[evaluate] {name}", file=sys.stderr, flush=True)
+        out[name] = rollout(pol, key, num_scenarios, params, env, progress=progress)
+    return out
+
+
+def serve_table(res: dict[str, Any], learned: str = "ppo", title: str = "") -> str:
+    """Markdown: per policy the mean (± 95% CI) score, goodput, SLO attainment, hit rate,
+    p99 TTFT, preemptions/s and invalid commands, and the paired differences of score and
+    goodput against engine_default; then the learned policy against the best heuristic."""
+    n = len(next(iter(res.values()))["score"])
+    ref = res.get(SERVE_REFERENCE)
+    lines = [f"### {title}({n} held-out windows)", "",
+             "| policy | score | Δ score vs default (paired) | goodput req/s | Δ goodput vs "
+             "default (paired) | SLO attainment | hit rate | p99 TTFT s | preemptions/s | "
+             "invalid |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in sorted(res, key=lambda p: -res[p]["score"].mean()):
+        r = res[p]
+        tag = (" (learned)" if p == learned else
+               " (reads the future)" if p in SERVE_FUTURE_AWARE else "")
+        cells = [f"{p}{tag}", "{:.4f} ± {:.4f}".format(*mean_ci(r["score"]))]
+        cells.append("{:+.4f} ± {:.4f}".format(*mean_ci(r["score"] - ref["score"]))
+                     if ref is not None and p != SERVE_REFERENCE else "-")
+        cells.append("{:.3f} ± {:.3f}".format(*mean_ci(r["goodput"])))
+        cells.append("{:+.3f} ± {:.3f}".format(*mean_ci(r["goodput"] - ref["goodput"]))
+                     if ref is not None and p != SERVE_REFERENCE else "-")
+        cells += [f"{r['slo_attainment'].mean():.3f}", f"{r['hit_rate'].mean():.3f}",
+                  f"{r['p99_ttft'].mean():.2f}", f"{r['preemptions_per_s'].mean():.2f}",
+                  f"{int(np.sum(r['invalid_commands']))}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    heur = [p for p in res if p not in (learned, SERVE_REFERENCE, "random",
+                                        *SERVE_FUTURE_AWARE)]
+    if learned in res and heur:
+        best = max(heur, key=lambda p: res[p]["score"].mean())
+        for other in (SERVE_REFERENCE, best):
+            d, h = mean_ci(res[learned]["score"] - res[other]["score"])
+            win = float(np.mean(res[learned]["score"] > res[other]["score"]))
+            lines.append(f"- {learned} − {other}{' (best heuristic)' if other == best else ''}"
+                         f": score {d:+.4f} ± {h:.4f} (paired 95% CI); {learned} better on "
+                         f"{100 * win:.1f}% of windows")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def serve_summary(res: dict[str, Any]) -> dict[str, Any]:
+    """JSON-ready means and intervals of every episode metric, per policy."""
+    return {p: {k: dict(zip(("mean", "ci95"), mean_ci(v), strict=True))
+                for k, v in r.items() if np.ndim(v) == 1} for p, r in res.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
-    from train.ppo import load_policy, make_policy
+    from train.ppo import load_policy, make_env, make_policy
 
     ap = ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="policy.msgpack or checkpoint.msgpack of a train.ppo run")
@@ -130,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", action="store_true", help="sample actions instead of greedy")
     ap.add_argument("--no-oracle", action="store_true", help="skip the (slow) oracle")
     ap.add_argument("--out", default=None, help="write the markdown table here (and .json)")
+    ap.add_argument("--load", type=real_arg(0.0, lo_open=True), nargs="+", default=None,
+                    help="kv-serve-v0: offered loads to evaluate at (default: the training "
+                    "load)")
     try:
         a = ap.parse_args(argv)
     except SystemExit as e:
@@ -142,20 +225,41 @@ def main(argv: list[str] | None = None) -> int:
             check_writable_file(a.out, "--out")
             check_writable_file(os.path.splitext(a.out)[0] + ".json", "--out (its .json)")
         config, net_params = load_policy(a.checkpoint, a.seed_index)
+        if config.env == "kv-serve-v0":
+            import dataclasses
+
+            envs = {}
+            for load in a.load or [config.load]:
+                cfg = dataclasses.replace(config, load=load)
+                envs[load] = make_env(cfg)
     except (ValueError, OSError, KeyError) as e:
         return fail(prog, str(e))
+    if config.env == "kv-serve-v0":
+        parts, js = [], {}
+        for load, env in envs.items():
+            pols = {"ppo": make_policy(net_params, config, greedy=not a.sample, env=env)}
+            pols.update(serve_baselines(env, include_offline=not a.no_oracle))
+            res = evaluate_serve(pols, env, env.default_params, a.num_scenarios, a.eval_seed)
+            parts.append(serve_table(res, title=f"{config.preset}, {config.workload}, load "
+                                     f"{load:g} "))
+            js[f"load={load:g}"] = serve_summary(res)
+        return _write(a.out, "\n".join(parts), js)
     env = KVCacheEnv()
     pols = {"ppo": make_policy(net_params, config, greedy=not a.sample, env=env)}
     pols.update(baseline_policies(include_oracle=not a.no_oracle))
     res = evaluate(pols, a.difficulty, a.num_scenarios, a.eval_seed, env)
-    md = table(res)
+    return _write(a.out, table(res), summary(res))
+
+
+def _write(out: str | None, md: str, js: dict[str, Any]) -> int:
+    """Print the markdown; with --out also write it and its .json."""
     print(md)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             f.write(md + "\n")
-        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-            json.dump(summary(res), f, indent=1)
+        with open(os.path.splitext(out)[0] + ".json", "w") as f:
+            json.dump(js, f, indent=1)
     return 0
 
 

@@ -10,6 +10,10 @@ what is still valid after heads 0..h-1 (evict clears the slot, swap moves it off
 compress raises its precision; keep is always valid). The update is computed exactly from the
 observation and the chosen prefix (`next_mask`), so a policy never wastes an action on a counted
 no-op. Later heads also see, per slot, which kinds earlier heads chose there.
+
+kv-serve-v0 (`ServeActorCritic`, last section): per-row encoders over the request and segment
+tables and per-row categorical heads over the priority values; train/agents.py wraps both
+networks with their action distributions.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import jax.numpy as jnp
 
 from kvjax.observations import GLOBAL_FEATURES, SLOT_FEATURES, Observation
 from kvjax.scenarios import random_words
+from kvjax.serve.observations import GLOBAL_FEATURES as SERVE_GLOBALS
+from kvjax.serve.observations import REQUEST_FEATURES, SEGMENT_FEATURES, ServeObservation
 
 NEG = -1e9  # masked logit: probability exactly 0, entropy and log-probs stay finite
 _ACTIVE = SLOT_FEATURES.index("active")
@@ -201,3 +207,93 @@ class ActorCritic(nn.Module):
 def dists(logits: chex.Array) -> distrax.Categorical:
     """The per-head categorical distributions of masked logits [..., A, n]."""
     return distrax.Categorical(logits=logits)
+
+
+# -- kv-serve-v0 -------------------------------------------------------------------------------
+# Rows that exist: a request row is in one of these states (EMPTY rows observe all zeros).
+_ROW_STATES = tuple(
+    REQUEST_FEATURES.index(k) for k in ("waiting", "running", "swapped", "transferring", "in_tool")
+)
+_TIME_FRAC = SERVE_GLOBALS.index("time_frac")
+
+
+def squash(x: chex.Array) -> chex.Array:
+    """sign(x) log(1 + |x|): ages over the SLO, preemption counts and iteration times reach the
+    tens or hundreds while flags are 0/1; this keeps every input O(1) without statistics."""
+    return jnp.sign(x) * jnp.log1p(jnp.abs(x))
+
+
+def request_rows(obs: ServeObservation) -> chex.Array:
+    """bool [S]: which request rows hold a request (waiting, running, moving or in a tool gap)."""
+    return jnp.sum(obs.requests[..., jnp.asarray(_ROW_STATES)], axis=-1) > 0.5
+
+
+def segment_rows(obs: ServeObservation) -> chex.Array:
+    """bool [G]: which segment rows are valid."""
+    return obs.segments[..., SEGMENT_FEATURES.index("valid")] > 0.5
+
+
+def _first_bias(value: float):
+    """Bias initialiser: `value` for the first output, 0 for the others."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.zeros(shape, dtype).at[0].set(value)
+
+    return init
+
+
+class ServeActorCritic(nn.Module):
+    """kv-serve-v0: a per-row encoder over the request table and one over the segment table
+    (shared weights across rows, each row seeing the globals: permutation-equivariant), masked
+    mean / max pooling of both tables plus the globals into a context, per-row categorical
+    heads over the priority values 0..L (0 = leave the row's priority as it is) and a value
+    head on the context. Commands are not produced (the agent always sends noop).
+
+    `__call__(obs)` -> (request logits [S, L+1], segment logits [G, L+1], value); rows that do
+    not exist get logits too - the agent zeroes their actions and drops their terms."""
+
+    levels: int = 5  # priority values 0..L
+    hidden: int = 32
+    # Level 0 (leave the engine's priority) starts ~e^1 times likelier than each set level: an
+    # untrained agent mostly keeps the engine default instead of reshuffling every row.
+    keep_bias: float = 1.0
+
+    def setup(self):
+        h = self.hidden
+        self.req_mlp = [PartsDense(h), nn.Dense(h)]
+        self.seg_mlp = [PartsDense(h), nn.Dense(h)]
+        self.ctx = nn.Dense(h)
+        self.req_head = PartsDense(self.levels, bias_init=_first_bias(self.keep_bias))
+        self.seg_head = PartsDense(self.levels, bias_init=_first_bias(self.keep_bias))
+        self.value_mlp = nn.Dense(h)
+        self.value_out = nn.Dense(1)
+
+    def _rows(self, layers, rows, g):
+        """Shared MLP over rows [n, F] with the globals g as a second input part."""
+        F = rows.shape[-1]
+        k, b = layers[0].weights(F + g.shape[-1])
+        x = nn.relu(rows @ k[:F] + (g @ k[F:] + b))
+        return nn.relu(layers[1](x))
+
+    def __call__(self, obs: ServeObservation):
+        g = squash(obs.globals)
+        r_on, s_on = request_rows(obs), segment_rows(obs)
+        xr = self._rows(self.req_mlp, squash(obs.requests), g)
+        xs = self._rows(self.seg_mlp, squash(obs.segments), g)
+
+        def pool(x, on):
+            n = jnp.maximum(jnp.sum(on), 1)
+            mean = jnp.sum(jnp.where(on[:, None], x, 0.0), axis=0) / n
+            return mean, jnp.max(jnp.where(on[:, None], x, -1.0), axis=0)  # relu >= 0
+
+        ctx = nn.relu(self.ctx(jnp.concatenate([*pool(xr, r_on), *pool(xs, s_on), g])))
+        v = self.value_out(nn.relu(self.value_mlp(ctx)))[0]
+        # Nothing is earned after the horizon: the value of a final observation is exactly 0,
+        # which makes a truncated step's bootstrap exact (as in ActorCritic).
+        v = jnp.where(obs.globals[_TIME_FRAC] < 1.0, v, 0.0)
+        h = xr.shape[-1]
+        heads = []
+        for head, x in ((self.req_head, xr), (self.seg_head, xs)):
+            k, b = head.weights(2 * h)
+            heads.append(x @ k[:h] + (ctx @ k[h:] + b))
+        return heads[0], heads[1], v

@@ -2,20 +2,30 @@
 jittable function (rollout, GAE, epochs and minibatches are nested `lax.scan`s), and
 `jax.vmap(train)` trains several seeds at once.
 
-Rollouts. Every update plays one full episode (`episode_len` steps) in each of `num_envs`
-scenarios drawn fresh with `env.reset_env`, stepping with `env.step_env`. All episodes start
-together and have the same length, so an update boundary is an episode boundary: this gives the
-same transitions as `env.step`'s auto-reset but computes one reset per episode instead of one per
-step (a reset is several times dearer than a step).
+Any kvjax env (`config.env`): kv-cache-v0 or kv-serve-v0. What depends on the env's actions -
+the network, the action distribution's log-prob / entropy / sampling, what a policy observes -
+is the agent object of train/agents.py; this file is the same PPO for both.
+
+Rollouts. kv-cache-v0 (episodic agent): every update plays one full episode (`episode_len`
+steps) in each of `num_envs` scenarios drawn fresh with `env.reset_env`, stepping with
+`env.step_env`. All episodes start together and have the same length, so an update boundary is
+an episode boundary: this gives the same transitions as `env.step`'s auto-reset but computes one
+reset per episode instead of one per step (a reset is several times dearer than a step).
+kv-serve-v0: episodes end when the simulated clock reaches the horizon (a variable number of
+steps), so the `num_envs` envs keep running across updates (carried in `Runner.env`), each
+update taking `num_steps` steps of `env.step` with its auto-reset.
 
 GAE masks on `terminated` only and bootstraps truncated steps from the value of
-`info["final_observation"]`; the value head is 0 when the observation says no steps remain, so
-that bootstrap is exact for this fixed-horizon task rather than an untrained extrapolation.
+`info["final_observation"]`; both networks' value heads are 0 when the observation says the
+episode is over (no steps / no time remain), so that bootstrap is exactly 0 - nothing after the
+end of an episode counts towards its score - rather than an untrained extrapolation.
 
 Data parallelism: with more than one local device the env batch is sharded over a 1-D mesh
 ("data") with `jax.sharding`; parameters are replicated and XLA inserts the gradient all-reduce.
 
-CLI: `python -m train.ppo --difficulty hard --total-steps N --num-envs M --seeds K`.
+CLI: `python -m train.ppo --difficulty hard --total-steps N --num-envs M --seeds K`, or
+`python -m train.ppo --env kv-serve-v0 --preset toy --workload synthetic --load 0.9
+--set horizon=60 gpu_pool_tokens=40000 ...`.
 """
 
 from __future__ import annotations
@@ -39,7 +49,6 @@ from jax.sharding import PartitionSpec as P
 import kvjax
 from kvjax import rewards
 from kvjax.env import KVCacheEnv
-from kvjax.observations import Observation
 from kvjax.validation import (
     ArgumentParser,
     Spec,
@@ -51,7 +60,7 @@ from kvjax.validation import (
     seed_arg,
 )
 from train import checkpoint
-from train.networks import ActorCritic, dists
+from train.agents import ENV_IDS, make_agent
 
 # Training difficulty: a kvjax tier, or "medium+hard" (half the envs each).
 TRAIN_DIFFICULTIES = ("easy", "medium", "hard", "all", "medium+hard")
@@ -90,13 +99,30 @@ class PPOConfig:
     hidden: int = 16
     attention: bool = False
     shard: bool = True  # shard the env batch over local devices when there are several
+    env: str = "kv-cache-v0"  # ENV_IDS
+    # kv-serve-v0 only: the env is kvjax.make("kv-serve-v0", preset=, workload=, load=,
+    # **serve_params) (serve_params: ServeParams overrides, e.g. horizon, gpu_pool_tokens), and
+    # each update takes num_steps env steps in each of num_envs envs.
+    preset: str = "toy"
+    workload: str = "synthetic"
+    load: float = 0.9
+    serve_params: dict = dataclasses.field(default_factory=dict)
+    num_steps: int = 64
 
     def __post_init__(self):
+        if self.env not in ENV_IDS:
+            raise ValueError(f"unknown env {self.env!r}; allowed: {list(ENV_IDS)}")
+        if not isinstance(self.serve_params, dict) or not all(
+                isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                for k, v in self.serve_params.items()):
+            raise ValueError(f"serve_params must map ServeParams names to numbers, got "
+                             f"{self.serve_params!r}")
         if self.difficulty not in TRAIN_DIFFICULTIES:
             raise ValueError(
                 f"unknown difficulty {self.difficulty!r}; allowed: {list(TRAIN_DIFFICULTIES)}"
             )
-        for name in ("num_envs", "total_steps", "update_epochs", "num_minibatches", "hidden"):
+        for name in ("num_envs", "total_steps", "update_epochs", "num_minibatches", "hidden",
+                     "num_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
                 raise ValueError(f"{name} must be a positive int (< 2**31), got {v!r}")
@@ -105,6 +131,7 @@ class PPOConfig:
                              f"{self.num_minibatches}")
         for name, spec in REAL_SPECS.items():
             check_field("PPOConfig", name, getattr(self, name), spec)
+        check_field("PPOConfig", "load", self.load, Spec(0.0, lo_open=True))
         for name in ("anneal_lr", "attention", "shard"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -122,8 +149,8 @@ class PPOConfig:
 
 
 class Transition(NamedTuple):
-    obs: Observation
-    action: chex.Array
+    obs: Any  # the env's observation (kvjax Observation or ServeObservation)
+    action: Any  # int32 [A] (kv-cache-v0) or the action dict (kv-serve-v0)
     log_prob: chex.Array
     value: chex.Array
     reward: chex.Array
@@ -137,21 +164,36 @@ class Runner(NamedTuple):
     train_state: TrainState
     key: chex.PRNGKey
     update: chex.Array  # int32, updates done
+    # Envs whose episodes outlast an update (kv-serve-v0): their EnvCarry; () for kv-cache-v0,
+    # whose updates start fresh episodes.
+    env: Any = ()
+
+
+class EnvCarry(NamedTuple):
+    """The running envs of a non-episodic agent, [num_envs] leading axis."""
+
+    obs: Any
+    state: Any
+    episode_return: chex.Array  # float32, reward so far in the current episode
+    ended_return: chex.Array  # float32, summed returns of episodes ended in this update
+    ended: chex.Array  # int32, episodes ended in this update
 
 
 class Trainer(NamedTuple):
     """The pieces of `make_train`, for the CLI's chunked loop and for tests."""
 
     config: PPOConfig
-    env: KVCacheEnv
-    network: ActorCritic
+    env: Any  # KVCacheEnv or ServeEnv
+    network: Any  # agent.network
     num_updates: int
     steps_per_update: int
     init: Any  # key -> Runner
     update: Any  # (Runner, None) -> (Runner, metrics)  (a lax.scan body)
     run: Any  # (Runner, n: static int) -> (Runner, metrics stacked over n updates)
-    rollout: Any  # (TrainState, key) -> (traj [T, N], final obs [N], final state [N])
+    rollout: Any  # (TrainState, key, env carry) -> (traj [T, N], final obs [N], final
+    # state [N] (episodic) or EnvCarry)
     learn: Any  # (TrainState, (traj, adv, targets) flat [T*N], key) -> (TrainState, aux)
+    agent: Any = None  # train/agents.py
 
 
 def gae(rewards_, values, next_values, terminated, truncated, gamma: float, lam: float):
@@ -186,19 +228,34 @@ def make_optimizer(config: PPOConfig, num_updates: int) -> optax.GradientTransfo
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(lr, eps=1e-5))
 
 
-def make_trainer(config: PPOConfig, env: KVCacheEnv | None = None) -> Trainer:
-    """Build init / update / run for `config` (nothing is traced until they are called)."""
-    env = env or KVCacheEnv()
-    cfg = env.config
-    T, N = cfg.episode_len, config.num_envs
+def make_env(config: PPOConfig):
+    """The env `config` trains on (kv-serve-v0's arguments are validated by kvjax.make)."""
+    if config.env == "kv-serve-v0":
+        env, _ = kvjax.make("kv-serve-v0", preset=config.preset, workload=config.workload,
+                            load=config.load, **config.serve_params)
+        return env
+    return KVCacheEnv()
+
+
+def make_trainer(config: PPOConfig, env=None) -> Trainer:
+    """Build init / update / run for `config` (nothing is traced until they are called).
+    `env`: the env to train on (default `make_env(config)`; its `default_params` are used)."""
+    env = env or make_env(config)
+    if env.name != config.env:
+        raise ValueError(f"config.env is {config.env!r} but the env is {env.name!r}")
+    agent = make_agent(env, config.hidden, config.attention)
+    N = config.num_envs
+    T = env.config.episode_len if agent.episodic else config.num_steps
     if N % config.num_minibatches:
         raise ValueError(f"num_envs {N} must be divisible by num_minibatches")
     steps_per_update = T * N
     num_updates = max(config.total_steps // steps_per_update, 1)
     env_params = env.default_params
-    difficulties = jnp.asarray(_env_difficulties(config))
-    network = ActorCritic(max_actions=cfg.max_actions, hidden=config.hidden,
-                          attention=config.attention)
+    if agent.episodic:
+        difficulties = jnp.asarray(_env_difficulties(config))
+        env_step = env.step_env  # episodes end with the update: no auto-reset needed
+    else:
+        env_step = env.step
     tx = make_optimizer(config, num_updates)
 
     devices = jax.local_devices()
@@ -214,52 +271,64 @@ def make_trainer(config: PPOConfig, env: KVCacheEnv | None = None) -> Trainer:
 
     def reset(key):
         keys = jax.random.split(key, N)
-        return jax.vmap(lambda k, d: env.reset_env(k, env_params.replace(difficulty=d)))(
-            keys, difficulties
-        )
+        if agent.episodic:
+            return jax.vmap(lambda k, d: env.reset_env(k, env_params.replace(difficulty=d)))(
+                keys, difficulties
+            )
+        return jax.vmap(env.reset_env, in_axes=(0, None))(keys, env_params)
 
     def init(key: chex.PRNGKey) -> Runner:
         k_net, k_obs, key = jax.random.split(key, 3)
         obs, _ = env.reset_env(k_obs, env_params)
-        dummy = jnp.zeros((cfg.max_actions,), jnp.int32)
-        net_params = network.init(k_net, obs, dummy)
-        ts = TrainState.create(apply_fn=network.apply, params=net_params, tx=tx)
-        return Runner(ts, key, jnp.int32(0))
+        ts = TrainState.create(apply_fn=agent.network.apply, params=agent.init(k_net, obs),
+                               tx=tx)
+        carry = ()
+        if not agent.episodic:
+            key, k_env = jax.random.split(key)
+            obs, state = reset(k_env)
+            zeros = jnp.zeros((N,), jnp.float32)
+            carry = EnvCarry(obs, state, zeros, zeros, jnp.zeros((N,), jnp.int32))
+        return Runner(ts, key, jnp.int32(0), carry)
 
-    def sample(net_params, obs, key):
-        return network.apply(net_params, obs, key, method=ActorCritic.sample)
-
-    def value(net_params, obs):
-        return network.apply(net_params, obs, method=ActorCritic.encode)[2]
-
-    def rollout(ts: TrainState, key):
+    def rollout(ts: TrainState, key, carry=()):
         k_reset, k_act = jax.random.split(key)
-        obs, state = shard(reset(k_reset))
+        if agent.episodic:
+            obs, state = shard(reset(k_reset))
+        else:
+            zeros = jnp.zeros((N,), jnp.float32)
+            carry = carry._replace(ended_return=zeros, ended=jnp.zeros((N,), jnp.int32))
+            obs, state = carry.obs, carry.state
 
-        def step(carry, k):
-            obs, state = carry
+        def step(c, k):
+            obs, state, carry = c
             keys = jax.random.split(k, N)
-            action, logp, _, v = jax.vmap(sample, in_axes=(None, 0, 0))(ts.params, obs, keys)
-            obs2, state2, r, term, trunc, _ = jax.vmap(
-                env.step_env, in_axes=(0, 0, 0, None)
-            )(keys, state, action, env_params)
+            action, logp, _, v = jax.vmap(agent.sample, in_axes=(None, 0, 0))(
+                ts.params, obs, keys)
+            obs2, state2, r, term, trunc, _ = jax.vmap(env_step, in_axes=(0, 0, 0, None))(
+                keys, state, action, env_params)
             tr = Transition(obs, action, logp, v, r, term, trunc)
-            return shard((obs2, state2)), tr
+            if not agent.episodic:  # episode returns for the metrics
+                ret, done = carry.episode_return + r, term | trunc
+                carry = carry._replace(
+                    episode_return=jnp.where(done, 0.0, ret),
+                    ended_return=carry.ended_return + jnp.where(done, ret, 0.0),
+                    ended=carry.ended + done)
+            return shard((obs2, state2, carry)), tr
 
-        # step_env does not auto-reset, so the last carried observation is the final step's
-        # info["final_observation"] (only the last one is needed: no [T, N] copy of them).
-        (final_obs, final_state), traj = jax.lax.scan(
-            step, (obs, state), jax.random.split(k_act, T)
+        # Episodic: step_env does not auto-reset, so the last carried observation is the final
+        # step's info["final_observation"] (only the last one is needed: no [T, N] copy).
+        (final_obs, final_state, carry), traj = jax.lax.scan(
+            step, (obs, state, carry), jax.random.split(k_act, T)
         )
-        return traj, final_obs, final_state
+        if agent.episodic:
+            return traj, final_obs, final_state
+        return traj, final_obs, carry._replace(obs=final_obs, state=final_state)
 
     def loss_fn(net_params, batch: Transition, adv, targets):
-        logits, v = jax.vmap(network.apply, in_axes=(None, 0, 0))(
+        logp, entropy, v = jax.vmap(agent.evaluate, in_axes=(None, 0, 0))(
             net_params, batch.obs, batch.action
         )
-        d = dists(logits)
-        logp = d.log_prob(batch.action).sum(-1)
-        entropy = d.entropy().sum(-1).mean()
+        entropy = entropy.mean()
         v_clipped = batch.value + jnp.clip(v - batch.value, -config.clip_eps, config.clip_eps)
         v_loss = 0.5 * jnp.maximum((v - targets) ** 2, (v_clipped - targets) ** 2).mean()
         ratio = jnp.exp(logp - batch.log_prob)
@@ -295,24 +364,11 @@ def make_trainer(config: PPOConfig, env: KVCacheEnv | None = None) -> Trainer:
 
         return jax.lax.scan(epoch, ts, jax.random.split(key, config.update_epochs))
 
-    def update(runner: Runner, _=None):
-        ts, key, n = runner
-        key, k_roll, k_perm = jax.random.split(key, 3)
-        traj, final_obs, final_state = rollout(ts, k_roll)
-
-        # V(s_{t+1}): the next step's value inside the episode; for the last (truncated) step
-        # the value of info["final_observation"].
-        last_v = jax.vmap(value, in_axes=(None, 0))(ts.params, final_obs)
-        next_v = jnp.concatenate([traj.value[1:], last_v[None]], axis=0)
-        adv, targets = gae(traj.reward, traj.value, next_v, traj.terminated, traj.truncated,
-                           config.gamma, config.gae_lambda)
-
-        flat = lambda x: x.reshape((T * N,) + x.shape[2:])  # noqa: E731
-        ts, aux = learn(ts, jax.tree_util.tree_map(flat, (traj, adv, targets)), k_perm)
+    def episodic_metrics(final_state):
+        """kv-cache-v0: the rubric of every episode (all end with the update)."""
         rub = jax.vmap(rewards.rubric, in_axes=(0, None))(final_state, env_params)
         tier = final_state.tier
-        metrics = {k: v.mean() for k, v in aux.items()}
-        metrics.update({f"rubric/{k}": v.mean() for k, v in rub.items()})
+        metrics = {f"rubric/{k}": v.mean() for k, v in rub.items()}
         metrics["return"] = rub["total"].mean()
         for i, name in enumerate(kvjax.DIFFICULTIES[:3]):
             m = tier == i
@@ -323,16 +379,50 @@ def make_trainer(config: PPOConfig, env: KVCacheEnv | None = None) -> Trainer:
         metrics["failures"] = final_state.counters.failures.mean().astype(jnp.float32)
         metrics["invalid_actions"] = final_state.counters.invalid_actions.sum().astype(
             jnp.float32)
-        return Runner(ts, key, n + 1), metrics
+        return metrics
+
+    def continuing_metrics(carry: EnvCarry):
+        """kv-serve-v0: the mean return (= score) of the episodes that ended in this update
+        (NaN if none did), and the invalid commands so far in the running episodes."""
+        n = carry.ended.sum()
+        return {
+            "return": jnp.where(n > 0, carry.ended_return.sum() / jnp.maximum(n, 1), jnp.nan),
+            "episodes": n.astype(jnp.float32),
+            "invalid_actions": carry.state.metrics.invalid_commands.sum().astype(jnp.float32),
+        }
+
+    def update(runner: Runner, _=None):
+        ts, key, n, carry = runner
+        key, k_roll, k_perm = jax.random.split(key, 3)
+        traj, final_obs, final = rollout(ts, k_roll, carry)
+
+        # V(s_{t+1}): the next step's value inside an episode; at an episode's end the value
+        # of info["final_observation"], which the value heads fix at 0 (nothing is earned
+        # after the end), so truncated steps bootstrap from 0. (After an auto-reset, the next
+        # stored value is the new episode's: not this one's.)
+        last_v = jax.vmap(agent.value, in_axes=(None, 0))(ts.params, final_obs)
+        next_v = jnp.concatenate([traj.value[1:], last_v[None]], axis=0)
+        next_v = jnp.where(traj.truncated, 0.0, next_v)
+        adv, targets = gae(traj.reward, traj.value, next_v, traj.terminated, traj.truncated,
+                           config.gamma, config.gae_lambda)
+
+        flat = lambda x: x.reshape((T * N,) + x.shape[2:])  # noqa: E731
+        ts, aux = learn(ts, jax.tree_util.tree_map(flat, (traj, adv, targets)), k_perm)
+        metrics = {k: v.mean() for k, v in aux.items()}
+        if agent.episodic:
+            metrics.update(episodic_metrics(final))
+            return Runner(ts, key, n + 1, carry), metrics
+        metrics.update(continuing_metrics(final))
+        return Runner(ts, key, n + 1, final), metrics
 
     def run(runner: Runner, n: int):
         return jax.lax.scan(update, runner, None, length=n)
 
-    return Trainer(config, env, network, num_updates, steps_per_update, init, update, run,
-                   rollout, learn)
+    return Trainer(config, env, agent.network, num_updates, steps_per_update, init, update, run,
+                   rollout, learn, agent)
 
 
-def make_train(config: PPOConfig, env: KVCacheEnv | None = None):
+def make_train(config: PPOConfig, env=None):
     """-> `train(key) -> {"runner": Runner, "metrics": per-update metrics}` (jit / vmap it)."""
     trainer = make_trainer(config, env)
 
@@ -414,23 +504,24 @@ def load_policy(path: str, seed_index: int | None = None) -> tuple[PPOConfig, An
     return config, policy_params(checkpoint.restore(batched, state), seed_index)
 
 
-def make_policy(net_params, config: PPOConfig, greedy: bool = True, env: KVCacheEnv | None = None):
-    """A kvjax policy `policy(key, state, params) -> int32[max_actions]` from trained weights
-    (observes the state with `kvjax.observe`; greedy = the most likely action of each head)."""
-    env = env or KVCacheEnv()
-    network = ActorCritic(max_actions=env.config.max_actions, hidden=config.hidden,
-                          attention=config.attention)
+def make_policy(net_params, config: PPOConfig, greedy: bool = True, env=None):
+    """A kvjax policy `policy(key, state, params) -> action` from trained weights (int32
+    [max_actions] for kv-cache-v0, the action dict for kv-serve-v0; it observes the state as the
+    env does; greedy = the most likely action of each head / row). `env` defaults to
+    `make_env(config)`."""
+    env = env or make_env(config)
+    agent = make_agent(env, config.hidden, config.attention)
 
     def policy(key, state, params):
-        obs = kvjax.observe(state, params)
-        return network.apply(net_params, obs, key, greedy, method=ActorCritic.sample)[0]
+        return agent.sample(net_params, agent.observe(state, params), key, greedy)[0]
 
     return policy
 
 
 # -- CLI -------------------------------------------------------------------------------------
 
-def _plot(rows: list[dict[str, Any]], path: str) -> None:
+def _plot(rows: list[dict[str, Any]], path: str,
+          ylabel: str = "mean episode rubric total") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -442,7 +533,7 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     for s in range(ret.shape[1]):
         ax[0].plot(steps, ret[:, s], lw=1, label=f"seed {s}")
     ax[0].set_xlabel("env steps (per seed)")
-    ax[0].set_ylabel("mean episode rubric total")
+    ax[0].set_ylabel(ylabel)
     ax[0].legend(fontsize=7)
     ent = np.array([r["entropy"] for r in rows])
     ax[1].plot(steps, ent.mean(1))
@@ -451,6 +542,21 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def parse_set(items: list[str]) -> dict[str, float]:
+    """`["horizon=60", ...]` -> {"horizon": 60.0} (ValueError naming the bad item); the names
+    are checked by kvjax.make."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value) if sep and name else float("nan")
+        except ValueError:
+            out[name] = float("nan")
+        if not np.isfinite(out[name]):
+            raise ValueError(f"--set {item!r}: want NAME=NUMBER (a finite number)")
+    return out
 
 
 def force_cpu_devices(n: int) -> None:
@@ -466,7 +572,18 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     ap = ArgumentParser(prog="python -m train.ppo", description=__doc__.split("\n")[0])
-    ap.add_argument("--difficulty", default="hard", choices=TRAIN_DIFFICULTIES)
+    ap.add_argument("--env", default="kv-cache-v0", choices=ENV_IDS)
+    ap.add_argument("--difficulty", default="hard", choices=TRAIN_DIFFICULTIES,
+                    help="kv-cache-v0 tier(s)")
+    serve = ap.add_argument_group("kv-serve-v0 (with --env kv-serve-v0)")
+    serve.add_argument("--preset", default=PPOConfig.preset)
+    serve.add_argument("--workload", default=PPOConfig.workload)
+    serve.add_argument("--load", type=real_arg(0.0, lo_open=True), default=PPOConfig.load,
+                       help="offered load as a fraction of the preset's capacity")
+    serve.add_argument("--set", nargs="+", default=[], metavar="NAME=NUMBER",
+                       help="ServeParams overrides, e.g. horizon=60 gpu_pool_tokens=40000")
+    serve.add_argument("--num-steps", type=positive_int, default=PPOConfig.num_steps,
+                       help="env steps per env per update")
     ap.add_argument("--total-steps", type=positive_int, default=2_000_000,
                     help="env steps per seed")
     ap.add_argument("--num-envs", type=positive_int, default=PPOConfig.num_envs)
@@ -515,15 +632,17 @@ def main(argv: list[str] | None = None) -> int:
             config = PPOConfig(
                 difficulty=a.difficulty, num_envs=a.num_envs, total_steps=a.total_steps,
                 update_epochs=a.epochs, num_minibatches=a.minibatches, lr=a.lr,
-                ent_coef=a.ent_coef, hidden=a.hidden, attention=a.attention,
+                ent_coef=a.ent_coef, hidden=a.hidden, attention=a.attention, env=a.env,
+                preset=a.preset, workload=a.workload, load=a.load,
+                serve_params=parse_set(a.set), num_steps=a.num_steps,
             )
             runner = None
         trainer = make_trainer(config)
     except (ValueError, OSError) as e:
         return fail("python -m train.ppo", str(e))
 
-    out = a.out or os.path.join(
-        "runs", f"ppo-{config.difficulty}-{time.strftime('%Y%m%d-%H%M%S')}")
+    what = config.difficulty if config.env == "kv-cache-v0" else f"serve-{config.workload}"
+    out = a.out or os.path.join("runs", f"ppo-{what}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({**config.to_dict(), "seeds": a.seeds, "seed": a.seed}, f, indent=2)
@@ -554,6 +673,12 @@ def main(argv: list[str] | None = None) -> int:
                 timed_s += dt
             done, first = done + n, False
             row = {k: np.asarray(v)[:, -1].tolist() for k, v in m.items()}  # [seeds]
+            if config.env != "kv-cache-v0":  # episodes end in some updates only: chunk mean
+                ended = np.asarray(m["episodes"])
+                ret = np.nan_to_num(np.asarray(m["return"])) * ended
+                row["return"] = np.where(ended.sum(1) > 0, ret.sum(1) / np.maximum(
+                    ended.sum(1), 1), np.nan).tolist()
+                row["episodes"] = ended.sum(1).tolist()
             row.update(update=done, env_steps=done * trainer.steps_per_update,
                        wall_s=round(time.time() - t0, 2),
                        steps_per_s=round(timed_steps / timed_s) if timed_s else None)
@@ -570,10 +695,12 @@ def main(argv: list[str] | None = None) -> int:
                 break
     bar.close()
     final = np.asarray(rows[-1]["return"]) if rows else np.zeros(a.seeds)
-    best = int(np.argmax(final))
+    best = int(np.argmax(np.nan_to_num(final, nan=-np.inf)))
     save_policy(os.path.join(out, "policy.msgpack"), policy_params(runner, best), config)
     if rows:
-        _plot(rows, os.path.join(out, "learning_curve.png"))
+        _plot(rows, os.path.join(out, "learning_curve.png"),
+              "mean episode rubric total" if config.env == "kv-cache-v0"
+              else "mean episode score (goodput / offered)")
     summary = dict(out=out, updates=done, env_steps_per_seed=done * trainer.steps_per_update,
                    final_return=final.tolist(), best_seed=best,
                    steps_per_s=round(timed_steps / timed_s) if timed_s else None)
