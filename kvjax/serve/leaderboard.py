@@ -356,6 +356,11 @@ def document(
         "differences (95% interval by the delta method); **n/a** when the reference is not "
         "above the default beyond noise (its paired difference within its 95% interval): "
         "dividing by noise means nothing.",
+        "- hit rate = prompt tokens served from the prefix cache / prompt tokens looked up, at "
+        "every fresh admission - including re-admissions after a recompute preemption, which hit "
+        "their prefix again. The reference (no preemption) can therefore show a lower hit rate "
+        "than a policy that preempts; it bounds the hits of requests' lookups at unchanged "
+        "admission times (tests/test_serve_leaderboard.py).",
         "",
     ]
     if notes:
@@ -367,6 +372,13 @@ def document(
         main_load = 0.9 if 0.9 in setting.loads else setting.loads[-1]
         body += [f"Spread at load {main_load:g} ({setting.describe()}):", ""]
         body += spread_lines(setting, results, main_load) + [""]
+        quiet = [w for w, b in results.items() if not spread(b, main_load)["separated"]]
+        if quiet:
+            body += [
+                f"At load {main_load:g}, every online policy is within its 95% interval of the "
+                f"engine default on: {', '.join(quiet)}.",
+                "",
+            ]
         body += section(setting, results, "###" if setting.title else "##")
     return "\n".join(head + body).rstrip() + "\n"
 
