@@ -350,7 +350,8 @@ def document(
         f"- The **{REFERENCE}** replays the same windows with a GPU pool of "
         f"{UNLIMITED_POOL_TOKENS:,} tokens (nothing is evicted or preempted for memory) and "
         f"{REFERENCE_SEGMENTS} segment rows for agentic and prefix traces, under the engine "
-        "default: an upper bound on hit rate, a reference (not a bound) for goodput - an "
+        "default: a bound on what the cache can hit (see hit rate below), a reference (not a "
+        "bound) for goodput - an "
         "unlimited pool admits larger batches, which lengthens TPOT.",
         "- headroom = (policy - default) / (reference - default) in goodput, from the paired "
         "differences (95% interval by the delta method); **n/a** when the reference is not "
