@@ -457,7 +457,9 @@ def load_checkpoint(
     config = config or PPOConfig.from_dict(cfg_dict)
     trainer = make_trainer(config)
     keys = jax.random.split(jax.random.PRNGKey(0), seeds or 1)
-    template = jax.vmap(trainer.init)(keys) if seeds else trainer.init(keys[0])
+    # jit: an eager init resets num_envs envs op by op (minutes for kv-serve-v0's carry).
+    init = jax.jit(jax.vmap(trainer.init) if seeds else trainer.init)
+    template = init(keys) if seeds else init(keys[0])
     return config, checkpoint.restore(template, state)
 
 
@@ -485,14 +487,15 @@ def load_policy(path: str, seed_index: int | None = None) -> tuple[PPOConfig, An
     cfg_dict, kind, state = checkpoint.read(path)
     config = PPOConfig.from_dict(cfg_dict)
     trainer = make_trainer(config)
-    template = trainer.init(jax.random.PRNGKey(0))
     seeds = checkpoint.seed_count(kind, state)
     if kind == "policy" or seeds is None:
         if seed_index not in (None, 0):
             raise ValueError(f"{path} holds one policy; seed_index must be 0 or omitted, got "
                              f"{seed_index}")
-        if kind == "policy":
-            return config, checkpoint.restore(template.train_state.params, state)
+        if kind == "policy":  # under jit the unused env resets of init are dropped
+            params = jax.jit(lambda k: trainer.init(k).train_state.params)
+            return config, checkpoint.restore(params(jax.random.PRNGKey(0)), state)
+        template = jax.jit(trainer.init)(jax.random.PRNGKey(0))
         return config, checkpoint.restore(template, state).train_state.params
     if seed_index is None and seeds == 1:
         seed_index = 0
@@ -500,7 +503,7 @@ def load_policy(path: str, seed_index: int | None = None) -> tuple[PPOConfig, An
             0 <= seed_index < seeds):
         raise ValueError(f"{path} holds a training batch of {seeds} seeds: pick one with "
                          f"seed_index (--seed-index) in [0, {seeds - 1}], got {seed_index}")
-    batched = jax.vmap(trainer.init)(jax.random.split(jax.random.PRNGKey(0), seeds))
+    batched = jax.jit(jax.vmap(trainer.init))(jax.random.split(jax.random.PRNGKey(0), seeds))
     return config, policy_params(checkpoint.restore(batched, state), seed_index)
 
 
