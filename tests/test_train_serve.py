@@ -244,3 +244,45 @@ def test_ppo_cli_serve_bad_arguments_one_line_exit_2(argv, says, capsys, tmp_pat
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+def test_serve_table_pairs_against_the_engine_default():
+    """Hand-made results of 3 windows: the paired differences and the win share are exact."""
+    from train.evaluate import mean_ci, serve_table
+
+    def res(score):
+        s = np.asarray(score, np.float64)
+        return dict(score=s, goodput=10 * s, slo_attainment=s, hit_rate=s, p99_ttft=s,
+                    preemptions_per_s=s, invalid_commands=np.zeros(3))
+
+    out = serve_table({"engine_default": res([0.4, 0.5, 0.6]), "ppo": res([0.5, 0.5, 0.9]),
+                       "priority_by_role": res([0.45, 0.6, 0.6])}, title="t ")
+    d, h = mean_ci(np.array([0.1, 0.0, 0.3]))
+    assert "| ppo (learned) | 0.6333 ± " in out and f"{d:+.4f} ± {h:.4f}" in out
+    assert "- ppo − priority_by_role (best heuristic): score +0.0833" in out
+    assert "ppo better on 66.7% of windows" in out  # 2 of 3 against either
+    assert out.index("| ppo") < out.index("| priority_by_role") < out.index("| engine_default")
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_a_serve_checkpoint(tmp_path, monkeypatch):
+    """train.evaluate rebuilds the training env from a kv-serve-v0 checkpoint and writes the
+    paired table and its JSON (2 windows, ppo and engine_default only)."""
+    import json
+
+    from kvjax.serve.policies import make_policy as serve_policy
+    from train import evaluate
+
+    trainer = make_trainer(CFG)
+    path = str(tmp_path / "policy.msgpack")
+    save_policy(path, jax.jit(trainer.init)(jax.random.PRNGKey(0)).train_state.params, CFG)
+    monkeypatch.setattr(evaluate, "serve_baselines", lambda env, include_offline=True: {
+        "engine_default": serve_policy("engine_default", env)})
+    out = tmp_path / "eval.md"
+    assert evaluate.main([path, "--num-scenarios", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "toy, synthetic, load 0.9 (2 held-out windows)" in text
+    assert "| ppo (learned) |" in text and "- ppo − engine_default: score" in text
+    js = json.loads(out.with_suffix(".json").read_text())
+    assert set(js["load=0.9"]) == {"ppo", "engine_default"}
+    assert evaluate.main([path, "--load", "0"]) == 2

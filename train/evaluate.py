@@ -177,9 +177,9 @@ def serve_table(res: dict[str, Any], learned: str = "ppo", title: str = "") -> s
     lines.append("")
     heur = [p for p in res if p not in (learned, SERVE_REFERENCE, "random",
                                         *SERVE_FUTURE_AWARE)]
-    if learned in res and heur:
-        best = max(heur, key=lambda p: res[p]["score"].mean())
-        for other in (SERVE_REFERENCE, best):
+    best = max(heur, key=lambda p: res[p]["score"].mean()) if heur else None
+    if learned in res:
+        for other in [p for p in (SERVE_REFERENCE, best) if p in res]:
             d, h = mean_ci(res[learned]["score"] - res[other]["score"])
             win = float(np.mean(res[learned]["score"] > res[other]["score"]))
             lines.append(f"- {learned} − {other}{' (best heuristic)' if other == best else ''}"
