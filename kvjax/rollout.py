@@ -132,11 +132,17 @@ def env_for(cfg):
 
 def episode_until_truncated(policy, env, key: chex.PRNGKey, index: chex.Array, params):
     """One scenario's episode (unbatched) for an env whose episodes end at a variable step
-    (kv-serve-v0): reset, then policy + step_env until terminated or truncated, at most
-    `max_steps`; under vmap the loop runs until every scenario is done, finished ones frozen.
-    Returns `env.metrics(final_state, params)`."""
+    (kv-serve-v0): reset, then `play_until_truncated`. Returns `env.metrics(final_state,
+    params)`."""
     k_reset, k_policy = scenario_keys(key, index)
     _, state = env.reset_env(k_reset, params)
+    return env.metrics(play_until_truncated(policy, env, state, k_policy, params), params)
+
+
+def play_until_truncated(policy, env, state, k_policy: chex.PRNGKey, params):
+    """policy + step_env from `state` until terminated or truncated, at most `max_steps`; the
+    policy's key at step t is `fold_in(k_policy, t)`. Under vmap the loop runs until every
+    scenario is done, finished ones frozen. Returns the final state."""
 
     def cond(carry):
         t, _, done = carry
@@ -149,7 +155,7 @@ def episode_until_truncated(policy, env, key: chex.PRNGKey, index: chex.Array, p
         return t + 1, nxt, terminated | truncated
 
     _, final, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, jnp.bool_(False)))
-    return env.metrics(final, params)
+    return final
 
 
 def to_trailing(tree):
@@ -364,6 +370,7 @@ __all__ = [
     "default_micro_batch",
     "env_for",
     "episode_until_truncated",
+    "play_until_truncated",
     "episode",
     "normalize_params",
     "rollout",

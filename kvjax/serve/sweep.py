@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.rollout import scenario_keys
+from kvjax.rollout import play_until_truncated, scenario_keys
 from kvjax.serve import replay, workload
 from kvjax.serve.env import ServeEnv
 from kvjax.serve.types import EMPTY, ServeConfig, ServeParams, ServeState
@@ -138,18 +138,7 @@ def episode(policy, env: ServeEnv, key, index, params: ServeParams, window: Serv
     k_reset, k_policy = scenario_keys(key, index)
     _, state = env.reset_env(k_reset, params)
     state = pin_window(state, params, window, env.config)
-
-    def cond(carry):
-        t, _, done = carry
-        return ~done & (t < env.config.max_steps)
-
-    def body(carry):
-        t, st, _ = carry
-        action = policy(jax.random.fold_in(k_policy, t), st, params)
-        _, nxt, _, terminated, truncated, _ = env.step_env(k_policy, st, action, params)
-        return t + 1, nxt, terminated | truncated
-
-    _, final, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, jnp.bool_(False)))
+    final = play_until_truncated(policy, env, state, k_policy, params)
     out = {k: v for k, v in env.metrics(final, params).items()}
     out.update(outcomes(final, params, env.config))
     # Finished requests' TTFT / TPOT (the last finished_log of them; NaN where unused), for
