@@ -3,8 +3,8 @@ heuristic and the unlimited-KV reference (docs/serving-training.md, "Capacity an
 the unlimited-KV reference").
 
     python scripts/measure_serve_learned.py [--checkpoint train/checkpoints/ppo_serve_toy.msgpack]
-        [--heuristic priority_by_role] [--scenarios 8] [--grid 0.4 0.6 0.8 1.0 1.2]
-        [--tol 0.05] [--target 0.9] [--load 0.9] [--seed 1000003] [--out FILE.md]
+        [--heuristic priority_by_role] [--scenarios 8] [--grid 0.4 0.6 0.8 1.0 1.2 1.6 2.0]
+        [--tol 0.025] [--target 0.9] [--load 0.9] [--seed 1000003] [--out FILE.md]
 
 On the checkpoint's own setting (preset, workload, `--set` overrides, horizon): every policy -
 engine_default, the heuristic, the PPO policy (greedy) and the unlimited-KV reference (the
@@ -209,8 +209,8 @@ def main() -> int:
     ap.add_argument("--checkpoint", default="train/checkpoints/ppo_serve_toy.msgpack")
     ap.add_argument("--heuristic", default="priority_by_role")
     ap.add_argument("--scenarios", type=int, default=8)
-    ap.add_argument("--grid", type=float, nargs="+", default=[0.4, 0.6, 0.8, 1.0, 1.2])
-    ap.add_argument("--tol", type=float, default=0.05)
+    ap.add_argument("--grid", type=float, nargs="+", default=[0.4, 0.6, 0.8, 1.0, 1.2, 1.6, 2.0])
+    ap.add_argument("--tol", type=float, default=0.025)
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--load", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
