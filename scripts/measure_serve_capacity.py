@@ -35,6 +35,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import kvjax  # noqa: E402
 from kvjax.serve import sweep  # noqa: E402
 from kvjax.serve.policies import SERVE_POLICY_NAMES, make_policy  # noqa: E402
+from kvjax.serve.sweep import format_capacity as fmt_cap  # noqa: E402
 
 BASELINES = tuple(n for n in SERVE_POLICY_NAMES if n != "random")
 GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
@@ -51,14 +52,6 @@ def parse_set(items: list[str]) -> dict[str, float]:
         if not sep:
             raise SystemExit(f"--set takes NAME=NUMBER, got {kv!r}")
     return out
-
-
-def fmt_cap(c: dict) -> str:
-    if c["status"] == "below_grid":
-        return f"< {c['upper']:g}"
-    if c["status"] == "above_grid":
-        return f">= {c['capacity']:g}"
-    return f"{c['capacity']:.3f}"
 
 
 def run(args) -> dict:

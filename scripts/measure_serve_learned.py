@@ -32,6 +32,7 @@ import numpy as np
 import kvjax
 from kvjax.serve import leaderboard, sweep
 from kvjax.serve.policies import make_policy as make_serve_policy
+from kvjax.serve.sweep import format_capacity as fmt_cap
 from train.evaluate import EVAL_SEED
 from train.ppo import load_policy
 from train.ppo import make_policy as make_ppo_policy
@@ -49,15 +50,6 @@ def pooled_diff(a: dict, b: dict) -> tuple[float, float]:
     resid = (ga - ra * da) / max(da.mean(), 1e-12) - (gb - rb * db) / max(db.mean(), 1e-12)
     se = math.sqrt((resid**2).sum() / (n * (n - 1))) if n > 1 else 0.0
     return float(ra - rb), float(sweep.Z95 * se)
-
-
-def fmt_cap(c: dict) -> str:
-    """A capacity search's result: the load, `< lowest` or `>= highest` grid load."""
-    if c["status"] == "below_grid":
-        return f"< {c['upper']:g}"
-    if c["status"] == "above_grid":
-        return f">= {c['capacity']:g}"
-    return f"{c['capacity']:.3f}"
 
 
 def pm(mc, fmt: str = "{:+.3f} ± {:.3f}") -> str:

@@ -218,3 +218,9 @@ def test_timeline_records_memory_and_queue(toy_runner):
     np.testing.assert_array_equal(tl["used"] + tl["cached"] + tl["free"], tl["pool"])
     assert (tl["backlog"] >= 0).all() and (tl["running"] <= env.config.max_requests).all()
     assert len(tl["ttft"]) == tl["metrics"]["finished"] > 0
+
+
+def test_format_capacity_names_unbracketed_results():
+    assert sweep.format_capacity(dict(status="below_grid", upper=0.5)) == "< 0.5"
+    assert sweep.format_capacity(dict(status="above_grid", capacity=2.0)) == ">= 2"
+    assert sweep.format_capacity(dict(status="bracketed", capacity=0.7875)) == "0.787"

@@ -348,6 +348,15 @@ def capacity(runner: LoadRunner, grid, *, target: float = 0.9, tol: float = 0.02
     )
 
 
+def format_capacity(result: dict) -> str:
+    """A `capacity` result for a table: the load, `< lowest` or `>= highest` grid load."""
+    if result["status"] == "below_grid":
+        return f"< {result['upper']:g}"
+    if result["status"] == "above_grid":
+        return f">= {result['capacity']:g}"
+    return f"{result['capacity']:.3f}"
+
+
 def _progress(items, runner: LoadRunner, desc: str):
     if not runner.progress:
         return items
