@@ -34,6 +34,7 @@ from kvjax.rollout import episode_until_truncated
 from kvjax.serve import env as serve_env
 from kvjax.serve.policies import SERVE_POLICY_NAMES, label, make_policy
 from kvjax.serve.presets import PRESETS
+from kvjax.serve.sweep import Z95, mean_ci
 
 WORKLOADS = ("synthetic", "azure-conv", "azure-code", "mooncake-conv", "agentic")
 LOADS = (0.6, 0.9, 1.1)
@@ -204,13 +205,6 @@ def evaluate(
 
 
 # -- statistics --------------------------------------------------------------------------------
-def mean_ci(x: np.ndarray) -> tuple[float, float]:
-    """Mean and the half-width of its 95% interval (0 for one scenario)."""
-    x = np.asarray(x, np.float64)
-    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else 0.0
-    return float(x.mean()), float(half)
-
-
 def headroom(d_policy: np.ndarray, d_ref: np.ndarray) -> tuple[float, float] | None:
     """(policy - default) / (reference - default) from paired differences, with a 95%
     half-interval (delta method); None when the reference is not above the default beyond
@@ -225,7 +219,7 @@ def headroom(d_policy: np.ndarray, d_ref: np.ndarray) -> tuple[float, float] | N
         return h, 0.0
     c = np.cov(np.stack([dp, dr]), ddof=1)
     var = (c[0, 0] - 2 * h * c[0, 1] + h * h * c[1, 1]) / (n * mr * mr)
-    return h, float(1.96 * math.sqrt(max(var, 0.0)))
+    return h, float(Z95 * math.sqrt(max(var, 0.0)))
 
 
 def rows(block: dict, load: float) -> list[dict]:
