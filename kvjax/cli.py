@@ -258,8 +258,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             engine=args.engine or "vllm", load=args.load or 0.8, progress=not args.json)
         table = bench.serve_markdown_table(record)
         if args.write:
-            Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.write).write_text(serve_benchmarks_document(record, table))
+            write_keeping_notes(Path(args.write), serve_benchmarks_document(record, table))
         print(json.dumps(record) if args.json else table + "\n" + bench.serve_summary_line(
             record))
         return 0
@@ -268,14 +267,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                  progress=not args.json, standard=args.standard)
     table = bench.markdown_table(record)
     if args.write:
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write).write_text(benchmarks_document(record, table))
+        write_keeping_notes(Path(args.write), benchmarks_document(record, table))
     if args.json:
         print(json.dumps(record))
     else:
         print(table)
         print(bench.summary_line(record))
     return 0
+
+
+# In a benchmark document, everything from this line on is hand-written (measurements, profiles,
+# designs tried) and survives `kvjax bench --write`, which regenerates only what is above it.
+NOTES_MARKER = "<!-- hand-written notes below: kept by `kvjax bench --write` -->"
+
+
+def write_keeping_notes(path: Path, generated: str) -> None:
+    """Write `generated` to `path`, followed by the hand-written notes of the file already
+    there (from NOTES_MARKER on; none when the file or the marker is absent)."""
+    old = path.read_text() if path.is_file() else ""
+    notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(generated.rstrip("\n") + "\n\n" + notes if notes else generated)
 
 
 def benchmarks_document(record: dict, table: str) -> str:

@@ -124,6 +124,19 @@ def test_bench_standard_path_table_and_targets():
         record, table)
 
 
+def test_bench_write_keeps_the_hand_written_notes(tmp_path):
+    doc = tmp_path / "b.md"
+    cli.write_keeping_notes(doc, "# Benchmarks\n\nrun 1\n")
+    assert doc.read_text() == "# Benchmarks\n\nrun 1\n"  # no marker yet: the generated text
+    doc.write_text(doc.read_text() + "\n" + cli.NOTES_MARKER + "\n\n## Profile\nmeasured by hand\n")
+    cli.write_keeping_notes(doc, "# Benchmarks\n\nrun 2\n")
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nrun 2\n\n" + cli.NOTES_MARKER)
+    assert text.endswith("## Profile\nmeasured by hand\n") and "run 1" not in text
+    cli.write_keeping_notes(doc, "# Benchmarks\n\nrun 3\n")  # idempotent on the notes
+    assert doc.read_text() == text.replace("run 2", "run 3")
+
+
 def _one_line_exit_2(run, capsys) -> str:
     """Run a CLI call that must fail on its arguments: code 2, one stderr line, no traceback."""
     try:
