@@ -7,7 +7,7 @@ import pytest
 
 from kvjax.serve import actions, engine, latency, workload
 from kvjax.serve.build import build_state
-from kvjax.serve.env import ServeEnv, make
+from kvjax.serve.env import ServeEnv, make, validate_params
 from kvjax.serve.types import (
     LOADING,
     OFFLOADING,
@@ -214,10 +214,10 @@ def test_trt_reserves_max_tokens_and_never_preempts():
         arrival_rate=30.0, gpu_pool_tokens=16384, horizon=20.0, config=dict(max_requests=32)
     )
     env, p = make("toy", engine="trt", **scenario)
-    _, pv = make("toy", engine="vllm", **scenario)
+    env_vllm, pv = make("toy", engine="vllm", **scenario)
     assert int(p.engine) == TRT
 
-    def episode(params):
+    def episode(env, params):
         _, s = env.reset_env(jax.random.PRNGKey(3), params)
 
         def body(s, _):
@@ -226,8 +226,8 @@ def test_trt_reserves_max_tokens_and_never_preempts():
 
         return jax.lax.scan(body, s, None, length=120)
 
-    s_trt, free_trt = jax.jit(episode)(p)
-    s_vllm, _ = jax.jit(episode)(pv)
+    s_trt, free_trt = jax.jit(episode, static_argnums=0)(env, p)
+    s_vllm, _ = jax.jit(episode, static_argnums=0)(env_vllm, pv)
     assert int(s_vllm.metrics.preemptions) > 0  # the same stream does preempt under vLLM
     assert int(s_trt.metrics.preemptions) == 0 and int(free_trt.min()) >= 0
     assert int(s_trt.metrics.finished) > 0
@@ -338,3 +338,62 @@ def test_an_agentic_session_reads_its_history_call_after_call():
     assert int(m.hit_tokens) == sum(hits)
     keys_held = set(np.asarray(state.segments.key)[np.asarray(state.segments.valid)].tolist())
     assert {workload.history_key(0, t, cfg) for t in range(len(prompts))} <= keys_held
+
+
+@pytest.mark.parametrize(
+    "engine_name",
+    [
+        "vllm",
+        pytest.param("sglang", marks=pytest.mark.slow),
+        pytest.param("trt", marks=pytest.mark.slow),
+    ],
+)
+def test_static_engine_equals_the_traced_engine(engine_name):
+    """make(engine=...) traces only that engine's rules (ServeConfig.engine); step by step it
+    is bit-identical to the traced form (config engine=None, every engine's rules evaluated
+    and selected) under memory pressure and random actions (priorities, commands)."""
+    scenario = dict(
+        engine=engine_name,
+        load=1.5,
+        gpu_pool_tokens=12000,
+        horizon=6.0,
+        config=dict(max_requests=16, iterations_per_step=8),
+    )
+    env, p = make("toy", **scenario)
+    env_traced, p_traced = make(
+        "toy", **{**scenario, "config": {**scenario["config"], "engine": None}}
+    )
+    assert env.config.engine == engine_name and env_traced.config.engine is None
+    chex_equal = lambda a, b: jax.tree_util.tree_all(  # noqa: E731
+        jax.tree_util.tree_map(lambda x, y: bool(jnp.array_equal(x, y, equal_nan=True)), a, b)
+    )
+    space = env.action_space(p)
+
+    def episode(env, params):
+        _, s = env.reset_env(jax.random.PRNGKey(11), params)
+
+        def body(s, k):
+            s = env.step_env(None, s, space.sample(k), params)[1]
+            return s, s
+
+        return jax.lax.scan(body, s, jax.random.split(jax.random.PRNGKey(2), 60))[1]
+
+    static = jax.jit(episode, static_argnums=0)(env, p)
+    traced = jax.jit(episode, static_argnums=0)(env_traced, p_traced)
+    assert chex_equal(static, traced)
+    assert int(static.metrics.finished[-1]) > 0
+    if engine_name != "trt":
+        assert int(static.metrics.preemptions[-1]) + int(static.metrics.offloads[-1]) > 0
+
+
+def test_static_engine_config_is_checked():
+    env, p = make("toy", engine="sglang")
+    assert env.config.engine == "sglang"
+    with pytest.raises(ValueError, match="config's engine 'sglang'"):
+        validate_params(p.replace(engine=jnp.int32(0)), env.config)
+    with pytest.raises(ValueError, match=r"\['vllm', 'sglang', 'trt'\] or None"):
+        make("toy", config=dict(engine="tgi"))
+    with pytest.raises(ValueError, match="config's engine 'vllm'"):
+        make("toy", engine="trt", config=dict(engine="vllm"))
+    env, p = make("toy", engine="trt", config=dict(engine=None))
+    assert env.config.engine is None and int(p.engine) == TRT

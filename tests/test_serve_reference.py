@@ -139,6 +139,8 @@ SLOW_CASES = {
 
 
 def scenarios(case: dict):
+    """The case's envs and params, engines mixed in one batch: the traced-engine config
+    (engine=None; test_serve_engine proves the static engines equal to it)."""
     envs, plist, names = [], [], []
     engines, dtypes = case.get("engines", ENGINES), case.get("dtypes", KV_DTYPES)
     for engine, dtype, load in itertools.product(engines, dtypes, case["loads"]):
@@ -148,7 +150,7 @@ def scenarios(case: dict):
             engine=engine,
             kv_dtype=dtype,
             load=load,
-            config=case["config"],
+            config={**(case["config"] or {}), "engine": None},
             **case["params"],
         )
         envs.append(env)

@@ -31,6 +31,7 @@ from kvjax.serve import latency, ops, workload
 from kvjax.serve.types import (
     BLOCK_TOKENS,
     EMPTY,
+    ENGINES,
     LOADING,
     OFFLOADING,
     RUNNING,
@@ -65,6 +66,14 @@ def cpu_pool_blocks(params: ServeParams) -> chex.Array:
     return jnp.asarray(params.cpu_pool_tokens, jnp.int32) * (1 + params.kv_dtype) // BLOCK_TOKENS
 
 
+def engine_is(params: ServeParams, cfg: ServeConfig, engine: int):
+    """Whether the scenario's engine is `engine`: a Python bool when the config names its
+    engine (the other engines' rules are then not traced at all), else a traced bool."""
+    if cfg.engine is None:
+        return params.engine == engine
+    return cfg.engine == ENGINES[engine]
+
+
 def on_gpu(req: RequestTable) -> chex.Array:
     """Rows whose KV occupies GPU blocks."""
     return (req.status == RUNNING) | (req.status == OFFLOADING) | (req.status == LOADING)
@@ -88,8 +97,10 @@ def private_blocks(req: RequestTable, seg: SegmentTable) -> chex.Array:
 
 def segment_refs(req: RequestTable, num_segments: int) -> chex.Array:
     """int32 [G]: attached requests holding GPU blocks per segment."""
-    onehot = req.attached[:, None] == jnp.arange(num_segments)[None, :]
-    return jnp.sum(onehot & on_gpu(req)[:, None], axis=0).astype(jnp.int32)
+    # (materialized: the [S] operands are computed once, not per [S, G] element; ops.py)
+    attached, gpu = ops.materialize(req.attached), ops.materialize(on_gpu(req))
+    onehot = attached[:, None] == jnp.arange(num_segments)[None, :]
+    return jnp.sum(onehot & gpu[:, None], axis=0).astype(jnp.int32)
 
 
 def resident(seg: SegmentTable) -> chex.Array:
@@ -117,6 +128,7 @@ def evictable(seg: SegmentTable, refs: chex.Array, clock: chex.Array) -> chex.Ar
 def key_rows(keys: chex.Array, seg: SegmentTable) -> tuple[chex.Array, chex.Array]:
     """For each key ([S], -1 none): whether a valid row holds it, and that row (-1 if not)."""
     G = seg.valid.shape[-1]
+    keys = ops.materialize(keys)
     match = (keys[:, None] == seg.key[None, :]) & seg.valid[None, :] & (keys >= 0)[:, None]
     found = jnp.any(match, axis=1)
     row = jnp.sum(jnp.where(match, jnp.arange(G)[None, :], 0), axis=1)
@@ -264,14 +276,13 @@ def running_order_keys(req: RequestTable, params: ServeParams, cfg: ServeConfig)
     priority (higher first), then the engine's rule - vLLM and TRT: order of admission (the
     last scheduled is preempted first); SGLang: most decoded first (fewest decoded retracted
     first, ties: longest prompt)."""
-    sgl = params.engine == SGLANG
+    sgl = engine_is(params, cfg, SGLANG)
     # Priority and (SGLang) decoded tokens packed in one key: each key costs an [S, S] compare.
     fewest = 0xFFFF - jnp.minimum(req.generated, 0xFFFF)
-    return (
-        ((cfg.priority_levels - 1) - req.priority) * 0x10000 + jnp.where(sgl, fewest, 0),
-        jnp.where(sgl, req.prompt, 0),
-        req.run_key,
-    )
+    retention = ((cfg.priority_levels - 1) - req.priority) * 0x10000
+    if sgl is False:  # a static vLLM or TRT engine: no SGLang keys to compare
+        return (retention, req.run_key)
+    return (retention + jnp.where(sgl, fewest, 0), jnp.where(sgl, req.prompt, 0), req.run_key)
 
 
 def schedule(
@@ -301,18 +312,23 @@ def schedule(
     held = private_blocks(req, seg)
     # Keep the longest prefix of the running order whose demand fits in what is available
     # plus what preempting every later request frees (victims are taken from the tail).
-    can_preempt = params.engine != TRT
+    is_trt, is_sgl = engine_is(params, cfg, TRT), engine_is(params, cfg, SGLANG)
+    can_preempt = ~jnp.asarray(is_trt)
     demand_incl = before_run.prefix_sum(demand, inclusive=True)
-    held_after = jnp.sum(jnp.where(running, held, 0)) - before_run.prefix_sum(held, inclusive=True)
-    shortage = jnp.sum(demand) > available
-    # SGLang retracts until every kept request has retract_tokens free for its next decodes.
-    kept_count = before_run.prefix_sum(running.astype(jnp.int32), inclusive=True)
-    sgl_headroom = jnp.where(
-        (params.engine == SGLANG) & shortage,
-        ceil_blocks(kept_count * params.sglang_retract_tokens),
-        0,
-    )
-    fits = demand_incl + sgl_headroom <= available + jnp.where(can_preempt, held_after, 0)
+    room = available
+    if is_trt is not True:  # preempting every later request frees its blocks
+        held_run = jnp.sum(jnp.where(running, held, 0))
+        held_after = held_run - before_run.prefix_sum(held, inclusive=True)
+        room = available + jnp.where(can_preempt, held_after, 0)
+    if is_sgl is not False:
+        # SGLang retracts until every kept request has retract_tokens free for its next decodes.
+        shortage = jnp.sum(demand) > available
+        kept_count = before_run.prefix_sum(running.astype(jnp.int32), inclusive=True)
+        sgl_headroom = jnp.where(
+            is_sgl & shortage, ceil_blocks(kept_count * params.sglang_retract_tokens), 0
+        )
+        demand_incl = demand_incl + sgl_headroom
+    fits = demand_incl <= room
     kept = running & fits
     preempt = running & ~fits & can_preempt
     run_tok = jnp.where(kept, run_tok, 0)  # TRT: a request that does not fit just waits
@@ -337,6 +353,7 @@ def schedule(
     hit = jnp.where(hit_row >= 0, jnp.minimum(hit_tokens, req.target - 1), 0)
     hit_row = jnp.where(hit > 0, hit_row, -1)
     # Segments some waiting request will hit are not counted as evictable for admission.
+    hit_row = ops.materialize(hit_row)
     hit_onehot = hit_row[:, None] == jnp.arange(G)[None, :]
     wanted = jnp.any(hit_onehot, axis=0)
     kept_demand = jnp.sum(jnp.where(kept, demand, 0))
@@ -359,27 +376,29 @@ def schedule(
     pool = mem["pool"]
     reserve = jnp.asarray(cfg.reserve_levels, jnp.float32)[state.reserve_level]
     agent_reserve = jnp.ceil(reserve * pool.astype(jnp.float32)).astype(jnp.int32)
-    # TRT (GUARANTEED_NO_EVICT): every request holds a reservation for prompt + max_tokens.
-    full = ceil_blocks(req.prompt + req.max_tokens - jnp.where(hit > 0, hit_tokens, 0))
-    reserved_running = jnp.sum(
-        jnp.where(on_gpu(req), ceil_blocks(req.prompt + req.max_tokens - attached), 0)
-    )
-    pinned_or_used = jnp.sum(jnp.where(~evict_ok, seg_blocks, 0))
-    trt_ok = (
-        reserved_running + before_wait.prefix_sum(jnp.where(waiting, full, 0), inclusive=True)
-        <= pool - pinned_or_used
-    )
-    # SGLang: keep new_token_ratio x (the remaining output, capped) free for every request.
-    future = jnp.minimum(jnp.maximum(req.max_tokens - req.generated, 0), params.sglang_reserve_cap)
-    ratio = state.new_token_ratio
-    run_reserve = jnp.sum(jnp.where(running | (req.status == LOADING), future, 0))
-    w_reserve = before_wait.prefix_sum(jnp.where(waiting, future, 0), inclusive=True)
-    sgl_reserve = ceil_blocks(jnp.ceil(ratio * (run_reserve + w_reserve)).astype(jnp.int32))
-    guard = jnp.where(
-        params.engine == TRT,
-        trt_ok,
-        jnp.where(params.engine == SGLANG, cum_blocks + sgl_reserve <= adm_available, True),
-    )
+    guard = True
+    if is_trt is not False:
+        # TRT (GUARANTEED_NO_EVICT): every request holds a reservation for prompt + max_tokens.
+        full = ceil_blocks(req.prompt + req.max_tokens - jnp.where(hit > 0, hit_tokens, 0))
+        reserved_running = jnp.sum(
+            jnp.where(on_gpu(req), ceil_blocks(req.prompt + req.max_tokens - attached), 0)
+        )
+        pinned_or_used = jnp.sum(jnp.where(~evict_ok, seg_blocks, 0))
+        trt_ok = (
+            reserved_running + before_wait.prefix_sum(jnp.where(waiting, full, 0), inclusive=True)
+            <= pool - pinned_or_used
+        )
+        guard = jnp.where(is_trt, trt_ok, guard)
+    if is_sgl is not False:
+        # SGLang: keep new_token_ratio x (the remaining output, capped) free for every request.
+        future = jnp.minimum(
+            jnp.maximum(req.max_tokens - req.generated, 0), params.sglang_reserve_cap
+        )
+        ratio = state.new_token_ratio
+        run_reserve = jnp.sum(jnp.where(running | (req.status == LOADING), future, 0))
+        w_reserve = before_wait.prefix_sum(jnp.where(waiting, future, 0), inclusive=True)
+        sgl_reserve = ceil_blocks(jnp.ceil(ratio * (run_reserve + w_reserve)).astype(jnp.int32))
+        guard = jnp.where(is_sgl, cum_blocks + sgl_reserve <= adm_available, guard)
     ok = (
         waiting
         & (swapped | (w_tok > 0))
@@ -389,7 +408,7 @@ def schedule(
         & guard
         & ~retracted
     )
-    admit = waiting & ~before_wait.any_before(waiting & ~ok) & ok
+    admit = ops.materialize(waiting & ~before_wait.any_before(waiting & ~ok) & ok)
     admit_pos = before_wait.prefix_sum(admit.astype(jnp.int32))
     tokens = run_tok + jnp.where(admit & ~swapped, w_tok, 0)
     hit = jnp.where(admit, hit, 0)
@@ -443,6 +462,7 @@ def insert_segments(
         & live
     )
     want = want & ops.first_of_equal(key, want)
+    want, own_row = ops.materialize(want), ops.materialize(own_row)
     reuse = want & found
     new = want & ~found
     # Free rows in allocation order.
@@ -466,6 +486,7 @@ def insert_segments(
     # (-2: matches no request's rank, which is -1 or a count from 0 that may exceed G)
     free_rank = jnp.where(free, before.prefix_sum(free.astype(jnp.int32)), -2)
     new_rank = jnp.where(new, ops.row_prefix_sum(new.astype(jnp.int32)), -1)
+    new_rank, free_rank = ops.materialize(new_rank), ops.materialize(free_rank)
     take = (new_rank[:, None] == free_rank[None, :]) & new[:, None]  # [S, G]
     take = take | ((own_row[:, None] == jnp.arange(G)[None, :]) & reuse[:, None])
     inserts = jnp.any(take, axis=1)  # requests that insert (a free row was left for them)
@@ -578,10 +599,7 @@ def execute(
     lookups = jnp.sum(jnp.where(fresh, req.target, 0))
 
     # Segments: evictions, then touch those in use (LRU clock).
-    touched = (
-        jnp.any((req.attached[:, None] == jnp.arange(G)[None, :]) & on_gpu(req)[:, None], axis=0)
-        & live
-    )
+    touched = (segment_refs(req, G) > 0) & live
     seg = seg.replace(
         on_gpu=seg.on_gpu & ~plan.evict,
         pinned_until=jnp.where(plan.evict, 0.0, seg.pinned_until),

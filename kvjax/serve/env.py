@@ -228,6 +228,18 @@ def validate_params(params: ServeParams, cfg: ServeConfig) -> ServeParams:
             raise ValueError(f"{name} must be in [{lo}, {hi}], got {getattr(params, name)!r}")
     if np.any(np.asarray(params.max_tokens) >= np.asarray(params.max_model_len)):
         raise ValueError("max_tokens must be < max_model_len")
+    if cfg.engine is not None:
+        if cfg.engine not in ENGINES:
+            raise ValueError(
+                f"config engine must be one of {list(ENGINES)} or None, got {cfg.engine!r}"
+            )
+        e = params.engine
+        traced = isinstance(e, jax.core.Tracer)
+        if not traced and np.any(np.asarray(e) != ENGINES.index(cfg.engine)):
+            raise ValueError(
+                f"params.engine {e!r} is not the config's engine {cfg.engine!r} (its rules are the "
+                f"only ones traced); make the env with that engine, or config=dict(engine=None)"
+            )
     return params
 
 
@@ -285,8 +297,9 @@ def make(
     w, trace = workload_source(workload)
     spec = PRESETS[preset]
     cfg_fields = {f.name for f in dataclasses.fields(ServeConfig)} - {"trace", "agentic"}
+    # The engine's rules are static (only its rules traced) unless config says engine=None.
     agentic = workload == workloads.AGENTIC
-    cfg_over = {**spec["config"], **(config or {})}
+    cfg_over = {**spec["config"], "engine": engine, **(config or {})}
     unknown = set(config or {}) - cfg_fields
     if unknown:
         raise ValueError(f"unknown config {sorted(unknown)}; allowed: {sorted(cfg_fields)}")
@@ -295,7 +308,7 @@ def make(
     ):
         cfg_over["max_segments"] = max(MANY_SEGMENTS, cfg_over.get("max_segments", 0))
     cfg = ServeConfig(**cfg_over, trace=trace, agentic=agentic)
-    for name in cfg_fields - {"reserve_levels"}:
+    for name in cfg_fields - {"reserve_levels", "engine"}:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"config {name} must be a positive int, got {value!r}")

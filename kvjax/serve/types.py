@@ -46,6 +46,11 @@ class ServeConfig:
     trace: Any = None
     # The agentic closed-loop workload (sessions of calls separated by tool gaps).
     agentic: bool = False
+    # The engine's rules traced: one of ENGINES - only that engine's rules (params.engine must
+    # name the same engine; validate_params checks), what kvjax.make(engine=...) builds; None -
+    # the engine is `params.engine`, traced: every iteration evaluates the vLLM, SGLang and TRT
+    # rules and selects (slower, one compile for every engine, e.g. vmapped over engines).
+    engine: str | None = None
 
     @property
     def num_command_ids(self) -> int:
