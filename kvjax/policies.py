@@ -119,14 +119,10 @@ def _at(x: chex.Array, i: chex.Array) -> chex.Array:
 
 
 def _once(*per_slot: chex.Array) -> list[chex.Array]:
-    """The given finite per-slot arrays, each computed once (batch-trailing only; see
-    kvjax.dynamics.materialize): every reduction of the greedy passes below would otherwise
-    recompute the whole cost chain that produced them."""
-    if per_slot[0].ndim < 2:  # one scenario (vmap): XLA fuses these well enough
-        return list(per_slot)
-    out = materialize(jnp.stack([x.astype(jnp.float32) for x in per_slot]))
-    return [o > 0.5 if x.dtype == jnp.bool_ else o.astype(x.dtype)
-            for o, x in zip(out, per_slot, strict=True)]
+    """The given per-slot arrays, each computed once (see kvjax.layout.materialize): every
+    reduction of the greedy passes below would otherwise recompute the whole cost chain that
+    produced them."""
+    return list(materialize(per_slot))
 
 
 def _pick_greedy(
