@@ -69,12 +69,25 @@ def gather_rows(table: dict[str, chex.Array], index: chex.Array, n: int) -> dict
     a whole value_aware rollout against one gather per column; one scenario under vmap: the
     whole step ~1.3x faster than one packed row gather, 9.1 vs 12.2 ms per step of 4,096
     scenarios, same process). The index is materialised once (not re-derived for every
-    column: see `materialize`)."""
+    column: see `materialize`). Batch-trailing (no vmap, so a branch is a real branch), the
+    select runs over only the first 4, 8, ... rows when no scenario of the batch reads past
+    them: admission reads rows below the step's admissions, 4-8 of 16 in most steps of a
+    256-scenario micro-batch (the value_aware rollout ~1.05x, same results)."""
     index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
     packed = jnp.stack(list(table.values()))  # [F, n, *batch]
-    out = jnp.zeros((packed.shape[0],) + index.shape, packed.dtype)
-    for r in range(n):
-        out = jnp.where(index == r, packed[:, r : r + 1], out)
+
+    def select(rows: int) -> chex.Array:  # the first `rows` rows are all that index reads
+        out = jnp.zeros((packed.shape[0],) + index.shape, packed.dtype)
+        for r in range(rows):
+            out = jnp.where(index == r, packed[:, r : r + 1], out)
+        return out
+
+    if index.ndim > 1 and n > 4:  # batch-trailing: the whole batch's highest row bounds it
+        sizes = [4 << i for i in range((n - 1).bit_length()) if 4 << i < n] + [n]
+        branch = jnp.sum(jnp.asarray(sizes[:-1]) <= jnp.max(index))  # smallest size > max
+        out = jax.lax.switch(branch, [lambda k=k: select(k) for k in sizes])
+    else:
+        out = select(n)
     return {f: out[i] for i, f in enumerate(table)}
 
 

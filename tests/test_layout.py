@@ -58,10 +58,11 @@ def test_sums_and_any_over_axis_0(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gather_rows_and_pick_are_takes_with_zero_outside(shape):
+@pytest.mark.parametrize("top", [3, 7, 16 + 3])  # batch-trailing: the 4-, 8- and 16-row selects
+def test_gather_rows_and_pick_are_takes_with_zero_outside(shape, top):
     n, m = shape[0], 12
     table = {"a": ints(shape), "b": ints(shape, 0, 9)}
-    index = ints((m,) + shape[1:], -3, n + 3)  # some out of range both ways
+    index = ints((m,) + shape[1:], -3, top)  # some out of range (below, and above for top > n)
     got = layout.gather_rows(table, index, n)
     want = layout.PLAIN["gather_rows"](table, index, n)
     for f in table:
