@@ -301,7 +301,16 @@ def schedule(
 
     # Running requests first, in running order, under the token budget.
     running = req.status == RUNNING
-    before_run = ops.order(running_order_keys(req, params, cfg), running)
+    waiting = (req.status == WAITING) | (req.status == SWAPPED)
+    # The running order and the waiting (queue) order as one order: running rows first, then
+    # waiting rows, the rest last - one [S, S] matrix (or one sort) instead of two. A prefix sum
+    # of a value that is zero off its queue's rows is the same in either; every value summed
+    # below is (docs/serving-benchmarks.md).
+    run_keys = running_order_keys(req, params, cfg)
+    wait_keys = (req.queue_key,) + (0,) * (len(run_keys) - 1)
+    keys = [jnp.where(running, r, w) for r, w in zip(run_keys, wait_keys, strict=True)]
+    before_run = ops.order((jnp.where(running, 0, 1), *keys), running | waiting)
+    before_wait = before_run
     need = jnp.where(running, jnp.maximum(req.target - req.computed, 1), 0)
     # (needs clipped to the budget: the same decisions, and the float prefix sums stay exact)
     run_tok = jnp.clip(budget - before_run.prefix_sum(jnp.minimum(need, budget)), 0, need)
@@ -336,8 +345,6 @@ def schedule(
     preempt_pos = before_run.prefix_sum(preempt.astype(jnp.int32))
 
     # Waiting requests, in queue order, only in an iteration that preempted nothing.
-    waiting = (req.status == WAITING) | (req.status == SWAPPED)
-    before_wait = ops.order((req.queue_key,), waiting)
     swapped = req.status == SWAPPED
     # The hit row: the resident row keyed `segment`, else the one keyed `segment_up`.
     _, row_read = key_rows(req.segment, seg)
