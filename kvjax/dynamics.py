@@ -373,9 +373,11 @@ def _advance_queue(
     # New queue: the kept requests moved to the front, then the arrivals (a row's valid
     # requests come first): rows of [queue; arrivals] ([P + K]), one gather.
     valid = pos < kept + accepted
-    src = jnp.where(pos < kept, pos + n_admit + n_timeout, P + pos - kept)
+    # Rows of [arrivals; queue]: the arrivals first, so that a batch whose queues are short
+    # reads only the first few rows (gather_rows bounds its select by the highest row read).
+    src = jnp.where(pos < kept, K + pos + n_admit + n_timeout, pos - kept)
     names = [f for f in vars(q) if f != "valid"]
-    both = {f: jnp.concatenate([getattr(q, f), getattr(row, f)]) for f in names}
+    both = {f: jnp.concatenate([getattr(row, f), getattr(q, f)]) for f in names}
     fields = gather_rows(both, jnp.where(valid, src, -1), P + K)
     fields["seq_id"] = jnp.where(valid, fields["seq_id"], -1)
     q = Requests(valid=valid, **fields)
