@@ -125,14 +125,16 @@ def order(keys: Sequence[chex.Array], valid: chex.Array, method: str | None = No
 def first_of_equal(keys: chex.Array, valid: chex.Array, method: str | None = None) -> chex.Array:
     """bool [n]: valid rows with no valid lower row holding the same key (one row per distinct
     key: the lowest). "pairwise" compares all pairs; "sort" sorts by (key, row) and compares
-    neighbours; None picks by size (SORT_ABOVE), as `order` does."""
+    neighbours; None picks by size (SORT_ABOVE), as `order` does. The pairwise form counts the
+    valid lower rows with the same key as a product (an [n, n] `any` ran ~1.05x slower per
+    engine iteration on XLA's CPU backend in a same-process A/B)."""
     n = valid.shape[-1]
     method = method or ("sort" if n > SORT_ABOVE else "pairwise")
     if method == "pairwise":
         idx = jnp.arange(n)
         keys, valid = materialize(keys), materialize(valid)
-        dup = (keys[None, :] == keys[:, None]) & valid[None, :] & (idx[None, :] < idx[:, None])
-        return valid & ~jnp.any(dup, axis=-1)
+        same_below = (keys[None, :] == keys[:, None]) & (idx[None, :] < idx[:, None])
+        return valid & (prefix_sum(same_below, valid.astype(jnp.int32)) == 0)
     if method != "sort":
         raise ValueError(f"unknown method {method!r}; allowed: ['pairwise', 'sort']")
     inv, k, perm = jax.lax.sort(((~valid).astype(jnp.int32), keys, jnp.arange(n)), num_keys=3)
