@@ -104,8 +104,17 @@ def test_episodes_are_deterministic_and_vmap_matches_single(small):
     ) != int(batched.next_index[1])
 
 
-def test_no_retracing_across_params_and_steps(small):
-    env, p = small
+def test_no_retracing_across_params_and_steps():
+    # config engine=None: the engine is a traced param, so swapping it below switches rules
+    # (an env made for one engine traces only its rules and ignores a traced params.engine).
+    env, p = kvjax.make(
+        "kv-serve-v0",
+        preset="toy",
+        load=1.2,
+        horizon=4.0,
+        gpu_pool_tokens=32768,
+        config={**SMALL, "engine": None},
+    )
 
     @jax.jit
     @chex.assert_max_traces(n=1)
