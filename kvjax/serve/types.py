@@ -63,7 +63,10 @@ class ServeParams:
     """Traced, per-scenario parameters (vmappable). Defaults: `toy`; presets in serve/presets.py."""
 
     # engine rules
-    engine: chex.Array = VLLM  # index into ENGINES
+    # index into ENGINES; read only when ServeConfig.engine is None (a traced engine). With a
+    # static engine (what make(engine=...) builds) its rules run whatever this holds: a concrete
+    # mismatch is rejected by validate_params, a traced one cannot be checked.
+    engine: chex.Array = VLLM
     max_num_seqs: chex.Array = 64  # running requests at most
     max_batched_tokens: chex.Array = 2048  # scheduled tokens per iteration at most
     max_partial_prefills: chex.Array = 1  # requests with an unfinished prefill at once
