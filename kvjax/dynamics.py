@@ -28,6 +28,7 @@ from kvjax.layout import (
     gather_rows,
     lead,
     materialize,
+    once,
     prefix_sum,
     schedule_row,
     slot_any,
@@ -130,7 +131,7 @@ def apply_actions(
     # Everything an action's outcome and counters read from its slot, in one int per slot.
     code = (s.active.astype(jnp.int32) + 2 * on_gpu + 4 * high_value + 8 * risky
             + 16 * s.precision)
-    action = materialize(action)  # the policy's ids decoded once, not once per slot
+    action = once(action)  # the policy's ids decoded once, not once per slot
     n_acts = jnp.int32(0)
     named, pres, done = [], [], []  # per action: slot, its state, (evicted, compressed, swapped)
     for a in range(action.shape[0]):  # static unroll: later actions see earlier ones
@@ -156,7 +157,7 @@ def apply_actions(
     # The slot each successful evict / compress / swap hit (-1: none), per action.
     hit_slots = jnp.stack([jnp.where(x, i, -1) for i, d in zip(named, done, strict=True)
                            for x in d])
-    hit_slots = materialize(hit_slots)  # not re-derived for every slot that reads it
+    hit_slots = once(hit_slots)  # not re-derived for every slot that reads it
     evicted = jnp.zeros_like(s.active)
     swapped = jnp.zeros_like(s.active)
     compressed = jnp.zeros_like(s.precision)
@@ -364,7 +365,7 @@ def _advance_queue(
     else:
         row = arrival_row(state.seed, t + 1, state.regime, params, cfg)
         row = row.replace(valid=row.valid & (t < T))
-        row = materialize(row)  # drawn once, not re-fused into every reader
+        row = jax.tree_util.tree_map(once, row)  # drawn once, not re-fused into every reader
     arriving = row.valid
     n_arrive = slot_sum(arriving)
     accepted = jnp.minimum(n_arrive, P - kept)

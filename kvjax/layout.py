@@ -60,6 +60,12 @@ def materialize(x: Any) -> Any:
     return jax.lax.optimization_barrier(x)
 
 
+def once(x: chex.Array) -> chex.Array:
+    """`x` computed once and shared by all its readers: batch-trailing, `materialize`d; for one
+    scenario (under vmap) `x` itself (XLA fuses those readers well enough there)."""
+    return materialize(x) if x.ndim > 1 else x
+
+
 def gather_rows(table: dict[str, chex.Array], index: chex.Array, n: int) -> dict[str, chex.Array]:
     """{name: column[index]} along axis 0 for int32 columns [n, *batch] and `index` [m, *batch]
     (outside [0, n): 0).
@@ -68,12 +74,13 @@ def gather_rows(table: dict[str, chex.Array], index: chex.Array, n: int) -> dict
     CPU gather runs element by element, while the selects vectorise (batch-trailing: ~1.17x on
     a whole value_aware rollout against one gather per column; one scenario under vmap: the
     whole step ~1.3x faster than one packed row gather, 9.1 vs 12.2 ms per step of 4,096
-    scenarios, same process). The index is materialised once (not re-derived for every
-    column: see `materialize`). Batch-trailing (no vmap, so a branch is a real branch), the
-    select runs over only the first 4, 8, ... rows when no scenario of the batch reads past
+    scenarios, same process). Batch-trailing (no vmap, so a branch is a real branch), the index
+    is materialised once (not re-derived for every column: see `materialize`) and the select
+    runs over only the first 4, 8, ... rows when no scenario of the batch reads past
     them: admission reads rows below the step's admissions, 4-8 of 16 in most steps of a
     256-scenario micro-batch (the value_aware rollout ~1.05x, same results)."""
-    index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
+    if index.ndim > 1:
+        index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
     packed = jnp.stack(list(table.values()))  # [F, n, *batch]
 
     def select(rows: int) -> chex.Array:  # the first `rows` rows are all that index reads
@@ -175,6 +182,7 @@ def _plain_pick(table, index, n):
 PLAIN = {
     "prefix_sum": lambda x: jnp.cumsum(x.astype(jnp.float32), axis=0),
     "materialize": lambda x: x,
+    "once": lambda x: x,
     "stack_last": lambda cols: jnp.stack([jnp.asarray(c, jnp.float32) for c in cols], axis=-1),
     "gather_rows": _plain_gather_rows,
     "pick": _plain_pick,
@@ -194,6 +202,7 @@ __all__ = [
     "gather_rows",
     "lead",
     "materialize",
+    "once",
     "pick",
     "prefix_sum",
     "schedule_row",

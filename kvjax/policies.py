@@ -121,7 +121,9 @@ def _at(x: chex.Array, i: chex.Array) -> chex.Array:
 def _once(*per_slot: chex.Array) -> list[chex.Array]:
     """The given per-slot arrays, each computed once (see kvjax.layout.materialize): every
     reduction of the greedy passes below would otherwise recompute the whole cost chain that
-    produced them."""
+    produced them. Batch-trailing only: under vmap XLA fuses these well enough."""
+    if per_slot[0].ndim < 2:
+        return list(per_slot)
     return list(materialize(per_slot))
 
 

@@ -32,7 +32,7 @@ def test_materialize_is_the_identity(shape):
         ints(shape, 0, 2) > 0,
         jnp.asarray(RNG.normal(size=shape), jnp.float32),
     ):
-        for fn in (jax.jit(layout.materialize), jax.vmap(layout.materialize)):
+        for fn in (jax.jit(layout.materialize), jax.vmap(layout.materialize), layout.once):
             got = fn(x)
             assert got.dtype == x.dtype
             np.testing.assert_array_equal(got, layout.PLAIN["materialize"](x))
