@@ -372,10 +372,10 @@ def _advance_queue(
     overflow = n_arrive - accepted
 
     # New queue: the kept requests moved to the front, then the arrivals (a row's valid
-    # requests come first): rows of [queue; arrivals] ([P + K]), one gather.
+    # requests come first), in one gather from the rows of [arrivals; queue] ([K + P]): the
+    # arrivals first, so that a batch whose queues are short reads only the first few rows
+    # (gather_rows bounds its select by the highest row read).
     valid = pos < kept + accepted
-    # Rows of [arrivals; queue]: the arrivals first, so that a batch whose queues are short
-    # reads only the first few rows (gather_rows bounds its select by the highest row read).
     src = jnp.where(pos < kept, K + pos + n_admit + n_timeout, pos - kept)
     names = [f for f in vars(q) if f != "valid"]
     both = {f: jnp.concatenate([getattr(row, f), getattr(q, f)]) for f in names}

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.dynamics import progress, quality_of, slot_memory, step_dynamics
-from kvjax.layout import lead, materialize, prefix_sum, slot_sum
+from kvjax.layout import lead, once, prefix_sum, slot_sum
 from kvjax.observations import action_mask
 from kvjax.rewards import total as rubric_total
 from kvjax.scenarios import budget_tokens
@@ -121,10 +121,8 @@ def _at(x: chex.Array, i: chex.Array) -> chex.Array:
 def _once(*per_slot: chex.Array) -> list[chex.Array]:
     """The given per-slot arrays, each computed once (see kvjax.layout.materialize): every
     reduction of the greedy passes below would otherwise recompute the whole cost chain that
-    produced them. Batch-trailing only: under vmap XLA fuses these well enough."""
-    if per_slot[0].ndim < 2:
-        return list(per_slot)
-    return list(materialize(per_slot))
+    produced them (batch-trailing only, as layout.once decides)."""
+    return [once(x) for x in per_slot]
 
 
 def _pick_greedy(
