@@ -5,6 +5,8 @@ Helpers (import them: `from conftest import assert_trees_equal, trees_equal`):
   pytrees differ - integer and bool leaves exactly, float leaves within rtol/atol (exactly when
   both are 0); `trees_equal` (bool) and `assert_trees_equal` (raises naming the leaves).
 
+Every test module ends with `jax.clear_caches()` (`_release_compiled_programs`): see there why.
+
 Markers: `slow` (pyproject) - notebooks, training runs and multi-device subprocesses;
 `pytest -m "not slow"` (make test-fast) skips them, `make test` runs everything.
 """
@@ -57,3 +59,17 @@ def hard_env():
     import kvjax
 
     return kvjax.make("kv-cache-v0", difficulty="hard")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop every compiled XLA program after each test module.
+
+    Each executable XLA's CPU backend loads holds ~6 memory mappings until its jit cache entry
+    goes, and the whole suite compiles thousands of programs in one process: kept, they pass
+    Linux's default `vm.max_map_count` (65,530) about 40 minutes in, and the next compile dies
+    inside XLA (a segfault or an abort, not a Python error). Clearing per module keeps the count
+    to what one module compiles; a module that needs a program again recompiles it.
+    """
+    yield
+    jax.clear_caches()
