@@ -15,12 +15,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/kvjax demo
 
+# One pytest worker per core (pytest-xdist); idle workers take tests from busy ones' queues.
+XDIST := -n auto --dist worksteal
+
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests $(XDIST)
 
 # The quick loop: everything but notebooks, training runs and multi-device subprocesses.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow" $(XDIST)
 
 # Files kept in `ruff format` style (the rest of the tree predates it; add files as they are
 # formatted - never reformat kvjax/serve/ from here).
