@@ -36,6 +36,7 @@ are the only code that touches NumPy / JAX, and they import it lazily.
 
 from __future__ import annotations
 
+import functools
 import random
 import struct
 import time
@@ -530,7 +531,6 @@ def _draw_schedules(arrays: dict[str, Any], params: Any, cfg: Any, batched: bool
     import jax
     import numpy as np
 
-    from kvjax import scenarios
     from kvjax.types import EnvConfig
 
     if np.shape(arrays["arrivals"]["valid"])[-1] != 0:
@@ -541,12 +541,23 @@ def _draw_schedules(arrays: dict[str, Any], params: Any, cfg: Any, batched: bool
     cfg = cfg or EnvConfig()
     cfg = EnvConfig(max_seqs=S, max_pending=P, max_actions=cfg.max_actions, episode_len=T,
                     max_arrivals=cfg.max_arrivals)
-    fn = lambda seed, regime, p: scenarios.schedule(seed, regime, p, cfg)  # noqa: E731
-    if batched:
-        axes = jax.tree_util.tree_map(lambda x: 0 if np.ndim(x) > 0 else None, params)
-        fn = jax.vmap(fn, in_axes=(0, 0, axes))
-    table = jax.device_get(jax.jit(fn)(arrays["seed"], arrays["regime"], params))
+    axes = (
+        jax.tree_util.tree_map(lambda x: 0 if np.ndim(x) > 0 else None, params) if batched else None
+    )
+    table = jax.device_get(_schedule_drawer(cfg, axes)(arrays["seed"], arrays["regime"], params))
     arrays["arrivals"] = {k: np.asarray(v) for k, v in vars(table).items()}
+
+
+@functools.cache
+def _schedule_drawer(cfg: Any, axes: Any) -> Callable:
+    """jit(scenarios.schedule), vmapped over `axes` unless None: one per (config, axes), so that
+    converting many states compiles once, not once per call."""
+    import jax
+
+    from kvjax import scenarios
+
+    fn = lambda seed, regime, p: scenarios.schedule(seed, regime, p, cfg)  # noqa: E731
+    return jax.jit(fn if axes is None else jax.vmap(fn, in_axes=(0, 0, axes)))
 
 
 def state_arrays(state: Any, canonical: bool = True) -> dict[str, Any]:
