@@ -61,6 +61,20 @@ def test_stream_is_a_pure_function_of_seed_and_index():
     assert not np.array_equal(np.asarray(whole["prompt"]), np.asarray(other["prompt"]))
 
 
+def test_request_stream_compiles_once_per_length_and_config():
+    """Other seeds and parameter values reuse the program (the reference loads every scenario's
+    stream through it), and its rows are request_stream's draws."""
+    env, p = make("toy")
+    a = workload.request_stream(jnp.array([1, 2], jnp.uint32), 64, p, env.config)
+    b = workload.request_stream(
+        jnp.array([3, 4], jnp.uint32), 64, p.replace(arrival_rate=2 * p.arrival_rate), env.config
+    )
+    assert workload._stream_drawer(64, env.config)._cache_size() == 1
+    direct = workload.draw_request(jnp.array([3, 4], jnp.uint32), jnp.arange(64), p)
+    assert np.array_equal(b["prompt"], np.asarray(direct["prompt"]))
+    assert not np.array_equal(a["prompt"], b["prompt"])
+
+
 def test_lengths_are_clipped_and_prefixes_fit():
     _, p = make("toy", max_tokens=256, max_model_len=4096)
     s = workload.request_stream(jnp.array([3, 4], jnp.uint32), 20_000, p)

@@ -547,7 +547,7 @@ def request_stream(
     return out
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)
 def _stream_drawer(n: int, cfg: ServeConfig | None):
     """jit of the first `n` draws, one per (n, config): a jit made anew on each call of
     request_stream would compile anew each time (~0.2 s, every reference scenario)."""
