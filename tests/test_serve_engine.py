@@ -397,3 +397,29 @@ def test_static_engine_config_is_checked():
         make("toy", engine="trt", config=dict(engine="vllm"))
     env, p = make("toy", engine="trt", config=dict(engine=None))
     assert env.config.engine is None and int(p.engine) == TRT
+
+
+@pytest.mark.parametrize("method", ["pairwise", "sort"])
+def test_queue_prefix_sums_equal_a_prefix_sum_per_queue(method):
+    """One prefix sum in the joint order gives the running queue's and the waiting queue's
+    sums: each equals the sum over that queue's earlier rows alone."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        n = 24
+        status = rng.choice([0, 1, 2, 3], n)  # 1 running, 2 waiting, others neither
+        running, waiting = jnp.asarray(status == 1), jnp.asarray(status == 2)
+        run_key = jnp.asarray(rng.permutation(n), jnp.int32)
+        queue_key = jnp.asarray(rng.integers(-5, 5, n), jnp.int32)
+        keys = (jnp.where(running, 0, 1), jnp.where(running, run_key, queue_key))
+        order = engine.ops.order(keys, running | waiting, method)
+        a = jnp.asarray(rng.integers(0, 99, n), jnp.int32)
+        b = jnp.asarray(rng.integers(0, 99, n), jnp.int32)
+        got_run, got_wait = engine.queue_prefix_sums(order, running, waiting, a, b)
+        for mask, key, value, got in (
+            (status == 1, np.asarray(run_key), np.asarray(a), got_run),
+            (status == 2, np.asarray(queue_key), np.asarray(b), got_wait),
+        ):
+            rows = np.flatnonzero(mask)
+            for i in rows:
+                ahead = [j for j in rows if (key[j], j) < (key[i], i)]
+                assert int(got[i]) == int(value[ahead].sum())

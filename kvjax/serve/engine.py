@@ -285,6 +285,25 @@ def running_order_keys(req: RequestTable, params: ServeParams, cfg: ServeConfig)
     return (retention + jnp.where(sgl, fewest, 0), jnp.where(sgl, req.prompt, 0), req.run_key)
 
 
+def queue_prefix_sums(
+    order: ops.Order,
+    running: chex.Array,
+    waiting: chex.Array,
+    run_value: chex.Array | int,
+    wait_value: chex.Array | int,
+) -> tuple[chex.Array, chex.Array]:
+    """Exclusive prefix sums of a running-only value in the running order and of a
+    waiting-only value in the queue order, from one prefix sum in `order` (running rows first,
+    then waiting rows): a running row has only running rows before it; a waiting row has every
+    running row, whose total is subtracted, then the waiting rows ahead of it. Each sum reads
+    the whole [S, S] order, so two for the price of one (the products were the largest share
+    of an iteration, docs/serving-benchmarks.md). Only the first result's running rows and the
+    second's waiting rows are meaningful."""
+    run_value = jnp.where(running, run_value, 0)
+    s = order.prefix_sum(run_value + jnp.where(waiting, wait_value, 0))
+    return s, s - jnp.sum(run_value)
+
+
 def schedule(
     state: ServeState, params: ServeParams, cfg: ServeConfig, live: chex.Array = True
 ) -> Plan:
@@ -302,51 +321,20 @@ def schedule(
     # Running requests first, in running order, under the token budget.
     running = req.status == RUNNING
     waiting = (req.status == WAITING) | (req.status == SWAPPED)
+    swapped = req.status == SWAPPED
     # The running order and the waiting (queue) order as one order: running rows first, then
-    # waiting rows, the rest last - one [S, S] matrix (or one sort) instead of two. A prefix sum
-    # of a value that is zero off its queue's rows is the same in either; every value summed
-    # below is (docs/serving-benchmarks.md).
+    # waiting rows, the rest last - one [S, S] matrix (or one sort) instead of two. Each prefix
+    # sum below carries a running-only and a waiting-only value at once (`queue_prefix_sums`).
     run_keys = running_order_keys(req, params, cfg)
     wait_keys = (req.queue_key,) + (0,) * (len(run_keys) - 1)
     keys = [jnp.where(running, r, w) for r, w in zip(run_keys, wait_keys, strict=True)]
-    before_run = ops.order((jnp.where(running, 0, 1), *keys), running | waiting)
-    before_wait = before_run
-    need = jnp.where(running, jnp.maximum(req.target - req.computed, 1), 0)
-    # (needs clipped to the budget: the same decisions, and the float prefix sums stay exact)
-    run_tok = jnp.clip(budget - before_run.prefix_sum(jnp.minimum(need, budget)), 0, need)
-    run_tok = jnp.where(running, run_tok, 0)
-    attached = attached_tokens(req, seg)
-    own = jnp.maximum(req.computed - attached, 0)
-    demand = jnp.where(running, ceil_blocks(own + run_tok) - ceil_blocks(own), 0)
-    held = private_blocks(req, seg)
-    # Keep the longest prefix of the running order whose demand fits in what is available
-    # plus what preempting every later request frees (victims are taken from the tail).
-    is_trt, is_sgl = engine_is(params, cfg, TRT), engine_is(params, cfg, SGLANG)
-    can_preempt = ~jnp.asarray(is_trt)
-    demand_incl = before_run.prefix_sum(demand, inclusive=True)
-    room = available
-    if is_trt is not True:  # preempting every later request frees its blocks
-        held_run = jnp.sum(jnp.where(running, held, 0))
-        held_after = held_run - before_run.prefix_sum(held, inclusive=True)
-        room = available + jnp.where(can_preempt, held_after, 0)
-    if is_sgl is not False:
-        # SGLang retracts until every kept request has retract_tokens free for its next decodes.
-        shortage = jnp.sum(demand) > available
-        kept_count = before_run.prefix_sum(running.astype(jnp.int32), inclusive=True)
-        sgl_headroom = jnp.where(
-            is_sgl & shortage, ceil_blocks(kept_count * params.sglang_retract_tokens), 0
-        )
-        demand_incl = demand_incl + sgl_headroom
-    fits = demand_incl <= room
-    kept = running & fits
-    preempt = running & ~fits & can_preempt
-    run_tok = jnp.where(kept, run_tok, 0)  # TRT: a request that does not fit just waits
-    retracted = jnp.any(preempt)
-    preempt_pos = before_run.prefix_sum(preempt.astype(jnp.int32))
+    order = ops.order((jnp.where(running, 0, 1), *keys), running | waiting)
+    sums = lambda run_value, wait_value: queue_prefix_sums(  # noqa: E731
+        order, running, waiting, run_value, wait_value
+    )
 
-    # Waiting requests, in queue order, only in an iteration that preempted nothing.
-    swapped = req.status == SWAPPED
-    # The hit row: the resident row keyed `segment`, else the one keyed `segment_up`.
+    # The prefix hit a waiting request would find: the resident row keyed `segment`, else the
+    # one keyed `segment_up`.
     _, row_read = key_rows(req.segment, seg)
     _, row_up = key_rows(req.segment_up, seg)
     res = resident(seg)
@@ -359,6 +347,49 @@ def schedule(
     hit_tokens = row_gather(seg.tokens, hit_row)
     hit = jnp.where(hit_row >= 0, jnp.minimum(hit_tokens, req.target - 1), 0)
     hit_row = jnp.where(hit > 0, hit_row, -1)
+    w_need = jnp.where(waiting & ~swapped, req.target - hit, 0)
+
+    # Tokens: the running order's, then the queue's, under one budget (needs clipped to the
+    # budget: the same decisions, and the float prefix sums stay exact).
+    need = jnp.where(running, jnp.maximum(req.target - req.computed, 1), 0)
+    run_ahead, w_ahead = sums(jnp.minimum(need, budget), jnp.minimum(w_need, budget))
+    run_tok = jnp.where(running, jnp.clip(budget - run_ahead, 0, need), 0)
+    attached = attached_tokens(req, seg)
+    own = jnp.maximum(req.computed - attached, 0)
+    demand = jnp.where(running, ceil_blocks(own + run_tok) - ceil_blocks(own), 0)
+    held = private_blocks(req, seg)
+    # Keep the longest prefix of the running order whose demand fits in what is available
+    # plus what preempting every later request frees (victims are taken from the tail).
+    # (With the demand: a queued swapped request's place on the CPU link - the swapped CPU
+    # blocks ahead of it - which is what its load waits behind if it is admitted.)
+    is_trt, is_sgl = engine_is(params, cfg, TRT), engine_is(params, cfg, SGLANG)
+    can_preempt = ~jnp.asarray(is_trt)
+    demand_before, load_before = sums(demand, jnp.where(swapped, req.cpu_blocks, 0))
+    demand_incl = demand_before + demand
+    held_before, n_prior = sums(held, 1)  # (n_prior: waiting requests ahead in the queue)
+    room = available
+    if is_trt is not True:  # preempting every later request frees its blocks
+        held_run = jnp.sum(jnp.where(running, held, 0))
+        room = available + jnp.where(can_preempt, held_run - held_before - held, 0)
+    if is_sgl is not False:
+        # SGLang retracts until every kept request has retract_tokens free for its next decodes;
+        # and keeps new_token_ratio x (the remaining output, capped) free for every request.
+        future = jnp.minimum(
+            jnp.maximum(req.max_tokens - req.generated, 0), params.sglang_reserve_cap
+        )
+        kept_before, w_reserve_before = sums(1, future)
+        shortage = jnp.sum(demand) > available
+        sgl_headroom = jnp.where(
+            is_sgl & shortage, ceil_blocks((kept_before + 1) * params.sglang_retract_tokens), 0
+        )
+        demand_incl = demand_incl + sgl_headroom
+    fits = demand_incl <= room
+    kept = running & fits
+    preempt = running & ~fits & can_preempt
+    run_tok = jnp.where(kept, run_tok, 0)  # TRT: a request that does not fit just waits
+    retracted = jnp.any(preempt)
+
+    # Waiting requests, in queue order, only in an iteration that preempted nothing.
     # Segments some waiting request will hit are not counted as evictable for admission.
     hit_row = ops.materialize(hit_row)
     hit_onehot = hit_row[:, None] == jnp.arange(G)[None, :]
@@ -369,13 +400,11 @@ def schedule(
         mem["free"] + jnp.sum(jnp.where(evict_ok & ~wanted, seg_blocks, 0)) - kept_demand
     )
     used_tokens = jnp.sum(run_tok)
-    w_need = jnp.where(waiting & ~swapped, req.target - hit, 0)
-    w_ahead = before_wait.prefix_sum(jnp.minimum(w_need, budget))
     w_tok = jnp.clip(budget - used_tokens - w_ahead, 0, w_need)
     w_blocks = jnp.where(swapped, req.cpu_blocks, ceil_blocks(w_tok))
-    cum_blocks = before_wait.prefix_sum(w_blocks, inclusive=True)
+    preempt_pos, blocks_before = sums(preempt.astype(jnp.int32), w_blocks)
+    cum_blocks = blocks_before + w_blocks
     n_running = jnp.sum(running | (req.status == LOADING))
-    n_prior = before_wait.prefix_sum(waiting.astype(jnp.int32))
     partial_running = jnp.sum(kept & (req.computed + run_tok < req.target))
     partial_new = waiting & ~swapped & (w_tok < w_need)
     partial_ok = ~partial_new | (partial_running + 1 <= params.max_partial_prefills)
@@ -391,19 +420,13 @@ def schedule(
             jnp.where(on_gpu(req), ceil_blocks(req.prompt + req.max_tokens - attached), 0)
         )
         pinned_or_used = jnp.sum(jnp.where(~evict_ok, seg_blocks, 0))
-        trt_ok = (
-            reserved_running + before_wait.prefix_sum(jnp.where(waiting, full, 0), inclusive=True)
-            <= pool - pinned_or_used
-        )
+        _, full_before = sums(0, full)
+        trt_ok = reserved_running + full_before + full <= pool - pinned_or_used
         guard = jnp.where(is_trt, trt_ok, guard)
     if is_sgl is not False:
-        # SGLang: keep new_token_ratio x (the remaining output, capped) free for every request.
-        future = jnp.minimum(
-            jnp.maximum(req.max_tokens - req.generated, 0), params.sglang_reserve_cap
-        )
         ratio = state.new_token_ratio
         run_reserve = jnp.sum(jnp.where(running | (req.status == LOADING), future, 0))
-        w_reserve = before_wait.prefix_sum(jnp.where(waiting, future, 0), inclusive=True)
+        w_reserve = w_reserve_before + future
         sgl_reserve = ceil_blocks(jnp.ceil(ratio * (run_reserve + w_reserve)).astype(jnp.int32))
         guard = jnp.where(is_sgl, cum_blocks + sgl_reserve <= adm_available, guard)
     ok = (
@@ -415,8 +438,11 @@ def schedule(
         & guard
         & ~retracted
     )
-    admit = ops.materialize(waiting & ~before_wait.any_before(waiting & ~ok) & ok)
-    admit_pos = before_wait.prefix_sum(admit.astype(jnp.int32))
+    # The queue is admitted up to its first request that is not: the admitted requests are a
+    # prefix of it, so an admitted request's place among them is its place in the queue, and
+    # the swapped blocks ahead of it are all being loaded.
+    admit = ops.materialize(waiting & ~order.any_before(waiting & ~ok) & ok)
+    admit_pos = n_prior
     tokens = run_tok + jnp.where(admit & ~swapped, w_tok, 0)
     hit = jnp.where(admit, hit, 0)
     hit_row = jnp.where(admit, hit_row, -1)
@@ -428,7 +454,6 @@ def schedule(
     keep_seg = evict_ok & ~jnp.any(hit_onehot & admit[:, None], axis=0)
     before_seg = ops.order((seg.priority, seg.last_access), keep_seg)
     evict = keep_seg & (before_seg.prefix_sum(seg_blocks) < shortfall)
-    load_before = before_wait.prefix_sum(jnp.where(admit & swapped, req.cpu_blocks, 0))
     return Plan(
         jnp.where(live, tokens, 0),
         preempt & live,
