@@ -237,9 +237,11 @@ def _compiled(policy, cfg: EnvConfig, return_trajectory: bool, mesh: Mesh | None
 def default_micro_batch(num_scenarios: int, policy=None, env=None) -> int:
     """Scenarios vectorised together: the next power of two >= num_scenarios, capped at
     DEFAULT_MICRO (1,024 on CPU; DEFAULT_MICRO_TRAILING for a batch-polymorphic `policy`) or
-    DEFAULT_MICRO_ACCEL on accelerators, and for kv-serve-v0 on CPU at 16,384 / max_requests
-    (its step holds [S, S] order matrices; on toy, 256 used 0.75x the CPU time of 1,024 per
-    engine iteration). Depends on nothing else, so results do not depend on the device count."""
+    DEFAULT_MICRO_ACCEL on accelerators, and for kv-serve-v0 on CPU at 8,192 / max_requests
+    (its step holds [S, S] order matrices, which then stay in a core's cache: toy at batch
+    4,096 on two cores ran 168-184K engine iterations/s with micro-batches of 64 or 128 against
+    136K with 256 and 105K with 512, docs/serving-benchmarks.md). Depends on nothing else, so
+    results do not depend on the device count."""
     if jax.default_backend() != "cpu":
         cap = DEFAULT_MICRO_ACCEL
     elif getattr(policy, "batch_polymorphic", False):
@@ -248,7 +250,7 @@ def default_micro_batch(num_scenarios: int, policy=None, env=None) -> int:
         cap = DEFAULT_MICRO
     rows = getattr(getattr(env, "config", None), "max_requests", None)
     if rows:
-        cap = max(1, min(cap, (16384 if jax.default_backend() == "cpu" else 2**20) // rows))
+        cap = max(1, min(cap, (8192 if jax.default_backend() == "cpu" else 2**20) // rows))
     return int(min(cap, 2 ** math.ceil(math.log2(max(int(num_scenarios), 1)))))
 
 
