@@ -259,14 +259,17 @@ def timeouts(state: ServeState, params: ServeParams, live: chex.Array = True) ->
 
 # -- phase 4: schedule -------------------------------------------------------------------------
 class Plan(NamedTuple):
+    """The iteration's decisions; the `_pos` and `load_before` fields are meaningful only on
+    the rows they describe (victims, admissions, admitted loads)."""
+
     tokens: chex.Array  # int32 [S] tokens computed this iteration (running and admitted)
     preempt: chex.Array  # bool [S] running requests preempted (recompute)
-    preempt_pos: chex.Array  # int32 [S] victim's place among this iteration's victims
+    preempt_pos: chex.Array  # int32 [S] a victim's place among this iteration's victims
     admit: chex.Array  # bool [S] waiting or swapped requests admitted
-    admit_pos: chex.Array  # int32 [S] place among this iteration's admissions
+    admit_pos: chex.Array  # int32 [S] an admitted request's place among the admissions
     hit: chex.Array  # int32 [S] prefix tokens an admitted request finds cached
     hit_row: chex.Array  # int32 [S] the segment row it hits (-1 none)
-    load_before: chex.Array  # int32 [S] CPU blocks of loads admitted ahead (the link's queue)
+    load_before: chex.Array  # int32 [S] an admitted load's CPU blocks ahead on the link
     evict: chex.Array  # bool [G] cached segments evicted
     retracted: chex.Array  # bool, a preemption happened
 
