@@ -27,10 +27,10 @@ test-fast: $(STAMP)
 
 # Files kept in `ruff format` style (the rest of the tree predates it; add files as they are
 # formatted - never reformat kvjax/serve/ from here).
-FORMATTED := kvjax/validation.py kvjax/gymnax_env.py kvjax/gymnax_hook.py tests/conftest.py \
+FORMATTED := kvjax/validation.py kvjax/cache/gymnax_env.py kvjax/cache/gymnax_hook.py tests/conftest.py \
 	tests/test_validation.py tests/test_readme.py tests/test_gymnax_env.py \
 	scripts/adversarial_probe.py kvjax/serve tests/test_serve_*.py scripts/derive_serve_data.py \
-	kvjax/base.py kvjax/layout.py tests/test_layout.py tests/test_bench.py
+	kvjax/base.py kvjax/cache/layout.py tests/test_layout.py tests/test_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvjax train tests kv_cache_eviction

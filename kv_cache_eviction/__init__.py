@@ -1,7 +1,7 @@
 """`kv_cache_eviction`: the verifiers v1 environment package for kvjax's LLM evaluation.
 
 verifiers finds environments by top-level module name, so this thin package re-exports the
-adapter that lives in `kvjax.adapters.verifiers`:
+adapter that lives in `kvjax.cache.llm.verifiers`:
 
     pip install -e ".[verifiers]"
     vf-eval kv_cache_eviction -m MODEL --client.base-url URL --client.api-key-var VAR \
@@ -11,6 +11,6 @@ adapter that lives in `kvjax.adapters.verifiers`:
 Harness (the plain tool loop), as the verifiers loaders require.
 """
 
-from kvjax.adapters.verifiers import KVCacheEnv, KVCacheHarness, KVCacheTaskset
+from kvjax.cache.llm.verifiers import KVCacheEnv, KVCacheHarness, KVCacheTaskset
 
 __all__ = ["KVCacheEnv", "KVCacheHarness", "KVCacheTaskset"]

@@ -3,8 +3,8 @@
 One measurement = one jitted call that resets `batch` scenarios and plays their `episode_len`
 steps with the policy (the rollout engine's program, `kvjax.rollout`), timed after
 `block_until_ready`; the median of `repeats` calls is reported, compile time apart. In the same
-run the pure-Python reference (`kvjax.reference.run_episode`, one scenario at a time) is timed on
-the same kind of scenarios, and the speedup is JAX steps/s over reference steps/s.
+run the pure-Python reference (`kvjax.cache.reference.run_episode`, one scenario at a time)
+is timed on the same kind of scenarios, and the speedup is JAX steps/s over reference steps/s.
 
 `run_benchmark(...) -> dict` returns one JSON-ready record; `markdown_table(record)` renders it.
 """
@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import kvjax
-from kvjax.policies import make_policy
+from kvjax.cache.policies import make_policy
 from kvjax.rollout import _compiled, _place, default_mesh, default_micro_batch, normalize_params
 
 BENCH_POLICIES = ("keep", "random", "value_aware")
@@ -206,9 +206,9 @@ def time_standard_path(
 def reference_steps_per_s(
     num_episodes: int = 32, params: Any = None, seed: int = 0, policy: str = "keep"
 ) -> float | None:
-    """Env-steps/s of the pure-Python reference (`kvjax.reference`), or None without it."""
+    """Env-steps/s of the pure-Python reference (`kvjax.cache.reference`), or None without it."""
     try:
-        from kvjax import reference
+        from kvjax.cache import reference
     except ImportError:
         return None
     env, default = kvjax.make("kv-cache-v0")
@@ -332,7 +332,7 @@ def markdown_table(record: dict[str, Any]) -> str:
             )
     lines.append("")
     lines.append(
-        "Pure-Python reference (`kvjax.reference.run_episode`, one scenario at a time): "
+        "Pure-Python reference (`kvjax.cache.reference.run_episode`, one scenario at a time): "
         + ", ".join(f"{k} {_fmt_rate(v)} env-steps/s" for k, v in ref.items())
         + " (speedups compare like policies; value_aware is compared with reference keep)."
     )

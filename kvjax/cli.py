@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from kvjax.adapters import add_eval_llm_parser, cmd_eval_llm
-from kvjax.env import ENV_IDS
-from kvjax.policies import POLICY_NAMES
-from kvjax.types import DIFFICULTIES
+from kvjax.cache.env import ENV_IDS
+from kvjax.cache.llm import add_eval_llm_parser, cmd_eval_llm
+from kvjax.cache.policies import POLICY_NAMES
+from kvjax.cache.types import DIFFICULTIES
 from kvjax.validation import ArgumentParser, check_writable_dir, check_writable_file, fail, real_arg
 from kvjax.validation import positive_int as _positive
 from kvjax.validation import seed_arg as _seed
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kv-serve-v0 ServeParams overrides, e.g. gpu_pool_tokens=40000")
     lb.add_argument("--extra", action=argparse.BooleanOptionalAction, default=None,
                     help="kv-serve-v0: also the settings where the pool binds (default: on)")
-    add_eval_llm_parser(sub)  # the LLM tool-calling evaluation (kvjax.adapters)
+    add_eval_llm_parser(sub)  # the LLM tool-calling evaluation (kvjax.cache.llm)
 
     wl = sub.add_parser("workload", help="request traces for kv-serve-v0 (docs/serving.md)")
     wl_sub = wl.add_subparsers(dest="action", required=True)
@@ -162,8 +162,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import jax
 
     import kvjax
-    from kvjax.leaderboard import label
-    from kvjax.policies import make_policy
+    from kvjax.cache.leaderboard import label
+    from kvjax.cache.policies import make_policy
     from kvjax.rollout import rollout, summarize_results
 
     if args.env == "kv-serve-v0":
@@ -223,8 +223,8 @@ def _cmd_eval_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from kvjax import leaderboard
-    from kvjax.viz import plot_policy_comparison
+    from kvjax.cache import leaderboard
+    from kvjax.cache.viz import plot_policy_comparison
 
     t0 = time.perf_counter()
     results, speed = leaderboard.evaluate(args.policies, leaderboard.TIERS, args.num_scenarios,
@@ -411,7 +411,7 @@ def leaderboard_defaults(args: argparse.Namespace) -> None:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from kvjax import leaderboard
+    from kvjax.cache import leaderboard
 
     if args.env == "kv-serve-v0":
         from kvjax.serve import leaderboard as slb

@@ -7,7 +7,7 @@ Each scenario `i` gets its own key `jax.random.fold_in(key, i)` (split into a re
 policy key; the policy's key at step t is `fold_in(policy_key, t)`), so results do not depend on
 the chunk size or on how many devices share the batch. One chunk runs
 `jit(lax.map over micro-batches of vmap(reset + lax.scan(step_env over episode_len steps)))`;
-for policies marked `@kvjax.policies.batch_polymorphic` the micro-batch is instead reset with
+for policies marked `@kvjax.cache.policies.batch_polymorphic` the micro-batch is instead reset with
 vmap and then stepped in the batch-trailing layout without vmap (`episodes_trailing`: the same
 public `env.step_env`, faster on CPU; results agree with the vmapped path to float32 rounding);
 chunks are padded to a fixed size (one compile per policy, config and size; `params`, including
@@ -21,7 +21,7 @@ episodes run until truncation (the clock reaches the horizon; `lax.while_loop`, 
 `max_steps`) and return `kvjax.serve.episode_metrics` of the final state.
 
 For kv-cache-v0, returns numpy arrays of shape [num_scenarios]: every rubric component, the
-four metrics and `total` (`kvjax.rewards.rubric` of the final state), plus `tier`, `regime`,
+four metrics and `total` (`kvjax.cache.rewards.rubric` of the final state), plus `tier`, `regime`,
 `invalid_actions`, `completed`, `evictions`, `compressions`, `swaps`, `preemptions`. With
 `return_trajectory=True` also `trajectory`: a dict of [num_scenarios, T, ...] arrays - `action`
 [.., A], `reward`, `usage_peak`, `failures`, `pending` (queue length after the step).
@@ -41,9 +41,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from kvjax.env import KVCacheEnv
-from kvjax.rewards import rubric
-from kvjax.types import EnvConfig, EnvParams, EnvState
+from kvjax.cache.env import KVCacheEnv
+from kvjax.cache.rewards import rubric
+from kvjax.cache.types import EnvConfig, EnvParams, EnvState
 
 DEFAULT_CHUNK = 4096
 DEFAULT_MICRO, DEFAULT_MICRO_ACCEL = 1024, 16384
@@ -294,7 +294,7 @@ def rollout(
 ) -> dict[str, Any]:
     """Run `num_scenarios` whole episodes of `policy` and return per-scenario results (numpy).
 
-    `policy(key, state, params) -> int32[A]` (see kvjax.policies). Scenarios run in
+    `policy(key, state, params) -> int32[A]` (see kvjax.cache.policies). Scenarios run in
     micro-batches of `micro_batch` (default: `default_micro_batch(num_scenarios, policy)`), the
     unit of vectorisation; a chunk (default 4096 scenarios, rounded up to a whole number of
     micro-batches per device) is one device call, which bounds memory; the last is padded.
@@ -336,7 +336,7 @@ def rollout(
 
 def check_rollout_args(policy, key, num_scenarios, params, env, chunk_size, micro_batch) -> None:
     """ValueError naming the argument and its allowed values (see `rollout`)."""
-    from kvjax.types import PARAM_SPECS
+    from kvjax.cache.types import PARAM_SPECS
     from kvjax.validation import INT32_MAX, check_fields
 
     if not callable(policy):

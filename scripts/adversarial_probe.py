@@ -36,9 +36,9 @@ import numpy as np  # noqa: E402
 
 import kvjax  # noqa: E402
 from kvjax import cli  # noqa: E402
+from kvjax.cache.llm.session import Session  # noqa: E402
+from kvjax.cache.types import PARAM_SPECS, EnvConfig, EnvParams  # noqa: E402
 from kvjax.rollout import rollout  # noqa: E402
-from kvjax.session import Session  # noqa: E402
-from kvjax.types import PARAM_SPECS, EnvConfig, EnvParams  # noqa: E402
 
 RESULTS: list[tuple[str, str, str]] = []  # (name, outcome, detail)
 
@@ -285,7 +285,7 @@ def session_probes() -> None:
 
 
 def rollout_probes(env, params) -> None:
-    pol = kvjax.policies.POLICIES["keep"]
+    pol = kvjax.cache.policies.POLICIES["keep"]
     key = jax.random.PRNGKey(0)
     for label, kw in (
         ("n=0", dict(n=0)),
@@ -313,8 +313,8 @@ def rollout_probes(env, params) -> None:
         )
     probe("rollout ok", lambda: rollout(pol, key, 4, params, env, progress=False)["total"], "ok")
     # Extreme but allowed values: whole episodes must stay finite (no silent NaN / inf).
-    va = kvjax.policies.POLICIES["value_aware"]
-    extremes = {  # each field's allowed extremes (kvjax.types.PARAM_SPECS)
+    va = kvjax.cache.policies.POLICIES["value_aware"]
+    extremes = {  # each field's allowed extremes (kvjax.cache.types.PARAM_SPECS)
         "kv_cache_bytes": (1.0, 2.0**60),
         "kv_bytes_per_token": (1.0, 2.0**30),
         "swap_bandwidth": (1.0, 1e15),
@@ -416,7 +416,7 @@ def cli_probes(tmp: str) -> None:
         ["--configs", "64:16:1:4", "--difficulty", "x"],
     ):
         probe_cli("train.bench " + " ".join(argv), train_bench.main, argv)
-    from kvjax.session import main as session_main
+    from kvjax.cache.llm.session import main as session_main
 
     for argv in (
         ["--seed", "-1"],
@@ -424,7 +424,7 @@ def cli_probes(tmp: str) -> None:
         ["--policy", "nope", "-n", "1"],
         ["--difficulty", "x"],
     ):
-        probe_cli("kvjax.session " + " ".join(argv), session_main, argv)
+        probe_cli("kvjax.cache.llm.session " + " ".join(argv), session_main, argv)
 
 
 def train_probes() -> None:

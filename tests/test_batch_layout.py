@@ -1,5 +1,5 @@
-"""The batch-trailing layout (kvjax.dynamics, kvjax.rollout.episodes_trailing): the same step and
-policies called on [S, batch] states give what vmap gives on [batch, S] states."""
+"""The batch-trailing layout (kvjax.cache.dynamics, kvjax.rollout.episodes_trailing): the same step
+and policies called on [S, batch] states give what vmap gives on [batch, S] states."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from conftest import assert_trees_equal
 
 import kvjax
-from kvjax import dynamics
-from kvjax.policies import POLICY_NAMES, make_policy
+from kvjax.cache import dynamics
+from kvjax.cache.policies import POLICY_NAMES, make_policy
 from kvjax.rollout import normalize_params, rollout, to_trailing
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="all")

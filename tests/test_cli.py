@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from kvjax import bench, cli, leaderboard
-from kvjax.policies import POLICY_NAMES
+from kvjax import bench, cli
+from kvjax.cache import leaderboard
+from kvjax.cache.policies import POLICY_NAMES
 
 
 @pytest.mark.parametrize(

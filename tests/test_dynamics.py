@@ -1,4 +1,4 @@
-"""kvjax.dynamics: hand-built cases with exact outcomes, one rule at a time (moved from
+"""kvjax.cache.dynamics: hand-built cases with exact outcomes, one rule at a time (moved from
 test_env.py)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from conftest import trees_equal
 
 import kvjax
-from kvjax import scenarios
-from kvjax.types import CPU, GPU
+from kvjax.cache import scenarios
+from kvjax.cache.types import CPU, GPU
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="all")
 CFG = ENV.config

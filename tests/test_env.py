@@ -1,4 +1,4 @@
-"""kvjax.env: the API contract, determinism, batching, bad input and invariants under random
+"""kvjax.cache.env: the API contract, determinism, batching, bad input and invariants under random
 play (hand-built dynamics: test_dynamics.py; scenarios, rubric, summary: their own modules)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvjax
-from kvjax import scenarios
-from kvjax.types import GPU
+from kvjax.cache import scenarios
+from kvjax.cache.types import GPU
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="all")
 CFG = ENV.config

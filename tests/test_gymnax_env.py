@@ -27,7 +27,7 @@ from gymnax.wrappers import (  # noqa: E402
 )
 
 import kvjax  # noqa: E402
-from kvjax.gymnax_env import flat_size  # noqa: E402
+from kvjax.cache.gymnax_env import flat_size  # noqa: E402
 
 ENV_NAME = "kv-cache-flat-v0"
 

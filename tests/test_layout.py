@@ -1,5 +1,5 @@
-"""kvjax.layout: every layout-dependent idiom equals its plain-jnp form (`layout.PLAIN`), for one
-scenario (what vmap hands the step) and batch-trailing, and under vmap."""
+"""kvjax.cache.layout: every layout-dependent idiom equals its plain-jnp form (`layout.PLAIN`), for
+one scenario (what vmap hands the step) and batch-trailing, and under vmap."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import layout
+from kvjax.cache import layout
 
 RNG = np.random.default_rng(0)
 SHAPES = [(16,), (16, 8), (16, 3, 5)]  # one scenario, batch-trailing, two trailing axes

@@ -1,4 +1,4 @@
-"""kvjax.observations: the compact JSON summary (moved from test_env.py)."""
+"""kvjax.cache.observations: the compact JSON summary (moved from test_env.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import scenarios
+from kvjax.cache import scenarios
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="all")
 CFG = ENV.config

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.dynamics import apply_actions
-from kvjax.policies import ORACLE_BASES, POLICIES, POLICY_NAMES, UPPER_BOUNDS, make_policy
+from kvjax.cache.dynamics import apply_actions
+from kvjax.cache.policies import ORACLE_BASES, POLICIES, POLICY_NAMES, UPPER_BOUNDS, make_policy
+from kvjax.cache.scenarios import gpu_tokens
+from kvjax.cache.types import CPU, EVICT, GPU, SYSTEM
 from kvjax.rollout import rollout
-from kvjax.scenarios import gpu_tokens
-from kvjax.types import CPU, EVICT, GPU, SYSTEM
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="all")
 CFG = ENV.config

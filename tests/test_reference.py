@@ -1,5 +1,5 @@
 """Parity of the JAX step (`env.step_env`, `dynamics.apply_actions`, `rubric`) with the plain
-Python reference in `kvjax/reference.py`, on thousands of random states and actions and on
+Python reference in `kvjax/cache/reference.py`, on thousands of random states and actions and on
 whole episodes.
 
 States come from one vmapped reset over many keys (all tiers, and per-scenario parameters that
@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvjax
-from kvjax import reference as ref
-from kvjax.dynamics import apply_actions
-from kvjax.types import EnvParams
+from kvjax.cache import reference as ref
+from kvjax.cache.dynamics import apply_actions
+from kvjax.cache.types import EnvParams
 
 N = 512  # scenarios per batch (one compile, reused by every test here)
 TOL = 1e-5

@@ -1,4 +1,4 @@
-"""kvjax.rewards: the rubric (moved from test_env.py)."""
+"""kvjax.cache.rewards: the rubric (moved from test_env.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import kvjax
-from kvjax import rewards
+from kvjax.cache import rewards
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="all")
 CFG = ENV.config

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.policies import make_policy
-from kvjax.rewards import rubric
+from kvjax.cache.policies import make_policy
+from kvjax.cache.rewards import rubric
 from kvjax.rollout import normalize_params, rollout, scenario_keys, summarize_results
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="hard")
@@ -71,7 +71,7 @@ def test_sharded_equals_unsharded_on_four_devices(tmp_path):
     script.write_text(textwrap.dedent("""
         import jax, numpy as np, kvjax
         from jax.sharding import Mesh
-        from kvjax.policies import make_policy
+        from kvjax.cache.policies import make_policy
         from kvjax.rollout import rollout, default_mesh
         assert len(jax.devices()) == 4, jax.devices()
         env, params = kvjax.make("kv-cache-v0", difficulty="hard")

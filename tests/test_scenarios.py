@@ -1,4 +1,4 @@
-"""kvjax.scenarios: tiers, budgets, regimes and the initial cache (moved from test_env.py)."""
+"""kvjax.cache.scenarios: tiers, budgets, regimes and the initial cache (moved from test_env.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from kvjax import dynamics, scenarios
+from kvjax.cache import dynamics, scenarios
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="all")
 CFG = ENV.config

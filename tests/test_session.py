@@ -1,5 +1,5 @@
-"""The LLM session layer (kvjax.session): tool validation, turn/step order, JSON round trip,
-and parity of policy play through the tool interface with the batched JAX rollout.
+"""The LLM session layer (kvjax.cache.llm.session): tool validation, turn/step order, JSON round
+trip, and parity of policy play through the tool interface with the batched JAX rollout.
 
 Never imports verifiers."""
 
@@ -13,9 +13,16 @@ import pytest
 from conftest import trees_equal
 
 import kvjax
-from kvjax import reference
-from kvjax.session import Session, ToolResult, compiled, play_policy, policy_calls, scenario_keys
-from kvjax.types import EnvConfig
+from kvjax.cache import reference
+from kvjax.cache.llm.session import (
+    Session,
+    ToolResult,
+    compiled,
+    play_policy,
+    policy_calls,
+    scenario_keys,
+)
+from kvjax.cache.types import EnvConfig
 
 S = EnvConfig().max_seqs
 T = EnvConfig().episode_len
@@ -123,7 +130,8 @@ def test_precision_location_and_action_budget_rules(fresh):
 
 
 def test_end_turn_plays_the_padded_buffer_like_the_reference_oracle(fresh):
-    """The step agrees with kvjax.reference (pure Python, no compile) on [evict 3, swap 1, 0]."""
+    """The step agrees with kvjax.cache.reference (pure Python, no compile) on
+    [evict 3, swap 1, 0]."""
     s = clone(fresh)
     s.evict(3)
     s.swap_to_cpu(1)
@@ -198,7 +206,7 @@ def test_compiled_once_per_config():
 
 
 def _policy_and_rollout():
-    policies = pytest.importorskip("kvjax.policies")
+    policies = pytest.importorskip("kvjax.cache.policies")
     rollout = pytest.importorskip("kvjax.rollout")
     return policies, rollout
 
@@ -252,7 +260,7 @@ def test_stochastic_policy_uses_the_rollouts_step_keys():
 def _eval_llm(argv: list[str]) -> int:
     import argparse
 
-    from kvjax.adapters import add_eval_llm_parser, cmd_eval_llm
+    from kvjax.cache.llm import add_eval_llm_parser, cmd_eval_llm
 
     parser = argparse.ArgumentParser(prog="kvjax")
     add_eval_llm_parser(parser.add_subparsers(dest="command", required=True))

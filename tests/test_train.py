@@ -14,8 +14,8 @@ import pytest
 from conftest import trees_equal
 
 import kvjax
-from kvjax.dynamics import apply_actions
-from kvjax.env import KVCacheEnv
+from kvjax.cache.dynamics import apply_actions
+from kvjax.cache.env import KVCacheEnv
 from train import checkpoint
 from train.networks import ActorCritic, exponentials, next_mask, sample_categorical
 from train.ppo import (

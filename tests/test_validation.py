@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax.cache.llm.session import Session
+from kvjax.cache.types import PARAM_SPECS, EnvConfig, EnvParams
 from kvjax.rollout import rollout
-from kvjax.session import Session
-from kvjax.types import PARAM_SPECS, EnvConfig, EnvParams
 from kvjax.validation import batch_layout
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="hard")
@@ -78,7 +78,12 @@ def test_traced_params_and_pytree_plumbing_are_not_checked():
     # ... but the rollout entry checks the concrete values it is given.
     with pytest.raises(ValueError, match=r"EnvParams\.\w+ must be"):
         rollout(
-            kvjax.policies.POLICIES["keep"], jax.random.PRNGKey(0), 4, zeros, ENV, progress=False
+            kvjax.cache.policies.POLICIES["keep"],
+            jax.random.PRNGKey(0),
+            4,
+            zeros,
+            ENV,
+            progress=False,
         )
 
 
@@ -197,7 +202,7 @@ def test_rollout_rejects_bad_arguments(kwargs, match):
     args = dict(key=jax.random.PRNGKey(0), params=PARAMS) | kwargs
     with pytest.raises(ValueError, match=match):
         rollout(
-            kvjax.policies.POLICIES["keep"],
+            kvjax.cache.policies.POLICIES["keep"],
             args.pop("key"),
             args.pop("num_scenarios"),
             args.pop("params"),

@@ -19,7 +19,7 @@ vf = pytest.importorskip("verifiers.v1")
 
 from fake_openai import FakeOpenAI, Turn  # noqa: E402
 
-from kvjax.session import Session  # noqa: E402
+from kvjax.cache.llm.session import Session  # noqa: E402
 
 N_TASKS = 2  # task 0 stops early (after 3 messages), task FULL_INDEX plays all 15
 SEED = 42
@@ -117,12 +117,12 @@ def offline_harness(tmp):
 def run(tmp_path_factory):
     """Parse the documented command line with vf-eval's own config parser, then run it
     in-process with `run_eval` against the fake server (offline)."""
-    from kvjax.adapters.verifiers import eval_argv, eval_config, evaluate
+    from kvjax.cache.llm.verifiers import eval_argv, eval_config, evaluate
 
     tmp = tmp_path_factory.mktemp("vf")
     with offline_harness(tmp), FakeOpenAI(reply) as server:
 
-        # python -m kvjax.adapters.verifiers (= kvjax eval-llm) builds the documented command
+        # python -m kvjax.cache.llm.verifiers (= kvjax eval-llm) builds the documented command
         # vf-eval kv_cache_eviction -m fake-model --client.base-url URL --client.api-key-var
         #   KVJAX_FAKE_KEY -n 2 -r 1 --env.taskset.difficulty hard ... --no-push
         # and runs it with verifiers' run_eval.
@@ -136,7 +136,7 @@ def run(tmp_path_factory):
 
 
 def test_documented_command_resolves_to_the_local_kvjax_env(run):
-    from kvjax.adapters.verifiers import KVCacheEnvConfig, KVCacheTasksetConfig
+    from kvjax.cache.llm.verifiers import KVCacheEnvConfig, KVCacheTasksetConfig
 
     config, _, _, _ = run
     assert isinstance(config.env, KVCacheEnvConfig)
@@ -160,7 +160,7 @@ def test_tools_are_the_four_bare_names_with_descriptions(run):
 
 
 def test_rewards_and_metrics_match_the_session(run):
-    from kvjax.adapters.verifiers import METRIC_NAMES, REWARD_NAMES, WEIGHTS
+    from kvjax.cache.llm.verifiers import METRIC_NAMES, REWARD_NAMES, WEIGHTS
 
     _, episodes, _, out = run
     assert len(episodes) == N_TASKS
@@ -225,7 +225,7 @@ def test_eval_llm_reports_errored_episodes_apart_and_exits_1(tmp_path, capsys):
     """audit 3: against an unreachable endpoint it printed mean_reward 0.0 and exited 0."""
     import socket
 
-    from kvjax.adapters import verifiers as adapter
+    from kvjax.cache.llm import verifiers as adapter
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -243,7 +243,7 @@ def test_eval_llm_reports_errored_episodes_apart_and_exits_1(tmp_path, capsys):
 
 
 def test_eval_llm_summary_averages_only_the_episodes_that_completed(run, capsys, monkeypatch):
-    from kvjax.adapters import verifiers as adapter
+    from kvjax.cache.llm import verifiers as adapter
 
     _, episodes, _, _ = run
     assert not any(adapter.episode_errored(ep) for ep in episodes)
@@ -260,7 +260,7 @@ def test_package_exports_exactly_one_taskset_env_and_harness():
     from verifiers.v1.utils import loaders
 
     import kv_cache_eviction
-    from kvjax.adapters import verifiers as adapter
+    from kvjax.cache.llm import verifiers as adapter
 
     exported = [getattr(kv_cache_eviction, n) for n in kv_cache_eviction.__all__]
     for base, cls in ((vf.Taskset, adapter.KVCacheTaskset), (vf.Env, adapter.KVCacheEnv),
@@ -277,7 +277,7 @@ def test_package_exports_exactly_one_taskset_env_and_harness():
 
 
 def test_taskset_loads_one_task_per_scenario():
-    from kvjax.adapters.verifiers import NUM_SCENARIOS, KVCacheTaskset, KVCacheTasksetConfig
+    from kvjax.cache.llm.verifiers import NUM_SCENARIOS, KVCacheTaskset, KVCacheTasksetConfig
 
     ts = KVCacheTaskset(KVCacheTasksetConfig(id="kv_cache_eviction", difficulty="easy",
                                              num_examples=2, seed=7))
@@ -293,7 +293,7 @@ def test_taskset_loads_one_task_per_scenario():
 def test_tool_hook_plays_each_call_once_and_ignores_other_requests():
     """The request hook directly (no rollout): a repeated gate probe replays the stored result
     instead of applying the call twice; requests that are not a probe pass through."""
-    from kvjax.adapters.verifiers import KVCacheData, KVCacheState, KVCacheTask
+    from kvjax.cache.llm.verifiers import KVCacheData, KVCacheState, KVCacheTask
 
     task = KVCacheTask(KVCacheData(prompt="p", difficulty="easy", seed=SEED, index=0))
     trace = vf.Trace(task=vf.TraceTask(type="KVCacheTask", data=task.data),

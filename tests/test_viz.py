@@ -1,4 +1,4 @@
-"""kvjax.viz: every helper draws to a file and its figure content is checked (axes, lines,
+"""kvjax.cache.viz: every helper draws to a file and its figure content is checked (axes, lines,
 labels, marker positions), plus the numeric helpers on hand-built cases."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.image import AxesImage
 
 import kvjax
-from kvjax import viz
+from kvjax.cache import viz
 
 # A small config keeps the jit compiles short; all 8 slots are occupied at reset.
 SMALL = dict(max_seqs=8, max_pending=4, max_arrivals=2, episode_len=6)
@@ -368,7 +368,7 @@ def test_bad_trajectory_shape(episode):
 
 def test_record_replays_the_env(episode, tmp_path):
     """`record` plays rollout's scenarios (same keys) and its states follow step_env."""
-    from kvjax.policies import make_policy
+    from kvjax.cache.policies import make_policy
     from kvjax.rollout import scenario_keys
 
     env, params, *_ = episode

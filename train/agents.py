@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import kvjax
-from kvjax.env import KVCacheEnv
+from kvjax.cache.env import KVCacheEnv
 from kvjax.serve.env import ServeEnv
 from train.networks import (
     ActorCritic,

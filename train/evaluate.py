@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 import kvjax
-from kvjax.env import KVCacheEnv
+from kvjax.cache.env import KVCacheEnv
 from kvjax.validation import (
     ArgumentParser,
     check_writable_file,
@@ -52,8 +52,8 @@ def mean_ci(x: np.ndarray) -> tuple[float, float]:
 
 
 def baseline_policies(include_oracle: bool = True) -> dict[str, Any]:
-    """name -> policy from kvjax.policies (oracle last, when included)."""
-    from kvjax import policies
+    """name -> policy from kvjax.cache.policies (oracle last, when included)."""
+    from kvjax.cache import policies
 
     names = [n for n in policies.POLICY_NAMES if include_oracle or n != "oracle"]
     return {n: policies.POLICIES[n] for n in names}

@@ -23,8 +23,8 @@ import distrax
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kvjax.observations import GLOBAL_FEATURES, SLOT_FEATURES, Observation
-from kvjax.scenarios import random_words
+from kvjax.cache.observations import GLOBAL_FEATURES, SLOT_FEATURES, Observation
+from kvjax.cache.scenarios import random_words
 from kvjax.serve.observations import GLOBAL_FEATURES as SERVE_GLOBALS
 from kvjax.serve.observations import REQUEST_FEATURES, SEGMENT_FEATURES, ServeObservation
 
@@ -37,7 +37,7 @@ _REMAINING = GLOBAL_FEATURES.index("episode_remaining")
 
 def exponentials(key: chex.PRNGKey, shape: tuple[int, ...]) -> chex.Array:
     """Standard exponential draws (float32 `shape`) from kvjax's counter-based generator: one
-    threefry call seeds a hash of a counter (`kvjax.scenarios.random_words`). With the race
+    threefry call seeds a hash of a counter (`kvjax.cache.scenarios.random_words`). With the race
     below, a head's draw is ~5x cheaper on CPU than distrax's threefry Gumbel noise, which was
     about half of a rollout."""
     bits = random_words(key, shape) >> 8  # 24 uniform bits

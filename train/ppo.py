@@ -47,8 +47,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kvjax
-from kvjax import rewards
-from kvjax.env import KVCacheEnv
+from kvjax.cache import rewards
+from kvjax.cache.env import KVCacheEnv
 from kvjax.validation import (
     ArgumentParser,
     Spec,

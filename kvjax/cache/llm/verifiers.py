@@ -1,5 +1,5 @@
 """The seed's LLM tool-calling evaluation on the verifiers v1 API (`verifiers>=0.4.0,<0.5`),
-lifted from the same jitted functions the batched rollouts use (via `kvjax.session`).
+lifted from the same jitted functions the batched rollouts use (via `kvjax.cache.llm.session`).
 
 Install with `pip install -e ".[verifiers]"`; `vf-eval kv_cache_eviction ...` finds it through
 the thin top-level package `kv_cache_eviction`. See docs/llm-eval.md.
@@ -31,10 +31,10 @@ import verifiers.v1 as vf
 from pydantic import Field
 from verifiers.v1.harnesses.null import NullHarness
 
-from kvjax.adapters.verifiers_tools import KVCacheToolset
-from kvjax.rewards import COMPONENTS, METRICS, weights
-from kvjax.session import Session
-from kvjax.types import EnvConfig, EnvParams
+from kvjax.cache.llm.session import Session
+from kvjax.cache.llm.verifiers_tools import KVCacheToolset
+from kvjax.cache.rewards import COMPONENTS, METRICS, weights
+from kvjax.cache.types import EnvConfig, EnvParams
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def eval_argv(
 
 
 def evaluate(argv: list[str] | None = None) -> list[vf.Episode]:
-    """`python -m kvjax.adapters.verifiers -m MODEL --base-url URL [--api-key-var VAR]
+    """`python -m kvjax.cache.llm.verifiers -m MODEL --base-url URL [--api-key-var VAR]
     [--difficulty hard] [-n 5] [--seed 42] [--output-dir outputs]`: run the LLM evaluation
     against an OpenAI-compatible endpoint through verifiers' own `run_eval` (the documented
     vf-eval command line: local, no push) and return the episodes."""
@@ -368,7 +368,7 @@ def evaluate(argv: list[str] | None = None) -> list[vf.Episode]:
 
     from kvjax.validation import ArgumentParser, seed_arg
 
-    p = ArgumentParser(prog="python -m kvjax.adapters.verifiers", description=evaluate.__doc__)
+    p = ArgumentParser(prog="python -m kvjax.cache.llm.verifiers", description=evaluate.__doc__)
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--base-url", required=True)
     p.add_argument("--api-key-var", default="OPENAI_API_KEY")

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kvjax.dynamics import action_validity, progress, slot_memory
-from kvjax.layout import stack_last
-from kvjax.scenarios import budget_tokens, usage
-from kvjax.types import (
+from kvjax.cache.dynamics import action_validity, progress, slot_memory
+from kvjax.cache.layout import stack_last
+from kvjax.cache.scenarios import budget_tokens, usage
+from kvjax.cache.types import (
     BLOCK_TYPES,
     CPU,
     LOCATIONS,

@@ -1,6 +1,6 @@
 """The four tools' schemas for the verifiers adapter, as an MCP tool server.
 
-verifiers launches a tool server as its own process (`python -m kvjax.adapters.verifiers_tools`),
+verifiers launches a tool server as its own process (`python -m kvjax.cache.llm.verifiers_tools`),
 so this module stays light: it imports verifiers only, never JAX. The tools are *played* by the
 task's request hook (`KVCacheTask.play_tool_call`), which answers the harness's tool gate before a
 call would reach this server; the methods here only give the model their names, descriptions and

@@ -46,12 +46,12 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from kvjax.dynamics import progress, quality_of, slot_memory, step_dynamics
-from kvjax.layout import lead, once, prefix_sum, slot_sum
-from kvjax.observations import action_mask
-from kvjax.rewards import total as rubric_total
-from kvjax.scenarios import budget_tokens
-from kvjax.types import (
+from kvjax.cache.dynamics import progress, quality_of, slot_memory, step_dynamics
+from kvjax.cache.layout import lead, once, prefix_sum, slot_sum
+from kvjax.cache.observations import action_mask
+from kvjax.cache.rewards import total as rubric_total
+from kvjax.cache.scenarios import budget_tokens
+from kvjax.cache.types import (
     COMPRESS,
     CONTEXT,
     EVICT,
@@ -85,9 +85,9 @@ _NEG = -1e30
 
 # -- helpers ---------------------------------------------------------------------------------
 def batch_polymorphic(fn: Callable) -> Callable:
-    """Mark a policy that also runs on batch-trailing states (kvjax.dynamics): slots [S, *batch]
-    in, actions [A, *batch] out, `key` one PRNG key per scenario. The rollout engine then calls
-    it on the whole batch without vmap (kvjax.rollout.episodes_trailing)."""
+    """Mark a policy that also runs on batch-trailing states (kvjax.cache.dynamics): slots
+    [S, *batch] in, actions [A, *batch] out, `key` one PRNG key per scenario. The rollout engine
+    then calls it on the whole batch without vmap (kvjax.rollout.episodes_trailing)."""
     fn.batch_polymorphic = True
     return fn
 
@@ -119,7 +119,7 @@ def _at(x: chex.Array, i: chex.Array) -> chex.Array:
 
 
 def _once(*per_slot: chex.Array) -> list[chex.Array]:
-    """The given per-slot arrays, each computed once (see kvjax.layout.materialize): every
+    """The given per-slot arrays, each computed once (see kvjax.cache.layout.materialize): every
     reduction of the greedy passes below would otherwise recompute the whole cost chain that
     produced them (batch-trailing only, as layout.once decides)."""
     return [once(x) for x in per_slot]

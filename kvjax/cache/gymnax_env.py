@@ -30,9 +30,9 @@ import chex
 import jax.numpy as jnp
 from gymnax.environments import environment, spaces
 
-from kvjax import observations
-from kvjax.env import KVCacheEnv, difficulty_index
-from kvjax.types import EnvConfig, EnvParams, EnvState
+from kvjax.cache import observations
+from kvjax.cache.env import KVCacheEnv, difficulty_index
+from kvjax.cache.types import EnvConfig, EnvParams, EnvState
 
 
 def flat_size(config: EnvConfig) -> int:

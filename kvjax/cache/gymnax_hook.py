@@ -8,7 +8,7 @@ otherwise a meta-path hook registers right after gymnax imports it. Either order
     env, params = gymnax.make("kv-cache-v0", difficulty="hard")       # kvjax.KVCacheEnv
     env, params = gymnax.make("kv-cache-flat-v0", difficulty="hard")  # gymnax Discrete / Box
 
-The environments themselves live in `kvjax.gymnax_env` (imported on `gymnax.make`).
+The environments themselves live in `kvjax.cache.gymnax_env` (imported on `gymnax.make`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _TARGET = "gymnax.registration"
 
 def _factory(env_id: str):
     def make(**kwargs: Any):
-        from kvjax import gymnax_env
+        from kvjax.cache import gymnax_env
 
         return gymnax_env.make_env(env_id, **kwargs)
 

@@ -28,7 +28,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from kvjax.types import (
+from kvjax.cache.types import (
     ACTION_KINDS,
     BLOCK_TYPES,
     COMPRESS,
@@ -61,7 +61,7 @@ STEP_KEYS = ("step", "env_steps", "global_step", "timesteps", "num_env_steps", "
 # -- recording trajectories -------------------------------------------------------------------
 @functools.lru_cache(maxsize=32)
 def _recorder(policy: Any, cfg: Any) -> Any:
-    from kvjax.env import KVCacheEnv
+    from kvjax.cache.env import KVCacheEnv
     from kvjax.rollout import scenario_keys
 
     env = KVCacheEnv(cfg)
@@ -90,7 +90,7 @@ def record(
     [num_scenarios, T + 1, ...], the initial state first, and actions int [num_scenarios, T, A]),
     as numpy. Memory grows with T x the state size (~5 KB at the default config): keep it to a
     few thousand scenarios."""
-    from kvjax.env import KVCacheEnv
+    from kvjax.cache.env import KVCacheEnv
     from kvjax.rollout import normalize_params
 
     if int(num_scenarios) < 1:

@@ -1,8 +1,8 @@
 """A deliberately plain, pure-Python reference of the kvjax dynamics and rubric.
 
 One scenario at a time, written from docs/dynamics.md with plain lists, dicts, ints and floats
-(no JAX, no NumPy in the logic), so it is the test oracle for `kvjax.dynamics` / `kvjax.rewards`
-and the speed baseline for `kvjax bench`.
+(no JAX, no NumPy in the logic), so it is the test oracle for `kvjax.cache.dynamics` /
+`kvjax.cache.rewards` and the speed baseline for `kvjax bench`.
 
 A reference state is a dict::
 
@@ -17,7 +17,7 @@ A reference state is a dict::
 
 A generated JAX scenario draws its arrivals from its seed when they arrive (docs/dynamics.md,
 section 3); `from_jax` draws its whole schedule with the same JAX code
-(`kvjax.scenarios.schedule`) and keeps the seed, so the reference reads the same future as a
+(`kvjax.cache.scenarios.schedule`) and keeps the seed, so the reference reads the same future as a
 table, and `to_arrays` / `to_jax` give back a state in the generated form.
 
 and reference params are a dict with every `EnvParams` field as a Python int or float (floats
@@ -479,7 +479,7 @@ def _params_from(params: Any, index: int | None = None) -> RefParams:
 
     import numpy as np
 
-    from kvjax.types import EnvParams
+    from kvjax.cache.types import EnvParams
 
     out = {}
     for field in dataclasses.fields(EnvParams):
@@ -527,11 +527,12 @@ def _state_from_lists(t: dict[str, Any], seed: list[int] | None = None) -> RefSt
 
 def _draw_schedules(arrays: dict[str, Any], params: Any, cfg: Any, batched: bool) -> None:
     """Replace `arrays["arrivals"]` of generated scenarios ([T, 0]: drawn when they arrive) by
-    their whole schedule [T, K], drawn from the seed by `kvjax.scenarios.schedule` (in place)."""
+    their whole schedule [T, K], drawn from the seed by
+    `kvjax.cache.scenarios.schedule` (in place)."""
     import jax
     import numpy as np
 
-    from kvjax.types import EnvConfig
+    from kvjax.cache.types import EnvConfig
 
     if np.shape(arrays["arrivals"]["valid"])[-1] != 0:
         return
@@ -554,7 +555,7 @@ def _schedule_drawer(cfg: Any, axes: Any) -> Callable:
     converting many states compiles once, not once per call."""
     import jax
 
-    from kvjax import scenarios
+    from kvjax.cache import scenarios
 
     fn = lambda seed, regime, p: scenarios.schedule(seed, regime, p, cfg)  # noqa: E731
     return jax.jit(fn if axes is None else jax.vmap(fn, in_axes=(0, 0, axes)))
@@ -717,7 +718,7 @@ def to_arrays_batch(states: Sequence[RefState]) -> dict[str, Any]:
 def _jax_state(a: dict[str, Any]) -> Any:
     import jax.numpy as jnp
 
-    from kvjax.types import Counters, EnvState, Requests, Slots
+    from kvjax.cache.types import Counters, EnvState, Requests, Slots
 
     def conv(d: dict[str, Any]) -> dict[str, Any]:
         return {k: jnp.asarray(v) for k, v in d.items()}

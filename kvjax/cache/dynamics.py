@@ -14,7 +14,7 @@ Batch-polymorphic: every function also accepts a state whose arrays carry traili
 same code serves `vmap` (batch leading, one scenario per call) and the rollout engine's
 batch-trailing layout, which XLA vectorises several times better on CPU (kvjax.rollout). The
 operations whose fastest form depends on the layout (prefix sums, row gathers, integer sums,
-materialised values) are in `kvjax.layout`, each with a plain-jnp form tested equal.
+materialised values) are in `kvjax.cache.layout`, each with a plain-jnp form tested equal.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.layout import (
+from kvjax.cache.layout import (
     gather_rows,
     lead,
     materialize,
@@ -35,8 +35,8 @@ from kvjax.layout import (
     slot_sum,
     slot_sums,
 )
-from kvjax.scenarios import arrival_row, budget_tokens, has_schedule
-from kvjax.types import (
+from kvjax.cache.scenarios import arrival_row, budget_tokens, has_schedule
+from kvjax.cache.types import (
     COMPRESS,
     CONTEXT,
     CPU,

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import dynamics, observations, rewards, scenarios, spaces
+from kvjax import spaces
 from kvjax.base import Environment
-from kvjax.types import ACTION_KINDS, DIFFICULTIES, EnvConfig, EnvParams, EnvState
+from kvjax.cache import dynamics, observations, rewards, scenarios
+from kvjax.cache.types import ACTION_KINDS, DIFFICULTIES, EnvConfig, EnvParams, EnvState
 from kvjax.validation import batch_layout, check_single
 
 ENV_IDS = ("kv-cache-v0", "kv-serve-v0")

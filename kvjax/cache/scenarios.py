@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import rng
-from kvjax.types import (
+from kvjax.cache.types import (
     CONTEXT,
     GPU,
     SYSTEM,

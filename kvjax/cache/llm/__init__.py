@@ -1,6 +1,6 @@
 """Adapters that put kvjax behind other frameworks' interfaces (each an optional extra).
 
-- `kvjax.adapters.verifiers`: the LLM tool-calling evaluation on verifiers v1
+- `kvjax.cache.llm.verifiers`: the LLM tool-calling evaluation on verifiers v1
   (`pip install -e ".[verifiers]"`; needs `verifiers>=0.4.0,<0.5`).
 
 Importing this package never imports an optional dependency (nor JAX): the `kvjax eval-llm`
@@ -54,7 +54,7 @@ def cmd_eval_llm(args: argparse.Namespace) -> int:
     if args.policy is not None:
         if args.model or args.base_url:
             return _fail("give either --policy or --model/--base-url, not both")
-        from kvjax.session import main as policy_main
+        from kvjax.cache.llm.session import main as policy_main
 
         return policy_main(["--policy", args.policy, "--difficulty", args.difficulty,
                             "--num-examples", str(args.num_examples), "--seed", str(args.seed)])
@@ -65,7 +65,7 @@ def cmd_eval_llm(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e))
     try:
-        from kvjax.adapters import verifiers as adapter
+        from kvjax.cache.llm import verifiers as adapter
     except ImportError as e:
         return _fail(f"{e}; install the extra: pip install -e \".[verifiers]\"")
     return adapter.main([

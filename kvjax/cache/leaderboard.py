@@ -17,8 +17,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import kvjax
-from kvjax.policies import POLICY_NAMES, UPPER_BOUNDS, make_policy
-from kvjax.rewards import COMPONENTS
+from kvjax.cache.policies import POLICY_NAMES, UPPER_BOUNDS, make_policy
+from kvjax.cache.rewards import COMPONENTS
 from kvjax.rollout import rollout, summarize_results
 
 TIERS = ("easy", "medium", "hard")
@@ -122,7 +122,7 @@ def document(results, num_scenarios: int, seed: int, speed: dict[str, float] | N
         "# Leaderboard",
         "",
         "Regenerate with `kvjax leaderboard` (writes this file). Every baseline of "
-        "`kvjax.policies` on the same "
+        "`kvjax.cache.policies` on the same "
         f"{num_scenarios:,} scenarios per tier (seed {seed}); each cell is the mean over "
         "scenarios ± the half-width of its 95% interval (1.96 standard errors). `total` is the "
         "weighted rubric total (the episode return); the other columns are the unweighted "

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from kvjax import dynamics, observations, rewards
-from kvjax.env import KVCacheEnv, decode_action, difficulty_index
-from kvjax.types import (
+from kvjax.cache import dynamics, observations, rewards
+from kvjax.cache.env import KVCacheEnv, decode_action, difficulty_index
+from kvjax.cache.types import (
     ACTION_KINDS,
     BLOCK_TYPES,
     DIFFICULTIES,
@@ -589,7 +589,7 @@ def evaluate_policy(
     the `seed` stream (the LLM taskset's tasks) and return each final rubric."""
     from tqdm.auto import tqdm
 
-    from kvjax.policies import POLICY_NAMES, make_policy
+    from kvjax.cache.policies import POLICY_NAMES, make_policy
 
     if name not in POLICY_NAMES:
         raise ValueError(f"unknown policy {name!r}; allowed: {list(POLICY_NAMES)}")
@@ -605,12 +605,12 @@ def evaluate_policy(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kvjax.session --policy value_aware --difficulty hard -n 20 [--seed 42]`:
+    """`python -m kvjax.cache.llm.session --policy value_aware --difficulty hard -n 20 [--seed 42]`:
     play a kvjax policy through the LLM tool interface on the LLM taskset's scenarios and
     print one JSON line per scenario and the mean total."""
     from kvjax.validation import ArgumentParser, positive_int, seed_arg
 
-    p = ArgumentParser(prog="python -m kvjax.session", description=main.__doc__)
+    p = ArgumentParser(prog="python -m kvjax.cache.llm.session", description=main.__doc__)
     p.add_argument("--policy", default="value_aware")
     p.add_argument("--difficulty", default="all", choices=list(DIFFICULTIES))
     p.add_argument("--num-examples", "-n", type=positive_int, default=20)

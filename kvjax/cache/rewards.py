@@ -10,7 +10,7 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
-from kvjax.types import EnvParams, EnvState
+from kvjax.cache.types import EnvParams, EnvState
 from kvjax.validation import check_single
 
 COMPONENTS = (
@@ -42,7 +42,7 @@ def weights(params: EnvParams) -> dict[str, chex.Array]:
 
 def rubric(state: EnvState, params: EnvParams) -> dict[str, chex.Array]:
     """Components, metrics and `total` (float32 scalars; a batch-trailing state - see
-    kvjax.dynamics - gives one value per scenario). A batch-leading state (what
+    kvjax.cache.dynamics - gives one value per scenario). A batch-leading state (what
     `jax.vmap(env.reset_env)` returns) is rejected: use `jax.vmap(rubric, in_axes=(0, None))`."""
     check_single(state, "kvjax.rubric", trailing_ok=True)
     c = state.counters

@@ -1,6 +1,6 @@
 """The batch layouts of kvjax's kv-cache-v0 step and the XLA-CPU idioms that make them fast.
 
-`kvjax.dynamics` states the rules of docs/dynamics.md; the few operations whose fastest form
+`kvjax.cache.dynamics` states the rules of docs/dynamics.md; the few operations whose fastest form
 depends on the layout or on an XLA CPU quirk live here, each named for what it computes and each
 with a plain-`jnp` form (`PLAIN`) that `tests/test_layout.py` proves equal on both layouts:
 
