@@ -151,6 +151,35 @@ def memory(state: ServeState, params: ServeParams) -> dict[str, chex.Array]:
     )
 
 
+# -- request transitions (each written once; docs/serving.md section 3) --------------------------
+def fresh_request(cfg: ServeConfig, prompt: chex.Array | int, queue_key: chex.Array | int = 0):
+    """The progress fields of a row a new request is placed in (an arrival, an agentic
+    session's next call): nothing attached, computed or generated, no token yet, the default
+    retention priority, no preemption, hit or transfer; `target` its prompt, `queue_key` its
+    place in the queue. A dict of field -> value (scalars or [S] arrays)."""
+    return dict(
+        attached=-1,
+        computed=0,
+        target=prompt,
+        generated=0,
+        queue_key=queue_key,
+        run_key=0,
+        priority=cfg.default_priority,
+        first_token=-1.0,
+        last_token=-1.0,
+        preemptions=0,
+        recomputed=0,
+        hit_tokens=0,
+        xfer_done=0.0,
+        cpu_blocks=0,
+    )
+
+
+def set_rows(req: RequestTable, rows: chex.Array, fields: dict) -> RequestTable:
+    """`req` with `fields` (field -> value) written on `rows` only."""
+    return req.replace(**{k: jnp.where(rows, v, getattr(req, k)) for k, v in fields.items()})
+
+
 # -- phase 1: arrivals -------------------------------------------------------------------------
 def arrivals(
     state: ServeState, params: ServeParams, cfg: ServeConfig, live: chex.Array = True
@@ -184,33 +213,24 @@ def arrivals(
     pick = lambda x: sum(jnp.where(slot == k, x[k], 0) for k in range(K))  # noqa: E731
     prompt = pick(d["prompt"])
     index = nxt + slot
-    req = req.replace(
-        status=jnp.where(put, WAITING, req.status),
-        index=jnp.where(put, index, req.index),
-        turn=jnp.where(put, 0, req.turn),
-        arrival=jnp.where(put, pick(t), req.arrival),
-        prompt=jnp.where(put, prompt, req.prompt),
-        output_len=jnp.where(put, pick(d["output_len"]), req.output_len),
-        max_tokens=jnp.where(put, pick(d["max_tokens"]), req.max_tokens),
-        segment=jnp.where(put, pick(d["segment"]), req.segment),
-        segment_up=jnp.where(put, pick(d["segment_up"]), req.segment_up),
-        prefix_len=jnp.where(put, pick(d["prefix_len"]), req.prefix_len),
-        publish=jnp.where(put, pick(d["publish"]), req.publish),
-        publish_len=jnp.where(put, pick(d["publish_len"]), req.publish_len),
-        attached=jnp.where(put, -1, req.attached),
-        computed=jnp.where(put, 0, req.computed),
-        target=jnp.where(put, prompt, req.target),
-        generated=jnp.where(put, 0, req.generated),
-        queue_key=jnp.where(put, index, req.queue_key),
-        run_key=jnp.where(put, 0, req.run_key),
-        priority=jnp.where(put, (cfg.priority_levels - 1) // 2, req.priority),
-        first_token=jnp.where(put, -1.0, req.first_token),
-        last_token=jnp.where(put, -1.0, req.last_token),
-        preemptions=jnp.where(put, 0, req.preemptions),
-        recomputed=jnp.where(put, 0, req.recomputed),
-        hit_tokens=jnp.where(put, 0, req.hit_tokens),
-        xfer_done=jnp.where(put, 0.0, req.xfer_done),
-        cpu_blocks=jnp.where(put, 0, req.cpu_blocks),
+    req = set_rows(
+        req,
+        put,
+        dict(
+            status=WAITING,
+            index=index,
+            turn=0,
+            arrival=pick(t),
+            prompt=prompt,
+            output_len=pick(d["output_len"]),
+            max_tokens=pick(d["max_tokens"]),
+            segment=pick(d["segment"]),
+            segment_up=pick(d["segment_up"]),
+            prefix_len=pick(d["prefix_len"]),
+            publish=pick(d["publish"]),
+            publish_len=pick(d["publish_len"]),
+            **fresh_request(cfg, prompt, queue_key=index),
+        ),
     )
     nxt = nxt + n.astype(jnp.int32)
     t_next = jnp.sum(jnp.where(jnp.arange(K + 1) == n, t, 0.0))
@@ -529,7 +549,6 @@ def insert_segments(
     hit_g = jnp.any(take, axis=0)  # rows written
     fresh_key = hit_g & ~jnp.any(take & reuse[:, None], axis=0)  # rows that change key
     from_req = lambda x: jnp.sum(jnp.where(take, x[:, None], 0), axis=0)  # noqa: E731
-    default_priority = (cfg.priority_levels - 1) // 2
     seg = seg.replace(
         valid=seg.valid | hit_g,
         key=jnp.where(hit_g, from_req(key), seg.key),
@@ -537,7 +556,7 @@ def insert_segments(
         tokens=jnp.where(hit_g, from_req(tokens), seg.tokens),
         on_gpu=seg.on_gpu | hit_g,
         last_access=jnp.where(hit_g, clock, seg.last_access),
-        priority=jnp.where(fresh_key, default_priority, seg.priority),
+        priority=jnp.where(fresh_key, cfg.default_priority, seg.priority),
         pinned_until=jnp.where(fresh_key, 0.0, seg.pinned_until),
     )
     return req.replace(attached=jnp.where(inserts, row, req.attached)), seg
@@ -562,32 +581,22 @@ def next_calls(
     cap = jnp.asarray(params.max_model_len, jnp.int32) - jnp.asarray(params.max_tokens, jnp.int32)
     go = done & (turn < session["turns"]) & (prompt <= cap)
     out = following["output_len"]
-    w = lambda new, old: jnp.where(go, new, old)  # noqa: E731
-    return req.replace(
-        status=w(TOOL, req.status),
-        turn=w(turn, req.turn),
-        arrival=w(clock + this["tool_gap"], req.arrival),
-        prompt=w(prompt, req.prompt),
-        output_len=w(out, req.output_len),
-        segment=w(workload.history_key(req.index, req.turn, cfg), req.segment),
-        segment_up=w(session["segment"], req.segment_up),  # the system prompt (-1: none)
-        prefix_len=w(req.publish_len, req.prefix_len),
-        publish=w(workload.history_key(req.index, turn, cfg), req.publish),
-        publish_len=w(workload.block_floor(prompt + out - 1), req.publish_len),
-        attached=w(-1, req.attached),
-        computed=w(0, req.computed),
-        target=w(prompt, req.target),
-        generated=w(0, req.generated),
-        queue_key=w(0, req.queue_key),
-        run_key=w(0, req.run_key),
-        priority=w((cfg.priority_levels - 1) // 2, req.priority),
-        first_token=w(-1.0, req.first_token),
-        last_token=w(-1.0, req.last_token),
-        preemptions=w(0, req.preemptions),
-        recomputed=w(0, req.recomputed),
-        hit_tokens=w(0, req.hit_tokens),
-        xfer_done=w(0.0, req.xfer_done),
-        cpu_blocks=w(0, req.cpu_blocks),
+    return set_rows(
+        req,
+        go,
+        dict(
+            status=TOOL,
+            turn=turn,
+            arrival=clock + this["tool_gap"],
+            prompt=prompt,
+            output_len=out,
+            segment=workload.history_key(req.index, req.turn, cfg),
+            segment_up=session["segment"],  # the system prompt (-1: none)
+            prefix_len=req.publish_len,
+            publish=workload.history_key(req.index, turn, cfg),
+            publish_len=workload.block_floor(prompt + out - 1),
+            **fresh_request(cfg, prompt),
+        ),
     )
 
 
@@ -773,33 +782,27 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
     S, G, R = cfg.max_requests, cfg.max_segments, cfg.finished_log
     zi = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
     zf = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+    none = jnp.full((S,), -1, jnp.int32)
+    fresh = fresh_request(cfg, prompt=0)
+    # Empty rows start at priority 0, not the default: no rule reads an empty row's priority.
+    fresh["priority"] = 0
     req = RequestTable(
         status=zi(S),
-        index=jnp.full((S,), -1, jnp.int32),
+        index=none,
         turn=zi(S),
         arrival=zf(S),
         prompt=zi(S),
         output_len=zi(S),
         max_tokens=zi(S),
-        segment=jnp.full((S,), -1, jnp.int32),
-        segment_up=jnp.full((S,), -1, jnp.int32),
+        segment=none,
+        segment_up=none,
         prefix_len=zi(S),
-        publish=jnp.full((S,), -1, jnp.int32),
+        publish=none,
         publish_len=zi(S),
-        attached=jnp.full((S,), -1, jnp.int32),
-        computed=zi(S),
-        target=zi(S),
-        generated=zi(S),
-        queue_key=zi(S),
-        run_key=zi(S),
-        priority=zi(S),
-        first_token=jnp.full((S,), -1.0, jnp.float32),
-        last_token=jnp.full((S,), -1.0, jnp.float32),
-        preemptions=zi(S),
-        recomputed=zi(S),
-        hit_tokens=zi(S),
-        xfer_done=zf(S),
-        cpu_blocks=zi(S),
+        **{
+            k: jnp.full((S,), v, jnp.float32 if isinstance(v, float) else jnp.int32)
+            for k, v in fresh.items()
+        },
     )
     plen = (jnp.asarray(params.prefix_tokens, jnp.int32) // BLOCK_TOKENS) * BLOCK_TOKENS
     # The synthetic workload's system prompts are rows 0..num_prefixes-1, keyed by number.
@@ -811,7 +814,7 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
         tokens=jnp.full((G,), plen, jnp.int32),
         on_gpu=jnp.zeros((G,), bool),
         last_access=zf(G),
-        priority=jnp.full((G,), (cfg.priority_levels - 1) // 2, jnp.int32),
+        priority=jnp.full((G,), cfg.default_priority, jnp.int32),
         pinned_until=zf(G),
     )
     metrics = Metrics(

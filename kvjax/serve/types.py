@@ -53,6 +53,12 @@ class ServeConfig:
     engine: str | None = None
 
     @property
+    def default_priority(self) -> int:
+        """The retention priority a new request or prefix segment starts at: the middle level
+        (rounded down), so the agent can raise or lower it."""
+        return (self.priority_levels - 1) // 2
+
+    @property
     def num_command_ids(self) -> int:
         """noop + offload/preempt per request + pin/drop per segment + reserve levels."""
         return 1 + 2 * self.max_requests + 2 * self.max_segments + len(self.reserve_levels)
