@@ -24,7 +24,6 @@ from kvjax.serve.types import (
     EMPTY,
     OFFLOADING,
     RUNNING,
-    WAITING,
     ServeConfig,
     ServeParams,
     ServeState,
@@ -148,21 +147,17 @@ def apply(state: ServeState, action: dict, params: ServeParams, cfg: ServeConfig
         start = jnp.maximum(state.clock, state.link_free[0])
         done_at = start + latency.transfer_time(params, blocks)
         link_out = jnp.where(is_off, jnp.sum(jnp.where(r_off, done_at, 0.0)), state.link_free[0])
-        # preempt: the engine's recompute preemption (never a silent delete).
-        lost = jnp.maximum(req.computed - engine.attached_tokens(req, seg), 0)
         pc = state.preempt_counter + (is_off | is_pre).astype(jnp.int32)
-        moved = r_off | r_pre
         req = req.replace(
-            status=jnp.where(r_off, OFFLOADING, jnp.where(r_pre, WAITING, req.status)),
+            status=jnp.where(r_off, OFFLOADING, req.status),
             xfer_done=jnp.where(r_off, done_at, req.xfer_done),
             cpu_blocks=jnp.where(r_off, blocks, req.cpu_blocks),
-            queue_key=jnp.where(moved, -pc, req.queue_key),
-            computed=jnp.where(r_pre, 0, req.computed),
-            target=jnp.where(r_pre, req.prompt + req.generated, req.target),
-            attached=jnp.where(r_pre, -1, req.attached),
-            preemptions=req.preemptions + moved,
-            recomputed=req.recomputed + jnp.where(r_pre, lost, 0),
+            queue_key=jnp.where(r_off, -pc, req.queue_key),
+            preemptions=req.preemptions + r_off,
         )
+        # preempt: the engine's recompute preemption (never a silent delete), at the head of
+        # the queue like an offload.
+        req, lost = engine.recompute_preempt(req, seg, r_pre, -pc)
         seg = seg.replace(
             pinned_until=jnp.where(
                 g_pin, state.clock + params.pin_ttl, jnp.where(g_drop, 0.0, seg.pinned_until)
@@ -172,7 +167,7 @@ def apply(state: ServeState, action: dict, params: ServeParams, cfg: ServeConfig
         m = m.replace(
             offloads=m.offloads + is_off.astype(jnp.int32),
             agent_preemptions=m.agent_preemptions + is_pre.astype(jnp.int32),
-            recomputed_tokens=m.recomputed_tokens + jnp.sum(jnp.where(r_pre, lost, 0)),
+            recomputed_tokens=m.recomputed_tokens + jnp.sum(lost),
         )
         state = state.replace(
             requests=req,

@@ -27,7 +27,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from kvjax.serve import latency, ops, workload
+from kvjax.serve import latency, metrics, ops, workload
 from kvjax.serve.types import (
     BLOCK_TOKENS,
     EMPTY,
@@ -178,6 +178,26 @@ def fresh_request(cfg: ServeConfig, prompt: chex.Array | int, queue_key: chex.Ar
 def set_rows(req: RequestTable, rows: chex.Array, fields: dict) -> RequestTable:
     """`req` with `fields` (field -> value) written on `rows` only."""
     return req.replace(**{k: jnp.where(rows, v, getattr(req, k)) for k, v in fields.items()})
+
+
+def recompute_preempt(
+    req: RequestTable, seg: SegmentTable, rows: chex.Array, queue_key: chex.Array | int
+) -> tuple[RequestTable, chex.Array]:
+    """Preemption by recompute (the engine's, and the agent's preempt command): `rows` free
+    their private blocks, keep no computed KV and no segment, and wait at `queue_key`
+    (negative: ahead of every arrival) to prefill their prompt and generated tokens again.
+    Returns the table and int32 [S] the tokens each row must recompute (0 off `rows`)."""
+    lost = jnp.where(rows, jnp.maximum(req.computed - attached_tokens(req, seg), 0), 0)
+    req = req.replace(
+        status=jnp.where(rows, WAITING, req.status),
+        queue_key=jnp.where(rows, queue_key, req.queue_key),
+        computed=jnp.where(rows, 0, req.computed),
+        target=jnp.where(rows, req.prompt + req.generated, req.target),
+        attached=jnp.where(rows, -1, req.attached),
+        preemptions=req.preemptions + rows,
+        recomputed=req.recomputed + lost,
+    )
+    return req, lost
 
 
 # -- phase 1: arrivals -------------------------------------------------------------------------
@@ -615,16 +635,7 @@ def execute(
 
     # Preemption by recompute: free the blocks, computed -> 0, prepend to the waiting queue
     # (the victim nearest the head of the running order ends up first).
-    lost = jnp.where(plan.preempt, jnp.maximum(req.computed - attached_tokens(req, seg), 0), 0)
-    req = req.replace(
-        status=jnp.where(plan.preempt, WAITING, req.status),
-        queue_key=jnp.where(plan.preempt, plan.preempt_pos - pc, req.queue_key),
-        computed=jnp.where(plan.preempt, 0, req.computed),
-        target=jnp.where(plan.preempt, req.prompt + req.generated, req.target),
-        attached=jnp.where(plan.preempt, -1, req.attached),
-        preemptions=req.preemptions + plan.preempt,
-        recomputed=req.recomputed + lost,
-    )
+    req, lost = recompute_preempt(req, seg, plan.preempt, plan.preempt_pos - pc)
     # Admission: a swapped request starts loading its KV back; others start (re)prefilling,
     # after the prefix-cache hit.
     load_start = jnp.maximum(state.clock, state.link_free[1])
@@ -702,12 +713,8 @@ def execute(
     # Completions: record TTFT / TPOT, score against the SLOs, free the row.
     done = (req.status == RUNNING) & (req.generated >= req.output_len) & live
     ttft = req.first_token - req.arrival
-    tpot = jnp.where(
-        req.generated > 1,
-        (req.last_token - req.first_token) / jnp.maximum(req.generated - 1, 1).astype(jnp.float32),
-        0.0,
-    )
-    good = done & (ttft <= params.ttft_slo) & (tpot <= params.tpot_slo)
+    tpot = metrics.time_per_output_token(req.first_token, req.last_token, req.generated)
+    good = done & metrics.meets_slo(ttft, tpot, params)
     slot = m.log_count + ops.row_prefix_sum(done.astype(jnp.int32))
     pos = jnp.where(done, slot % R, R)
     n_done = jnp.sum(done).astype(jnp.int32)
@@ -817,7 +824,7 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
         priority=jnp.full((G,), cfg.default_priority, jnp.int32),
         pinned_until=zf(G),
     )
-    metrics = Metrics(
+    zero_metrics = Metrics(
         arrived=zi(),
         finished=zi(),
         good=zi(),
@@ -843,7 +850,7 @@ def empty_state(seed: chex.Array, params: ServeParams, cfg: ServeConfig) -> Serv
     return ServeState(
         requests=req,
         segments=seg,
-        metrics=metrics,
+        metrics=zero_metrics,
         seed=seed,
         stream_start=start,
         clock=zf(),

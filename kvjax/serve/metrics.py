@@ -26,6 +26,21 @@ def score(state: ServeState, params: ServeParams) -> chex.Array:
     return state.metrics.good.astype(jnp.float32) / offered
 
 
+def time_per_output_token(
+    first_token: chex.Array, last_token: chex.Array, generated: chex.Array
+) -> chex.Array:
+    """TPOT: seconds from a request's first to its last token per token after the first (0
+    before its second token)."""
+    per = (last_token - first_token) / jnp.maximum(generated - 1, 1).astype(jnp.float32)
+    return jnp.where(generated > 1, per, 0.0)
+
+
+def meets_slo(ttft: chex.Array, tpot: chex.Array, params: ServeParams) -> chex.Array:
+    """Whether a finished request met both SLOs (TTFT <= ttft_slo and TPOT <= tpot_slo): the
+    requests `score` counts."""
+    return (ttft <= params.ttft_slo) & (tpot <= params.tpot_slo)
+
+
 def episode_metrics(state: ServeState, params: ServeParams) -> dict[str, chex.Array]:
     """Per-scenario metrics of a (final) state; percentiles over the finished-request log (the
     last `finished_log` completions)."""

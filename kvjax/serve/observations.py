@@ -9,7 +9,7 @@ from typing import NamedTuple
 import chex
 import jax.numpy as jnp
 
-from kvjax.serve import actions, engine
+from kvjax.serve import actions, engine, metrics
 from kvjax.serve.types import (
     ENGINES,
     LOADING,
@@ -82,11 +82,7 @@ def observe(state: ServeState, params: ServeParams, cfg: ServeConfig) -> ServeOb
     L1 = max(cfg.priority_levels - 1, 1)
     running = req.status == RUNNING
     started = req.first_token >= 0
-    tpot = jnp.where(
-        req.generated > 1,
-        (req.last_token - req.first_token) / jnp.maximum(f(req.generated - 1), 1.0),
-        0.0,
-    )
+    tpot = metrics.time_per_output_token(req.first_token, req.last_token, req.generated)
     r = jnp.stack(
         [
             f(req.status == WAITING),
