@@ -8,6 +8,10 @@ request's decodes cost E[output] x dt / B; its prefill, piggybacked on decode it
 costs its marginal linear time lin_b x E[prompt] plus attention attn_prefill x E[prompt^2] / 2.
 capacity = 1 / (decode share + prefill share). Prefix hits, preemptions and queueing are left
 out, so real engines reach less: `load = 1` is the edge this bound draws, not a promise.
+
+Load and arrival rate, both directions in one place (`arrival_rate_at`, `load_at`):
+load = arrival_rate x calls_per_arrival / capacity, calls per second offered over the calls
+per second the roofline sustains (an agentic stream's arrival is a session of several calls).
 """
 
 from __future__ import annotations
@@ -42,3 +46,15 @@ def capacity_rps(params: ServeParams, moments: dict | None = None) -> float:
         + float(params.attn_prefill) * moments["prefill_pairs"]
     )
     return 1.0 / per_request
+
+
+def arrival_rate_at(load: float, capacity: float, calls_per_arrival: float = 1.0) -> float:
+    """Stream arrivals per second that offer `load` x `capacity` calls per second, each
+    arrival bringing `calls_per_arrival` calls (the inverse of `load_at`)."""
+    return float(load) * capacity / calls_per_arrival
+
+
+def load_at(arrival_rate: float, capacity: float, calls_per_arrival: float = 1.0) -> float:
+    """The offered load of a stream of `arrival_rate` arrivals per second, each bringing
+    `calls_per_arrival` calls, on an engine of `capacity` calls per second."""
+    return float(arrival_rate) * calls_per_arrival / capacity

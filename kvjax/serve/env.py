@@ -17,7 +17,7 @@ from kvjax import spaces
 from kvjax.base import Environment
 from kvjax.serve import actions, engine, metrics, observations, replay, traces
 from kvjax.serve import workload as workloads
-from kvjax.serve.capacity import capacity_rps
+from kvjax.serve.capacity import arrival_rate_at, capacity_rps
 from kvjax.serve.presets import PRESETS
 from kvjax.serve.types import ENGINES, KV_DTYPES, ServeConfig, ServeParams, ServeState
 
@@ -336,8 +336,8 @@ def make(
         moments = workloads.agentic_moments(p)
         p = p.replace(calls_per_arrival=moments["calls_per_session"])
     if "arrival_rate" not in params:
-        calls = float(p.calls_per_arrival)
-        p = p.replace(arrival_rate=float(load) * capacity_rps(p, moments) / calls)
+        rate = arrival_rate_at(load, capacity_rps(p, moments), float(p.calls_per_arrival))
+        p = p.replace(arrival_rate=rate)
     p = normalize_params(validate_params(p, cfg))
     if trace is not None:
         covered = trace.duration * trace.native_rate / float(p.arrival_rate)

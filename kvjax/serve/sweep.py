@@ -5,9 +5,10 @@
     rows = load_sweep(runner, [0.5, 0.75, 1.0, 1.25])     # goodput, attainment, 95% intervals
     cap = capacity(runner, [0.5, 0.75, 1.0, 1.25], target=0.9, tol=0.02)
 
-Load: `unit` are the params `make(..., load=1.0)` returns; a sweep's load x runs them with
-`arrival_rate = x * unit.arrival_rate` (make's own rule: arrival_rate is linear in load), a
-traced parameter, so every load runs the same compiled program.
+Load: `unit` are the params `make(..., load=1.0)` returns, whose arrival rate is the capacity
+in stream arrivals per second; a sweep's load x runs them with the arrival rate make's rule
+gives (capacity.arrival_rate_at: x * unit.arrival_rate), a traced parameter, so every load runs
+the same compiled program.
 
 Common random numbers: scenario i of every load and every policy has the same keys (the
 rollout engine's `scenario_keys(key, i)`). Its request stream is the same requests at every
@@ -51,6 +52,7 @@ import numpy as np
 
 from kvjax.rollout import play_until_truncated, scenario_keys
 from kvjax.serve import replay, workload
+from kvjax.serve.capacity import arrival_rate_at
 from kvjax.serve.env import ServeEnv
 from kvjax.serve.types import EMPTY, ServeConfig, ServeParams, ServeState
 
@@ -206,6 +208,7 @@ class LoadRunner:
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
         self.policy, self.env = policy, env
+        # make(..., load=1.0)'s arrival rate: the capacity in stream arrivals per second.
         self.unit_rate = float(np.asarray(unit.arrival_rate))
         self.unit = unit
         self.num_scenarios = int(num_scenarios)
@@ -214,7 +217,8 @@ class LoadRunner:
         self.progress = progress
         trace = env.config.trace
         if trace is not None:
-            covered = trace.duration * trace.native_rate / (self.max_load * self.unit_rate)
+            top_rate = arrival_rate_at(self.max_load, self.unit_rate)
+            covered = trace.duration * trace.native_rate / top_rate
             if float(unit.horizon) > covered:
                 raise ValueError(
                     f"trace {trace.name!r} lasts {covered:.0f} simulated s at max_load "
@@ -223,9 +227,8 @@ class LoadRunner:
         self._cache: dict[float, dict[str, np.ndarray]] = {}
 
     def params_at(self, load: float) -> ServeParams:
-        """The unit params with arrival_rate = load x the unit rate (float32, as make stores
-        it)."""
-        return self.unit.replace(arrival_rate=jnp.float32(load * self.unit_rate))
+        """The unit params at `load` (arrival_rate float32, as make stores it)."""
+        return self.unit.replace(arrival_rate=jnp.float32(arrival_rate_at(load, self.unit_rate)))
 
     def __call__(self, load: float) -> dict[str, np.ndarray]:
         load = _check_load("load", load)
@@ -276,9 +279,10 @@ def summarize(load: float, runner: LoadRunner) -> dict[str, Any]:
     r = runner(load)
     att, att_ci = ratio_ci(r["good"], r["decided"])
     good, good_ci = mean_ci(r["goodput"])
+    calls = float(np.asarray(runner.unit.calls_per_arrival))
     row = dict(
         load=load,
-        offered_rps=load * runner.unit_rate * float(np.asarray(runner.unit.calls_per_arrival)),
+        offered_rps=arrival_rate_at(load, runner.unit_rate) * calls,  # calls per second
         goodput=good,
         goodput_ci=good_ci,
         attainment=att,
