@@ -423,3 +423,102 @@ def test_queue_prefix_sums_equal_a_prefix_sum_per_queue(method):
             for i in rows:
                 ahead = [j for j in rows if (key[j], j) < (key[i], i)]
                 assert int(got[i]) == int(value[ahead].sum())
+
+
+# -- request transitions written once (engine.fresh_request, engine.recompute_preempt) ----------
+# The fields that name a request's call (set by whoever places it); every other field is
+# progress, which fresh_request resets.
+CALL_FIELDS = {
+    "status",
+    "index",
+    "turn",
+    "arrival",
+    "prompt",
+    "output_len",
+    "max_tokens",
+    "segment",
+    "segment_up",
+    "prefix_len",
+    "publish",
+    "publish_len",
+}
+
+
+def test_default_priority_is_the_middle_level_rounded_down():
+    levels = {1: 0, 2: 0, 3: 1, 4: 1, 5: 2}
+    for L, want in levels.items():
+        assert ServeConfig(priority_levels=L).default_priority == want
+    p = small_params()
+    s = engine.empty_state(jnp.zeros(2, jnp.uint32), p, CFG)
+    assert np.all(np.asarray(s.segments.priority) == CFG.default_priority)
+
+
+def test_fresh_request_resets_every_progress_field_on_its_rows_only():
+    p = small_params()
+    s = build_state(
+        p,
+        CFG,
+        requests=[
+            decoding(64, 16, run_key=3, priority=3, attached=0, preemptions=2, recomputed=40),
+            decoding(60, 20, run_key=4, priority=0, hit_tokens=32, cpu_blocks=5),
+        ],
+        segments=[dict(tokens=32, on_gpu=True)],
+    )
+    fresh = engine.fresh_request(CFG, prompt=jnp.int32(100), queue_key=jnp.int32(7))
+    # Every field of the table is either the call's or reset here.
+    assert set(fresh) | CALL_FIELDS == set(s.requests.__dataclass_fields__)
+    assert not set(fresh) & CALL_FIELDS
+    rows = jnp.arange(CFG.max_requests) == 0
+    r = engine.set_rows(s.requests, rows, fresh)
+    want = dict(
+        attached=-1,
+        computed=0,
+        target=100,
+        generated=0,
+        queue_key=7,
+        run_key=0,
+        priority=CFG.default_priority,
+        first_token=-1.0,
+        last_token=-1.0,
+        preemptions=0,
+        recomputed=0,
+        hit_tokens=0,
+        xfer_done=0.0,
+        cpu_blocks=0,
+    )
+    for k, v in want.items():
+        assert getattr(r, k)[0] == v, k
+        # dtypes kept, other rows untouched
+        assert getattr(r, k).dtype == getattr(s.requests, k).dtype, k
+        np.testing.assert_array_equal(getattr(r, k)[1:], getattr(s.requests, k)[1:], err_msg=k)
+    # An empty table's rows are fresh rows holding no request (priority 0, never read).
+    e = engine.empty_state(jnp.zeros(2, jnp.uint32), p, CFG).requests
+    for k, v in engine.fresh_request(CFG, prompt=0).items():
+        np.testing.assert_array_equal(getattr(e, k), 0 if k == "priority" else v, err_msg=k)
+
+
+def test_recompute_preempt_frees_one_row_and_requeues_it_at_the_given_key():
+    p = small_params(gpu_pool_tokens=4096)
+    s = build_state(
+        p,
+        CFG,
+        requests=[
+            # 80 tokens computed, the first 32 held by segment 0: 48 to recompute
+            decoding(64, 16, run_key=0, attached=0, queue_key=2, preemptions=1, recomputed=5),
+            decoding(60, 20, run_key=1, attached=0),
+        ],
+        segments=[dict(tokens=32, on_gpu=True)],
+    )
+    rows = jnp.arange(CFG.max_requests) == 0
+    r, lost = engine.recompute_preempt(s.requests, s.segments, rows, -3)
+    np.testing.assert_array_equal(lost, [48] + [0] * (CFG.max_requests - 1))
+    assert int(r.status[0]) == WAITING and int(r.queue_key[0]) == -3
+    assert int(r.computed[0]) == 0 and int(r.attached[0]) == -1
+    assert int(r.target[0]) == 64 + 16  # the prompt and every generated token again
+    assert int(r.generated[0]) == 16  # its output so far is kept
+    assert int(r.preemptions[0]) == 2 and int(r.recomputed[0]) == 5 + 48
+    for k in s.requests.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(r, k)[1:], getattr(s.requests, k)[1:], err_msg=k)
+    # Its private blocks are free; the segment stays, held by row 1.
+    before, after = engine.memory(s, p), engine.memory(s.replace(requests=r), p)
+    assert int(after["used"]) == int(before["used"]) - 3 and int(after["cached"]) == 2
