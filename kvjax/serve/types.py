@@ -155,7 +155,7 @@ class RequestTable:
 @struct.dataclass
 class SegmentTable:
     """Cached prefix segments [G] as a tree of rows (a system prompt, a conversation's history,
-    a trace's prefix-forest node); the rules are engine.py's segment helpers."""
+    a trace's prefix-forest node); the rules are serve/engine/blocks.py's segment helpers."""
 
     valid: chex.Array  # bool: the row holds a key
     key: chex.Array  # int32 content id (distinct over valid rows), -1 for a row never used
