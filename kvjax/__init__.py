@@ -12,7 +12,7 @@ light). kv-cache-v0's public names (`kvjax.rubric`, `kvjax.KVCacheEnv`, ...) sta
 
 import importlib as _importlib
 
-from kvjax.cache.env import KVCacheEnv, decode_action, difficulty_index, encode_action, make
+from kvjax.cache.env import KVCacheEnv, decode_action, difficulty_index, encode_action
 from kvjax.cache.observations import Observation, action_mask, observe, summarize
 from kvjax.cache.rewards import COMPONENTS, METRICS, rubric
 from kvjax.cache.types import (
@@ -23,6 +23,7 @@ from kvjax.cache.types import (
     EnvParams,
     EnvState,
 )
+from kvjax.registry import make, make_policy
 
 # Submodules reachable as `kvjax.<name>` after a plain `import kvjax` (lazily imported).
 SUBMODULES = (
@@ -60,6 +61,7 @@ __all__ = [
     "difficulty_index",
     "encode_action",
     "make",
+    "make_policy",
     "observe",
     "rubric",
     "summarize",

@@ -164,7 +164,8 @@ def state_probes(env, params, single, batch) -> None:
         "reject",
     )
     probe("rubric(single)", lambda: kvjax.rubric(single, params), "ok")
-    probe("rubric(trailing)", lambda: kvjax.rubric(kvjax.rollout.to_trailing(batch), params), "ok")
+    trailing = kvjax.cache.rollout.to_trailing(batch)
+    probe("rubric(trailing)", lambda: kvjax.rubric(trailing, params), "ok")
     step = env.step_env
 
     def counted_invalid(action, n_invalid=1):

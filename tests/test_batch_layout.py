@@ -1,5 +1,5 @@
-"""The batch-trailing layout (kvjax.cache.dynamics, kvjax.rollout.episodes_trailing): the same step
-and policies called on [S, batch] states give what vmap gives on [batch, S] states."""
+"""The batch-trailing layout (kvjax.cache.dynamics, kvjax.cache.rollout.episodes_trailing): the
+same step and policies called on [S, batch] states give what vmap gives on [batch, S] states."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from conftest import assert_trees_equal
 import kvjax
 from kvjax.cache import dynamics
 from kvjax.cache.policies import POLICY_NAMES, make_policy
-from kvjax.rollout import normalize_params, rollout, to_trailing
+from kvjax.cache.rollout import to_trailing
+from kvjax.rollout import normalize_params, rollout
 
 ENV, PARAMS = kvjax.make("kv-cache-v0", difficulty="all")
 CFG = ENV.config

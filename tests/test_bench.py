@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import bench
+from kvjax import bench as harness_bench
+from kvjax.cache import bench
 
 
 def test_standard_path_program_equals_a_hand_written_loop():
@@ -55,7 +56,7 @@ def test_ab_medians_alternates_the_candidates_and_reports_each():
 
         return fn
 
-    out = bench.ab_medians({"a": make("a"), "b": make("b")}, repeats=3)
+    out = harness_bench.ab_medians({"a": make("a"), "b": make("b")}, repeats=3)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then alternating
     assert set(out) == {"a", "b"} and out["a"]["x_first"] == 1.0
     assert all(0 < r["min_s"] <= r["median_s"] for r in out.values())

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvjax import bench, cli
+from kvjax.cache import bench as cache_bench
 from kvjax.cache import leaderboard
 from kvjax.cache.policies import POLICY_NAMES
 
@@ -82,14 +83,16 @@ def test_bench_table_and_summary_line():
              "micro_batch": 1024, "devices": 2, "path": "batch-trailing"},
         ],
     }
-    table = bench.markdown_table(record)
+    table = cache_bench.markdown_table(record)
     assert "| value_aware | 4,096 | 1.23M | 0.0500 | 3.0 | 246x | batch-trailing |" in table
-    assert bench.summary_line(record).startswith("value_aware @ batch 4,096: 1,228,800")
-    doc = cli.benchmarks_document(record, table)
+    assert cache_bench.summary_line(record).startswith("value_aware @ batch 4,096: 1,228,800")
+    doc = cache_bench.benchmarks_document(record, table)
     assert doc.startswith("# Benchmarks") and "Machine:" in doc
     assert "2-core CI machine: met." in doc
     record["results"][0]["steps_per_s"] = 200_000.0
-    assert "not met in this run (200,000 env-steps/s" in cli.benchmarks_document(record, table)
+    assert "not met in this run (200,000 env-steps/s" in cache_bench.benchmarks_document(
+        record, table
+    )
     assert "issue 14)" in doc and "not measured in this run" in doc
 
 
@@ -111,30 +114,31 @@ def test_bench_standard_path_table_and_targets():
              "min_s": 0.49, "compile_s": 5.0, "steps_per_s": 737_280.0, "x_gymnax": 1.0},
         ],
     }
-    table = bench.markdown_table(record)
+    table = cache_bench.markdown_table(record)
     assert "| kv-cache-v0 | 4,096 | 0.92M | 0.4000 | 9.0 | 1.25x |" in table
     assert "| gymnax Asterix-MinAtar | 4,096 | 0.74M | 0.5000 | 5.0 | 1.00x |" in table
-    assert "2.40x Asterix's standard path" in bench.summary_line(record)
+    assert "2.40x Asterix's standard path" in cache_bench.summary_line(record)
     assert "standard path vmap(env.step) @ batch 4,096: 921,600 env-steps/s (1.25x Asterix)" in (
-        bench.summary_line(record))
-    doc = cli.benchmarks_document(record, table)
+        cache_bench.summary_line(record))
+    doc = cache_bench.benchmarks_document(record, table)
     assert ("standard path 921,600 env-steps/s (met); 1.25x Asterix (met); value_aware 2.40x "
             "Asterix (met)") in doc
     record["standard_path"][0].update(steps_per_s=500_000.0, x_gymnax=0.8)
-    assert "500,000 env-steps/s (not met); 0.80x Asterix (not met)" in cli.benchmarks_document(
-        record, table)
+    doc = cache_bench.benchmarks_document(record, table)
+    assert "500,000 env-steps/s (not met); 0.80x Asterix (not met)" in doc
 
 
 def test_bench_write_keeps_the_hand_written_notes(tmp_path):
     doc = tmp_path / "b.md"
-    cli.write_keeping_notes(doc, "# Benchmarks\n\nrun 1\n")
+    bench.write_keeping_notes(doc, "# Benchmarks\n\nrun 1\n")
     assert doc.read_text() == "# Benchmarks\n\nrun 1\n"  # no marker yet: the generated text
-    doc.write_text(doc.read_text() + "\n" + cli.NOTES_MARKER + "\n\n## Profile\nmeasured by hand\n")
-    cli.write_keeping_notes(doc, "# Benchmarks\n\nrun 2\n")
+    notes = "\n" + bench.NOTES_MARKER + "\n\n## Profile\nmeasured by hand\n"
+    doc.write_text(doc.read_text() + notes)
+    bench.write_keeping_notes(doc, "# Benchmarks\n\nrun 2\n")
     text = doc.read_text()
-    assert text.startswith("# Benchmarks\n\nrun 2\n\n" + cli.NOTES_MARKER)
+    assert text.startswith("# Benchmarks\n\nrun 2\n\n" + bench.NOTES_MARKER)
     assert text.endswith("## Profile\nmeasured by hand\n") and "run 1" not in text
-    cli.write_keeping_notes(doc, "# Benchmarks\n\nrun 3\n")  # idempotent on the notes
+    bench.write_keeping_notes(doc, "# Benchmarks\n\nrun 3\n")  # idempotent on the notes
     assert doc.read_text() == text.replace("run 2", "run 3")
 
 
@@ -180,7 +184,7 @@ def test_unwritable_output_paths_are_refused_before_any_work(tmp_path, capsys, m
         raise AssertionError("the command started working")
 
     monkeypatch.setattr(leaderboard, "evaluate", no_work)
-    monkeypatch.setattr(bench, "run_benchmark", no_work)
+    monkeypatch.setattr(cache_bench, "run_benchmark", no_work)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     cases = [
@@ -199,3 +203,32 @@ def test_unwritable_output_paths_are_refused_before_any_work(tmp_path, capsys, m
 
     assert check_writable_file(str(tmp_path / "new" / "deeper" / "x.md"))
     assert check_writable_dir(str(tmp_path / "new" / "dir"))
+
+
+def _flags_without_help(parser, name=""):
+    import argparse
+
+    out = []
+    for a in parser._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        if isinstance(a, argparse._SubParsersAction):
+            for sub, sp in a.choices.items():
+                out += _flags_without_help(sp, f"{name} {sub}".strip())
+        elif not a.help:
+            out.append(f"{name}: {a.option_strings or a.dest}")
+    return out
+
+
+def test_every_flag_has_a_help_line_and_policies_are_listed_once(capsys):
+    from train import evaluate, ppo
+
+    parsers = {"kvjax": cli.build_parser(), "train.ppo": ppo.build_parser(),
+               "train.evaluate": evaluate.build_parser()}
+    missing = [f"{n} {m}" for n, p in parsers.items() for m in _flags_without_help(p)]
+    assert not missing, missing
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    text = capsys.readouterr().out
+    assert text.count("random") == 2  # once per env: kv-cache-v0's and kv-serve-v0's policy
+    assert "kv-serve-v0 (--env kv-serve-v0)" in text and "--difficulty" in text

@@ -70,10 +70,10 @@ def test_bad_serve_leaderboard_arguments_exit_2_with_one_line(argv, says, capsys
 
 def test_leaderboard_defaults_per_env():
     args = cli.build_parser().parse_args(["leaderboard"])
-    cli.leaderboard_defaults(args)
+    cli.check_env_options(args)
     assert (args.output, args.num_scenarios) == ("docs/leaderboard.md", 4096)
     args = cli.build_parser().parse_args(["leaderboard", "--env", "kv-serve-v0"])
-    cli.leaderboard_defaults(args)
+    cli.check_env_options(args)
     assert (args.output, args.num_scenarios) == ("docs/serving-leaderboard.md", 8)
     assert args.setting == slb.Setting() and tuple(args.policies) == slb.POLICIES
 

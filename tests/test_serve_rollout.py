@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import bench, cli
+from kvjax import cli
 from kvjax.rollout import rollout
-from kvjax.serve import METRICS
+from kvjax.serve import METRICS, bench
 from kvjax.serve.policies import SERVE_POLICY_NAMES, make_policy
 
 

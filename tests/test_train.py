@@ -230,7 +230,7 @@ def test_checkpoint_resume_round_trips_exactly(tmp_path, update, runner0):
 def test_tiny_training_improves_over_untrained(update, runner0):
     """A few updates on easy raise the mean return of the (sampling) policy on a fixed easy
     scenario set (fixed keys: the score is deterministic)."""
-    from kvjax.rollout import episode
+    from kvjax.cache.rollout import episode
 
     env = KVCacheEnv()
     params = env.default_params.replace(difficulty=0)

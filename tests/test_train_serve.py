@@ -1,4 +1,4 @@
-"""PPO on kv-serve-v0: the serve agent (train/agents.py) and the trainer's continuing rollouts."""
+"""PPO on kv-serve-v0: the serve agent (train/agents/) and the trainer's continuing rollouts."""
 
 from __future__ import annotations
 

@@ -112,7 +112,7 @@ def test_rubric_rejects_a_batch_leading_state_and_points_at_vmap():
         ENV.reset_env(keys, PARAMS)
     # The supported forms agree: vmapped rubric == rubric of the batch-trailing layout.
     vm = jax.vmap(kvjax.rubric, in_axes=(0, None))(batch, PARAMS)
-    tr = kvjax.rubric(kvjax.rollout.to_trailing(batch), PARAMS)
+    tr = kvjax.rubric(kvjax.cache.rollout.to_trailing(batch), PARAMS)
     np.testing.assert_allclose(vm["total"], tr["total"], atol=1e-6)
 
 

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="updates per timed train call")
     ap.add_argument("--repeats", type=positive_int, default=3,
                     help="timed calls per piece (median)")
-    ap.add_argument("--difficulty", default="medium+hard")
+    ap.add_argument("--difficulty", default="medium+hard",
+                    help="kv-cache-v0 tier(s) the timed configs train on (default: medium+hard)")
     ap.add_argument("--train-only", action="store_true", help="skip the env/policy/learn pieces")
     ap.add_argument("--cpu-devices", type=positive_int, default=1,
                     help="XLA CPU devices (the env batch is sharded over them)")

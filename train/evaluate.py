@@ -20,7 +20,6 @@ goodput against `engine_default` (`serve_table`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from typing import Any
@@ -29,26 +28,12 @@ import jax
 import numpy as np
 
 import kvjax
+from kvjax import registry
 from kvjax.cache.env import KVCacheEnv
-from kvjax.validation import (
-    ArgumentParser,
-    check_writable_file,
-    fail,
-    positive_int,
-    real_arg,
-    seed_arg,
-)
+from kvjax.stats import mean_ci
+from kvjax.validation import ArgumentParser, check_writable_file, fail, positive_int, seed_arg
 
 EVAL_SEED = 1_000_003  # never a training seed
-Z95 = 1.959964
-
-
-def mean_ci(x: np.ndarray) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95% interval."""
-    x = np.asarray(x, np.float64)
-    if x.size < 2:
-        return float(x.mean()), float("nan")
-    return float(x.mean()), float(Z95 * x.std(ddof=1) / math.sqrt(x.size))
 
 
 def baseline_policies(include_oracle: bool = True) -> dict[str, Any]:
@@ -195,24 +180,33 @@ def serve_summary(res: dict[str, Any]) -> dict[str, Any]:
                 for k, v in r.items() if np.ndim(v) == 1} for p, r in res.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from train.ppo import load_policy, make_env, make_policy
+def build_parser() -> ArgumentParser:
+    """`python -m train.evaluate`'s arguments: the evaluation's, then each env's."""
+    from train.agents import agent_class
 
     ap = ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="policy.msgpack or checkpoint.msgpack of a train.ppo run")
     ap.add_argument("--seed-index", type=int, default=None,
                     help="which seed of a seed-batched training checkpoint (needed when it "
                     "holds several)")
-    ap.add_argument("--difficulty", nargs="+", default=["hard", "medium"],
-                    choices=list(kvjax.DIFFICULTIES))
-    ap.add_argument("--num-scenarios", type=positive_int, default=1024)
-    ap.add_argument("--eval-seed", type=seed_arg, default=EVAL_SEED)
+    ap.add_argument("--num-scenarios", type=positive_int, default=1024,
+                    help="held-out scenarios per setting (default: 1,024)")
+    ap.add_argument("--eval-seed", type=seed_arg, default=EVAL_SEED,
+                    help="root seed of the held-out scenarios (default: never a training seed)")
     ap.add_argument("--sample", action="store_true", help="sample actions instead of greedy")
-    ap.add_argument("--no-oracle", action="store_true", help="skip the (slow) oracle")
+    ap.add_argument("--no-oracle", action="store_true",
+                    help="skip the (slow) policies that read the future")
     ap.add_argument("--out", default=None, help="write the markdown table here (and .json)")
-    ap.add_argument("--load", type=real_arg(0.0, lo_open=True), nargs="+", default=None,
-                    help="kv-serve-v0: offered loads to evaluate at (default: the training "
-                    "load)")
+    for env_id in registry.env_ids():  # each env's options, for its checkpoints
+        agent_class(env_id).add_eval_options(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.agents import agent_class
+    from train.ppo import load_policy
+
+    ap = build_parser()
     try:
         a = ap.parse_args(argv)
     except SystemExit as e:
@@ -225,30 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             check_writable_file(a.out, "--out")
             check_writable_file(os.path.splitext(a.out)[0] + ".json", "--out (its .json)")
         config, net_params = load_policy(a.checkpoint, a.seed_index)
-        if config.env == "kv-serve-v0":
-            import dataclasses
-
-            envs = {}
-            for load in a.load or [config.load]:
-                cfg = dataclasses.replace(config, load=load)
-                envs[load] = make_env(cfg)
+        agent = agent_class(config.env)
+        envs = agent.eval_envs(a, config)
     except (ValueError, OSError, KeyError) as e:
         return fail(prog, str(e))
-    if config.env == "kv-serve-v0":
-        parts, js = [], {}
-        for load, env in envs.items():
-            pols = {"ppo": make_policy(net_params, config, greedy=not a.sample, env=env)}
-            pols.update(serve_baselines(env, include_offline=not a.no_oracle))
-            res = evaluate_serve(pols, env, env.default_params, a.num_scenarios, a.eval_seed)
-            parts.append(serve_table(res, title=f"{config.preset}, {config.workload}, load "
-                                     f"{load:g} "))
-            js[f"load={load:g}"] = serve_summary(res)
-        return _write(a.out, "\n".join(parts), js)
-    env = KVCacheEnv()
-    pols = {"ppo": make_policy(net_params, config, greedy=not a.sample, env=env)}
-    pols.update(baseline_policies(include_oracle=not a.no_oracle))
-    res = evaluate(pols, a.difficulty, a.num_scenarios, a.eval_seed, env)
-    return _write(a.out, table(res), summary(res))
+    return _write(a.out, *agent.evaluate_checkpoint(a, config, net_params, envs))
 
 
 def _write(out: str | None, md: str, js: dict[str, Any]) -> int:

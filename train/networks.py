@@ -12,7 +12,7 @@ observation and the chosen prefix (`next_mask`), so a policy never wastes an act
 no-op. Later heads also see, per slot, which kinds earlier heads chose there.
 
 kv-serve-v0 (`ServeActorCritic`, last section): per-row encoders over the request and segment
-tables and per-row categorical heads over the priority values; train/agents.py wraps both
+tables and per-row categorical heads over the priority values; train/agents/ wraps both
 networks with their action distributions.
 """
 

@@ -4,7 +4,7 @@ jittable function (rollout, GAE, epochs and minibatches are nested `lax.scan`s),
 
 Any kvjax env (`config.env`): kv-cache-v0 or kv-serve-v0. What depends on the env's actions -
 the network, the action distribution's log-prob / entropy / sampling, what a policy observes -
-is the agent object of train/agents.py; this file is the same PPO for both.
+is the agent object of train/agents/; this file is the same PPO for both.
 
 Rollouts. kv-cache-v0 (episodic agent): every update plays one full episode (`episode_len`
 steps) in each of `num_envs` scenarios drawn fresh with `env.reset_env`, stepping with
@@ -46,9 +46,7 @@ from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import kvjax
-from kvjax.cache import rewards
-from kvjax.cache.env import KVCacheEnv
+from kvjax import registry
 from kvjax.validation import (
     ArgumentParser,
     Spec,
@@ -60,10 +58,9 @@ from kvjax.validation import (
     seed_arg,
 )
 from train import checkpoint
-from train.agents import ENV_IDS, make_agent
+from train.agents import agent_class, make_agent
+from train.agents.cache import TRAIN_DIFFICULTIES
 
-# Training difficulty: a kvjax tier, or "medium+hard" (half the envs each).
-TRAIN_DIFFICULTIES = ("easy", "medium", "hard", "all", "medium+hard")
 # The allowed values of PPOConfig's real-valued hyperparameters (all finite).
 REAL_SPECS = {
     "lr": Spec(0.0, lo_open=True),
@@ -99,7 +96,7 @@ class PPOConfig:
     hidden: int = 16
     attention: bool = False
     shard: bool = True  # shard the env batch over local devices when there are several
-    env: str = "kv-cache-v0"  # ENV_IDS
+    env: str = "kv-cache-v0"  # a registered env id (kvjax.registry) with a PPO agent
     # kv-serve-v0 only: the env is kvjax.make("kv-serve-v0", preset=, workload=, load=,
     # **serve_params) (serve_params: ServeParams overrides, e.g. horizon, gpu_pool_tokens), and
     # each update takes num_steps env steps in each of num_envs envs.
@@ -110,8 +107,8 @@ class PPOConfig:
     num_steps: int = 64
 
     def __post_init__(self):
-        if self.env not in ENV_IDS:
-            raise ValueError(f"unknown env {self.env!r}; allowed: {list(ENV_IDS)}")
+        if self.env not in registry.env_ids():
+            raise ValueError(f"unknown env {self.env!r}; allowed: {list(registry.env_ids())}")
         if not isinstance(self.serve_params, dict) or not all(
                 isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
                 for k, v in self.serve_params.items()):
@@ -193,7 +190,7 @@ class Trainer(NamedTuple):
     rollout: Any  # (TrainState, key, env carry) -> (traj [T, N], final obs [N], final
     # state [N] (episodic) or EnvCarry)
     learn: Any  # (TrainState, (traj, adv, targets) flat [T*N], key) -> (TrainState, aux)
-    agent: Any = None  # train/agents.py
+    agent: Any = None  # train/agents/
 
 
 def gae(rewards_, values, next_values, terminated, truncated, gamma: float, lam: float):
@@ -215,12 +212,6 @@ def gae(rewards_, values, next_values, terminated, truncated, gamma: float, lam:
     return adv, adv + values
 
 
-def _env_difficulties(config: PPOConfig) -> np.ndarray:
-    if config.difficulty == "medium+hard":
-        return np.where(np.arange(config.num_envs) % 2 == 0, 1, 2).astype(np.int32)
-    return np.full(config.num_envs, kvjax.difficulty_index(config.difficulty), np.int32)
-
-
 def make_optimizer(config: PPOConfig, num_updates: int) -> optax.GradientTransformation:
     """clip_by_global_norm then Adam with a linearly annealed (or constant) learning rate."""
     n = max(num_updates * config.update_epochs * config.num_minibatches, 1)
@@ -229,12 +220,8 @@ def make_optimizer(config: PPOConfig, num_updates: int) -> optax.GradientTransfo
 
 
 def make_env(config: PPOConfig):
-    """The env `config` trains on (kv-serve-v0's arguments are validated by kvjax.make)."""
-    if config.env == "kv-serve-v0":
-        env, _ = kvjax.make("kv-serve-v0", preset=config.preset, workload=config.workload,
-                            load=config.load, **config.serve_params)
-        return env
-    return KVCacheEnv()
+    """The env `config` trains on (its agent class builds it from the config)."""
+    return agent_class(config.env).make_env(config)
 
 
 def make_trainer(config: PPOConfig, env=None) -> Trainer:
@@ -251,11 +238,8 @@ def make_trainer(config: PPOConfig, env=None) -> Trainer:
     steps_per_update = T * N
     num_updates = max(config.total_steps // steps_per_update, 1)
     env_params = env.default_params
-    if agent.episodic:
-        difficulties = jnp.asarray(_env_difficulties(config))
-        env_step = env.step_env  # episodes end with the update: no auto-reset needed
-    else:
-        env_step = env.step
+    # Episodic agents' episodes end with the update: no auto-reset needed.
+    env_step = env.step_env if agent.episodic else env.step
     tx = make_optimizer(config, num_updates)
 
     devices = jax.local_devices()
@@ -270,12 +254,7 @@ def make_trainer(config: PPOConfig, env=None) -> Trainer:
         return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
 
     def reset(key):
-        keys = jax.random.split(key, N)
-        if agent.episodic:
-            return jax.vmap(lambda k, d: env.reset_env(k, env_params.replace(difficulty=d)))(
-                keys, difficulties
-            )
-        return jax.vmap(env.reset_env, in_axes=(0, None))(keys, env_params)
+        return agent.reset(jax.random.split(key, N), env_params, config)
 
     def init(key: chex.PRNGKey) -> Runner:
         k_net, k_obs, key = jax.random.split(key, 3)
@@ -364,33 +343,6 @@ def make_trainer(config: PPOConfig, env=None) -> Trainer:
 
         return jax.lax.scan(epoch, ts, jax.random.split(key, config.update_epochs))
 
-    def episodic_metrics(final_state):
-        """kv-cache-v0: the rubric of every episode (all end with the update)."""
-        rub = jax.vmap(rewards.rubric, in_axes=(0, None))(final_state, env_params)
-        tier = final_state.tier
-        metrics = {f"rubric/{k}": v.mean() for k, v in rub.items()}
-        metrics["return"] = rub["total"].mean()
-        for i, name in enumerate(kvjax.DIFFICULTIES[:3]):
-            m = tier == i
-            metrics[f"return/{name}"] = jnp.where(
-                jnp.any(m), jnp.sum(jnp.where(m, rub["total"], 0.0)) / jnp.maximum(m.sum(), 1),
-                jnp.nan,
-            )
-        metrics["failures"] = final_state.counters.failures.mean().astype(jnp.float32)
-        metrics["invalid_actions"] = final_state.counters.invalid_actions.sum().astype(
-            jnp.float32)
-        return metrics
-
-    def continuing_metrics(carry: EnvCarry):
-        """kv-serve-v0: the mean return (= score) of the episodes that ended in this update
-        (NaN if none did), and the invalid commands so far in the running episodes."""
-        n = carry.ended.sum()
-        return {
-            "return": jnp.where(n > 0, carry.ended_return.sum() / jnp.maximum(n, 1), jnp.nan),
-            "episodes": n.astype(jnp.float32),
-            "invalid_actions": carry.state.metrics.invalid_commands.sum().astype(jnp.float32),
-        }
-
     def update(runner: Runner, _=None):
         ts, key, n, carry = runner
         key, k_roll, k_perm = jax.random.split(key, 3)
@@ -409,11 +361,8 @@ def make_trainer(config: PPOConfig, env=None) -> Trainer:
         flat = lambda x: x.reshape((T * N,) + x.shape[2:])  # noqa: E731
         ts, aux = learn(ts, jax.tree_util.tree_map(flat, (traj, adv, targets)), k_perm)
         metrics = {k: v.mean() for k, v in aux.items()}
-        if agent.episodic:
-            metrics.update(episodic_metrics(final))
-            return Runner(ts, key, n + 1, carry), metrics
-        metrics.update(continuing_metrics(final))
-        return Runner(ts, key, n + 1, final), metrics
+        metrics.update(agent.metrics(final))
+        return Runner(ts, key, n + 1, carry if agent.episodic else final), metrics
 
     def run(runner: Runner, n: int):
         return jax.lax.scan(update, runner, None, length=n)
@@ -571,35 +520,34 @@ def force_cpu_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tqdm import tqdm
-
+def build_parser() -> ArgumentParser:
+    """`python -m train.ppo`'s arguments: the run's, then each env's (its agent's)."""
     ap = ArgumentParser(prog="python -m train.ppo", description=__doc__.split("\n")[0])
-    ap.add_argument("--env", default="kv-cache-v0", choices=ENV_IDS)
-    ap.add_argument("--difficulty", default="hard", choices=TRAIN_DIFFICULTIES,
-                    help="kv-cache-v0 tier(s)")
-    serve = ap.add_argument_group("kv-serve-v0 (with --env kv-serve-v0)")
-    serve.add_argument("--preset", default=PPOConfig.preset)
-    serve.add_argument("--workload", default=PPOConfig.workload)
-    serve.add_argument("--load", type=real_arg(0.0, lo_open=True), default=PPOConfig.load,
-                       help="offered load as a fraction of the preset's capacity")
-    serve.add_argument("--set", nargs="+", default=[], metavar="NAME=NUMBER",
-                       help="ServeParams overrides, e.g. horizon=60 gpu_pool_tokens=40000")
-    serve.add_argument("--num-steps", type=positive_int, default=PPOConfig.num_steps,
-                       help="env steps per env per update")
+    env_ids = registry.env_ids()
+    ap.add_argument("--env", default=registry.DEFAULT_ENV_ID, choices=env_ids,
+                    help=f"the env to train on (default: {registry.DEFAULT_ENV_ID})")
+    for env_id in env_ids:
+        agent_class(env_id).add_train_options(ap)
     ap.add_argument("--total-steps", type=positive_int, default=2_000_000,
                     help="env steps per seed")
-    ap.add_argument("--num-envs", type=positive_int, default=PPOConfig.num_envs)
+    ap.add_argument("--num-envs", type=positive_int, default=PPOConfig.num_envs,
+                    help=f"envs stepped in parallel per seed (default: {PPOConfig.num_envs})")
     ap.add_argument("--seeds", type=positive_int, default=None,
                     help="seeds trained at once (vmap); default 1, or the checkpoint's with "
                     "--resume (a different count is an error)")
     ap.add_argument("--seed", type=seed_arg, default=0, help="in [0, 2**32)")
-    ap.add_argument("--lr", type=real_arg(0.0, lo_open=True), default=PPOConfig.lr)
-    ap.add_argument("--epochs", type=positive_int, default=PPOConfig.update_epochs)
-    ap.add_argument("--minibatches", type=positive_int, default=PPOConfig.num_minibatches)
-    ap.add_argument("--ent-coef", type=real_arg(0.0), default=PPOConfig.ent_coef)
-    ap.add_argument("--hidden", type=positive_int, default=PPOConfig.hidden)
-    ap.add_argument("--attention", action="store_true")
+    ap.add_argument("--lr", type=real_arg(0.0, lo_open=True), default=PPOConfig.lr,
+                    help=f"Adam learning rate, annealed linearly to 0 (default: {PPOConfig.lr})")
+    ap.add_argument("--epochs", type=positive_int, default=PPOConfig.update_epochs,
+                    help=f"passes over each update's batch (default: {PPOConfig.update_epochs})")
+    ap.add_argument("--minibatches", type=positive_int, default=PPOConfig.num_minibatches,
+                    help=f"minibatches per pass (default: {PPOConfig.num_minibatches})")
+    ap.add_argument("--ent-coef", type=real_arg(0.0), default=PPOConfig.ent_coef,
+                    help=f"entropy bonus weight (default: {PPOConfig.ent_coef})")
+    ap.add_argument("--hidden", type=positive_int, default=PPOConfig.hidden,
+                    help=f"width of the network's layers (default: {PPOConfig.hidden})")
+    ap.add_argument("--attention", action="store_true",
+                    help="kv-cache-v0: self-attention across slots in the actor-critic")
     ap.add_argument("--log-every", type=positive_int, default=5, help="updates per jitted chunk")
     ap.add_argument("--cpu-devices", type=positive_int, default=1,
                     help="XLA CPU devices to shard the env batch over (e.g. the core count)")
@@ -609,6 +557,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default=None,
                     help="training checkpoint to continue from (its config is used; only "
                     "--total-steps may change)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    ap = build_parser()
     try:
         a = ap.parse_args(argv)
     except SystemExit as e:
@@ -633,18 +588,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             a.seeds = a.seeds or 1
             config = PPOConfig(
-                difficulty=a.difficulty, num_envs=a.num_envs, total_steps=a.total_steps,
-                update_epochs=a.epochs, num_minibatches=a.minibatches, lr=a.lr,
-                ent_coef=a.ent_coef, hidden=a.hidden, attention=a.attention, env=a.env,
-                preset=a.preset, workload=a.workload, load=a.load,
-                serve_params=parse_set(a.set), num_steps=a.num_steps,
+                num_envs=a.num_envs, total_steps=a.total_steps, update_epochs=a.epochs,
+                num_minibatches=a.minibatches, lr=a.lr, ent_coef=a.ent_coef, hidden=a.hidden,
+                attention=a.attention, env=a.env, **agent_class(a.env).config_options(a),
             )
             runner = None
         trainer = make_trainer(config)
     except (ValueError, OSError) as e:
         return fail("python -m train.ppo", str(e))
 
-    what = config.difficulty if config.env == "kv-cache-v0" else f"serve-{config.workload}"
+    what = trainer.agent.run_name(config)
     out = a.out or os.path.join("runs", f"ppo-{what}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -676,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
                 timed_s += dt
             done, first = done + n, False
             row = {k: np.asarray(v)[:, -1].tolist() for k, v in m.items()}  # [seeds]
-            if config.env != "kv-cache-v0":  # episodes end in some updates only: chunk mean
+            if not trainer.agent.episodic:  # episodes end in some updates only: chunk mean
                 ended = np.asarray(m["episodes"])
                 ret = np.nan_to_num(np.asarray(m["return"])) * ended
                 row["return"] = np.where(ended.sum(1) > 0, ret.sum(1) / np.maximum(
@@ -701,9 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     best = int(np.argmax(np.nan_to_num(final, nan=-np.inf)))
     save_policy(os.path.join(out, "policy.msgpack"), policy_params(runner, best), config)
     if rows:
-        _plot(rows, os.path.join(out, "learning_curve.png"),
-              "mean episode rubric total" if config.env == "kv-cache-v0"
-              else "mean episode score (goodput / offered)")
+        _plot(rows, os.path.join(out, "learning_curve.png"), trainer.agent.return_label)
     summary = dict(out=out, updates=done, env_steps_per_seed=done * trainer.steps_per_update,
                    final_return=final.tolist(), best_seed=best,
                    steps_per_s=round(timed_steps / timed_s) if timed_s else None)

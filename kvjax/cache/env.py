@@ -13,10 +13,16 @@ import numpy as np
 from kvjax import spaces
 from kvjax.base import Environment
 from kvjax.cache import dynamics, observations, rewards, scenarios
-from kvjax.cache.types import ACTION_KINDS, DIFFICULTIES, EnvConfig, EnvParams, EnvState
-from kvjax.validation import batch_layout, check_single
-
-ENV_IDS = ("kv-cache-v0", "kv-serve-v0")
+from kvjax.cache import rollout as cache_rollout
+from kvjax.cache.types import (
+    ACTION_KINDS,
+    DIFFICULTIES,
+    PARAM_SPECS,
+    EnvConfig,
+    EnvParams,
+    EnvState,
+)
+from kvjax.validation import batch_layout, check_fields, check_single
 
 
 class KVCacheEnv(Environment):
@@ -173,6 +179,19 @@ class KVCacheEnv(Environment):
     def decode_action(self, action_id: int) -> tuple[str, int]:
         return decode_action(action_id, self.config.max_seqs)
 
+    # -- the rollout engine ------------------------------------------------------------------
+    def episodes(self, policy, key, index, params, return_trajectory=False) -> dict[str, Any]:
+        """`episode_len` steps per scenario of the micro-batch `index` (kvjax/cache/rollout.py)."""
+        return cache_rollout.episodes(policy, self, key, index, params, return_trajectory)
+
+    def check_params(self, params: EnvParams) -> None:
+        """ValueError unless `params` is an EnvParams whose concrete values are in range (also
+        values set by tree_map & co., which construction does not see)."""
+        if not isinstance(params, EnvParams):
+            raise ValueError(f"params must be EnvParams for {self.name}, got "
+                             f"{type(params).__name__}")
+        check_fields("EnvParams", params, PARAM_SPECS)
+
 
 @functools.cache
 def _auto_reset(cfg: EnvConfig):
@@ -231,18 +250,9 @@ def decode_action(action_id: int, max_seqs: int) -> tuple[str, int]:
     return ACTION_KINDS[k + 1], slot
 
 
-def make(env_id: str = "kv-cache-v0", difficulty: str = "all", **config: Any):
-    """`env, params = make("kv-cache-v0", difficulty="medium")` or
-    `make("kv-serve-v0", preset="toy", engine="vllm", load=0.8, ...)` (kvjax.serve.make)."""
-    if env_id not in ENV_IDS:
-        raise ValueError(f"unknown env id {env_id!r}; allowed: {list(ENV_IDS)}")
-    if env_id == "kv-serve-v0":
-        from kvjax.serve.env import make as make_serve
-
-        if difficulty != "all":
-            raise ValueError("kv-serve-v0 has no difficulty tiers; set preset, engine, "
-                             "workload and load instead")
-        return make_serve(**config)
+def make(difficulty: str = "all", **config: Any) -> tuple[KVCacheEnv, EnvParams]:
+    """`env, params = make(difficulty="medium", max_seqs=16)` (kvjax.make("kv-cache-v0", ...)):
+    config overrides of EnvConfig, the tier as a param."""
     env = KVCacheEnv(**config)
     return env, env.default_params.replace(difficulty=difficulty_index(difficulty))
 

@@ -42,6 +42,8 @@ from kvjax.cache.types import (
     EnvParams,
     EnvState,
 )
+from kvjax.stats import Z
+from kvjax.stats import mean_ci as stats_mean_ci
 
 THRESHOLDS = (0.8, 0.95, 1.0)  # the headroom score's usage levels (dynamics.HEADROOM_LEVELS)
 THRESHOLD_STYLES = {
@@ -131,16 +133,10 @@ def _check_trajectory(states: EnvState) -> EnvState:
 
 def mean_ci(x: Any, confidence: float = 0.95) -> tuple[float, float]:
     """Mean and the half-width of its normal-approximation confidence interval (1.96 x SEM at
-    95%; 0 for a single value). NaNs are ignored."""
-    if confidence not in (0.9, 0.95, 0.99):
-        raise ValueError(f"confidence must be one of [0.9, 0.95, 0.99], got {confidence!r}")
-    z = {0.9: 1.6449, 0.95: 1.9600, 0.99: 2.5758}[confidence]
-    x = np.asarray(x, np.float64).ravel()
-    x = x[~np.isnan(x)]
-    if x.size == 0:
-        return float("nan"), float("nan")
-    half = z * x.std(ddof=1) / math.sqrt(x.size) if x.size > 1 else 0.0
-    return float(x.mean()), float(half)
+    95%; 0 for a single value): `kvjax.stats.mean_ci` with NaNs left out."""
+    if confidence not in Z:
+        raise ValueError(f"confidence must be one of {sorted(Z)}, got {confidence!r}")
+    return stats_mean_ci(x, Z[confidence], skip_nan=True)
 
 
 # -- episode views -----------------------------------------------------------------------------

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import spaces
-from kvjax.base import Environment
+from kvjax.base import Environment, normalize_params
 from kvjax.serve import actions, engine, metrics, observations, replay, traces
+from kvjax.serve import rollout as serve_rollout
 from kvjax.serve import workload as workloads
 from kvjax.serve.capacity import arrival_rate_at, capacity_rps
 from kvjax.serve.presets import PRESETS
@@ -57,6 +58,19 @@ class ServeEnv(Environment):
     @property
     def default_params(self) -> ServeParams:
         return self._default_params
+
+    # -- the rollout engine ------------------------------------------------------------------
+    def episodes(self, policy, key, index, params, return_trajectory=False) -> dict[str, Any]:
+        """Each scenario of the micro-batch `index` until its clock reaches the horizon
+        (kvjax/serve/rollout.py)."""
+        return serve_rollout.episodes(policy, self, key, index, params, return_trajectory)
+
+    def max_micro_batch(self, backend: str) -> int:
+        """8,192 / max_requests on CPU (2**20 / max_requests elsewhere): a step holds [S, S]
+        order matrices, which then stay in a core's cache - toy at batch 4,096 on two cores ran
+        168-184K engine iterations/s with micro-batches of 64 or 128 against 136K with 256 and
+        105K with 512 (docs/serving-benchmarks.md)."""
+        return max(1, (8192 if backend == "cpu" else 2**20) // self.config.max_requests)
 
     def action_space(self, params: ServeParams | None = None) -> spaces.Dict:
         cfg, L = self.config, self.config.priority_levels
@@ -348,13 +362,3 @@ def make(
                 f"got {float(p.horizon):g}"
             )
     return ServeEnv(cfg, p), p
-
-
-def normalize_params(params: ServeParams) -> ServeParams:
-    """Every field as a strongly typed int32 / float32 array (by its default's type), so jitted
-    functions see one signature whatever Python numbers a caller passed (no retracing)."""
-    out = {}
-    for field in dataclasses.fields(params):
-        dtype = jnp.int32 if isinstance(field.default, int) else jnp.float32
-        out[field.name] = jnp.asarray(getattr(params, field.name), dtype)
-    return params.replace(**out)

@@ -50,10 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.rollout import play_until_truncated, scenario_keys
+from kvjax.rollout import scenario_keys
 from kvjax.serve import replay, workload
 from kvjax.serve.capacity import arrival_rate_at
 from kvjax.serve.env import ServeEnv
+from kvjax.serve.rollout import play_until_truncated
 from kvjax.serve.types import EMPTY, ServeConfig, ServeParams, ServeState
 
 Z95 = 1.96

@@ -33,7 +33,8 @@ def add_eval_llm_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--api-key-var", default="OPENAI_API_KEY",
                    help="environment variable holding the endpoint's API key")
     p.add_argument("--policy", help="a kvjax policy name instead of a model")
-    p.add_argument("--difficulty", default="all", choices=DIFFICULTY_CHOICES)
+    p.add_argument("--difficulty", default="all", choices=DIFFICULTY_CHOICES,
+                   help="the tier of the scenarios (default: all)")
     p.add_argument("--num-examples", "-n", type=positive_int, default=5,
                    help="scenarios 0..n-1")
     p.add_argument("--seed", type=seed_arg, default=42,
