@@ -118,25 +118,6 @@ def test_first_of_equal_forms_equal_the_plain_definition(n, seed):
         np.testing.assert_array_equal(np.asarray(got), expected, err_msg=method)
 
 
-def test_materialize_is_the_identity_bit_for_bit():
-    """ops.materialize (a reduction that stops XLA's CPU fusion from recomputing a vector per
-    element of its consumer) returns its input exactly: ints, bools, floats with -0.0, inf,
-    NaN and denormals, eagerly, under jit and under vmap."""
-    rng = np.random.default_rng(0)
-    ints = jnp.asarray(rng.integers(-(2**31), 2**31 - 1, (3, 17)), jnp.int32)
-    bools = jnp.asarray(rng.random((3, 17)) < 0.5)
-    special = [-0.0, 0.0, np.inf, -np.inf, np.nan, 1e-45, -3.4e38, 1.5]
-    floats = jnp.asarray(np.concatenate([special, rng.normal(size=43)]).reshape(3, 17), jnp.float32)
-    for x in (ints, bools, floats):
-        for f in (ops.materialize, jax.jit(ops.materialize), jax.vmap(ops.materialize)):
-            y = f(x)
-            assert y.dtype == x.dtype and y.shape == x.shape
-            a, b = np.asarray(x), np.asarray(y)
-            if a.dtype == np.float32:
-                a, b = a.view(np.int32), b.view(np.int32)
-            np.testing.assert_array_equal(a, b)
-
-
 def test_order_any_before_equals_the_plain_definition():
     """Order.any_before (a count in the order, both forms) equals: some row before it in the
     argsort order has the flag."""

@@ -27,7 +27,6 @@ import numpy as np
 from kvjax.cache.layout import (
     gather_rows,
     lead,
-    materialize,
     once,
     prefix_sum,
     schedule_row,
@@ -445,7 +444,6 @@ __all__ = [
     "gather_rows",
     "headroom_score",
     "lead",
-    "materialize",
     "prefix_sum",
     "progress",
     "quality_of",

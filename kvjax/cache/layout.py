@@ -11,18 +11,19 @@ with a plain-`jnp` form (`PLAIN`) that `tests/test_layout.py` proves equal on bo
 Reductions run over axis 0 and per-scenario scalars broadcast from the right, so one code path
 serves both. Why each idiom (measured on a 2-core x86 CPU, docs/dynamics.md section 8):
 `prefix_sum` is a triangular matmul (`jnp.cumsum` lowers to a reduce-window, ~3x slower under
-vmap); `materialize` stops XLA's CPU backend from re-fusing a producer into every reader;
+vmap); `once` (`kvjax.xla.barrier`) stops XLA's CPU backend from re-fusing a producer into
+every reader;
 `gather_rows` / `pick` / `schedule_row` are selects (XLA's CPU gather runs element by element);
 `slot_sum` sums integers in float32 batch-trailing (vectorised; exact below 2^24).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import chex
 import jax
 import jax.numpy as jnp
+
+from kvjax.xla import barrier
 
 
 def lead(v: chex.Array, like: chex.Array) -> chex.Array:
@@ -45,25 +46,11 @@ def prefix_sum(x: chex.Array) -> chex.Array:
     return jnp.tensordot(jnp.tril(jnp.ones((n, n), jnp.float32)), x, axes=1, precision=hi)
 
 
-def materialize(x: Any) -> Any:
-    """`x` (an array or a pytree of arrays) computed once, into its own buffers, before any
-    reader uses it.
-
-    XLA's CPU backend fuses a producer into every loop that reads it and recomputes it there
-    (per slot for a per-scenario value, per reduction for a per-slot one). Behind an
-    optimization barrier the producer is fused on its own and its readers load the result (the
-    barrier itself is gone from the compiled program; the value_aware rollout's step has 183
-    fusions instead of 215). It replaced an identity matmul over the leading axis, which did
-    the same at the cost of a small GEMM per use (and only for values exact in float32): same
-    results, the value_aware rollout 1.09-1.21x faster; without either, 0.85x
-    (docs/benchmarks.md)."""
-    return jax.lax.optimization_barrier(x)
-
-
 def once(x: chex.Array) -> chex.Array:
-    """`x` computed once and shared by all its readers: batch-trailing, `materialize`d; for one
-    scenario (under vmap) `x` itself (XLA fuses those readers well enough there)."""
-    return materialize(x) if x.ndim > 1 else x
+    """`x` computed once and shared by all its readers: batch-trailing, behind
+    `kvjax.xla.barrier`; for one scenario (under vmap) `x` itself (XLA fuses those readers well
+    enough there)."""
+    return barrier(x) if x.ndim > 1 else x
 
 
 def gather_rows(table: dict[str, chex.Array], index: chex.Array, n: int) -> dict[str, chex.Array]:
@@ -75,12 +62,12 @@ def gather_rows(table: dict[str, chex.Array], index: chex.Array, n: int) -> dict
     a whole value_aware rollout against one gather per column; one scenario under vmap: the
     whole step ~1.3x faster than one packed row gather, 9.1 vs 12.2 ms per step of 4,096
     scenarios, same process). Batch-trailing (no vmap, so a branch is a real branch), the index
-    is materialised once (not re-derived for every column: see `materialize`) and the select
+    is materialised once (not re-derived for every column: see `kvjax.xla.barrier`) and the select
     runs over only the first 4, 8, ... rows when no scenario of the batch reads past
     them: admission reads rows below the step's admissions, 4-8 of 16 in most steps of a
     256-scenario micro-batch (the value_aware rollout ~1.05x, same results)."""
     if index.ndim > 1:
-        index = materialize(jnp.where((index >= 0) & (index < n), index, -1))
+        index = barrier(jnp.where((index >= 0) & (index < n), index, -1))
     packed = jnp.stack(list(table.values()))  # [F, n, *batch]
 
     def select(rows: int) -> chex.Array:  # the first `rows` rows are all that index reads
@@ -158,11 +145,11 @@ def slot_any(x: chex.Array) -> chex.Array:
 
 def schedule_row(x: chex.Array, t: chex.Array, T: int) -> chex.Array:
     """Row `t` of an arrival-schedule field [T, K, *batch] (zeros once t >= T). Batch-trailing:
-    a T-way select, materialised once (see `materialize`) instead of being re-fused into, and
+    a T-way select, materialised once (see `kvjax.xla.barrier`) instead of being re-fused into, and
     recomputed by, every element of the queue that reads it."""
     if x.ndim == 2:  # one scenario: index it
         return jnp.where(t < T, x[jnp.minimum(t, T - 1)], jnp.zeros((), x.dtype))
-    return materialize(pick(x, t, T))
+    return barrier(pick(x, t, T))
 
 
 def _plain_gather_rows(table, index, n):
@@ -181,7 +168,6 @@ def _plain_pick(table, index, n):
 # The plain-jnp meaning of each idiom (what tests/test_layout.py checks them against).
 PLAIN = {
     "prefix_sum": lambda x: jnp.cumsum(x.astype(jnp.float32), axis=0),
-    "materialize": lambda x: x,
     "once": lambda x: x,
     "stack_last": lambda cols: jnp.stack([jnp.asarray(c, jnp.float32) for c in cols], axis=-1),
     "gather_rows": _plain_gather_rows,
@@ -201,7 +187,6 @@ __all__ = [
     "PLAIN",
     "gather_rows",
     "lead",
-    "materialize",
     "once",
     "pick",
     "prefix_sum",

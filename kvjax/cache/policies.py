@@ -87,7 +87,7 @@ _NEG = -1e30
 def batch_polymorphic(fn: Callable) -> Callable:
     """Mark a policy that also runs on batch-trailing states (kvjax.cache.dynamics): slots
     [S, *batch] in, actions [A, *batch] out, `key` one PRNG key per scenario. The rollout engine
-    then calls it on the whole batch without vmap (kvjax.rollout.episodes_trailing)."""
+    then calls it on the whole batch without vmap (kvjax.cache.rollout.episodes_trailing)."""
     fn.batch_polymorphic = True
     return fn
 
@@ -119,7 +119,7 @@ def _at(x: chex.Array, i: chex.Array) -> chex.Array:
 
 
 def _once(*per_slot: chex.Array) -> list[chex.Array]:
-    """The given per-slot arrays, each computed once (see kvjax.cache.layout.materialize): every
+    """The given per-slot arrays, each computed once (see kvjax.xla.barrier): every
     reduction of the greedy passes below would otherwise recompute the whole cost chain that
     produced them (batch-trailing only, as layout.once decides)."""
     return [once(x) for x in per_slot]

@@ -20,28 +20,10 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from kvjax.xla import materialize
+
 # Tables with more rows than this order their rows by sorting (see the module docstring).
 SORT_ABOVE = 128
-
-
-def materialize(x: chex.Array) -> chex.Array:
-    """`x` (an int, float or bool array) unchanged, computed once before its consumers.
-
-    An XLA-CPU idiom: the CPU backend's loop fusion pulls a vector's whole elementwise producer
-    chain into an [n, n] or [n, G] consumer that broadcasts it, and so recomputes the chain once
-    per element of the consumer - in the engine's admission rule ~128 ops per element of the
-    waiting order's [n, n] `any_before`, the largest fusion of an iteration (~20% of its time
-    in a profile of toy at batch 256). `lax.optimization_barrier` does not stop it (the CPU
-    pipeline removes barriers before fusion); a reduction does, since XLA's CPU backend does
-    not fuse a reduce into its consumers: `x` is summed with zeros over a new axis of two
-    (bit-exact: floats travel as their int bits). A 30-op chain broadcast to [64, 64] ran
-    18x faster with it in a micro-benchmark. The plain form is the identity."""
-    if x.dtype == jnp.bool_:
-        return jnp.sum(jnp.stack([x, jnp.zeros_like(x)]), axis=0, dtype=jnp.int32) > 0
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-        return jax.lax.bitcast_convert_type(materialize(bits), x.dtype)
-    return jnp.sum(jnp.stack([x, jnp.zeros_like(x)]), axis=0, dtype=x.dtype)
 
 
 def before_matrix(keys: Sequence[chex.Array], valid: chex.Array) -> chex.Array:
