@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench leaderboard notebooks clean
+.PHONY: demo test test-quick test-fast lint bench leaderboard notebooks clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ XDIST := -n auto --dist worksteal
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(XDIST)
 
-# The quick loop: everything but notebooks, training runs and multi-device subprocesses.
+# The quick loop while developing (tests/test_smoke.py): every module imports; every env makes,
+# steps, rolls out and trains one PPO update on tiny configs.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest tests -m quick $(XDIST)
+
+# Everything but notebooks, training runs and multi-device subprocesses.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow" $(XDIST)
 

@@ -6,6 +6,9 @@ Helpers (import them: `from conftest import assert_trees_equal, trees_equal`):
   both are 0); `trees_equal` (bool) and `assert_trees_equal` (raises naming the leaves).
 
 Every test module ends with `jax.clear_caches()` (`_release_compiled_programs`): see there why.
+Compiled programs persist on disk in build/jax-cache (`JAX_CACHE_DIR` below): a program that
+another module, another xdist worker or an earlier `make test` compiled is loaded, not compiled
+again. `KVJAX_TEST_JAX_CACHE=0` turns it off.
 
 Markers: `slow` (pyproject) - notebooks, training runs and multi-device subprocesses;
 `pytest -m "not slow"` (make test-fast) skips them, `make test` runs everything.
@@ -13,9 +16,20 @@ Markers: `slow` (pyproject) - notebooks, training runs and multi-device subproce
 
 from __future__ import annotations
 
-import jax
-import numpy as np
-import pytest
+import os
+from pathlib import Path
+
+# Before JAX is imported, so subprocesses the tests start (the CLI, notebooks) inherit it too.
+JAX_CACHE_DIR = Path(__file__).resolve().parents[1] / "build" / "jax-cache"
+if os.environ.get("KVJAX_TEST_JAX_CACHE", "1") != "0":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(JAX_CACHE_DIR))
+    # Only programs worth keeping: most of the suite's compile time is in a few hundred large
+    # ones (an env's rollout, a PPO update), not the thousands of small helpers.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def tree_mismatches(
