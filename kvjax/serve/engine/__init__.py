@@ -16,7 +16,8 @@ The phases and the rules they share, by module:
   `recompute_preempt`, `next_calls`);
 - blocks.py: blocks and segments (`ceil_blocks`, `pool_blocks`, `private_blocks`,
   `segment_blocks`, `evictable`, `memory`, ...);
-- rules.py: per-engine rules (`engine_is`, `running_order_keys`).
+- rules.py: per-engine rules (`engine_is`, `running_order_keys`, `preemption_room`, SGLang's
+  retract headroom and admission reserve, TRT's reservations).
 Every name other modules and tests use is re-exported here (`from kvjax.serve import engine`).
 """
 

@@ -15,14 +15,22 @@ from kvjax.serve.engine.blocks import (
     evictable,
     key_rows,
     memory,
-    on_gpu,
     private_blocks,
     resident,
     row_gather,
     segment_blocks,
     segment_refs,
 )
-from kvjax.serve.engine.rules import engine_is, running_order_keys
+from kvjax.serve.engine.rules import (
+    engine_is,
+    preemption_room,
+    running_order_keys,
+    sglang_admission_ok,
+    sglang_future,
+    sglang_retract_headroom,
+    trt_admission_ok,
+    trt_reservation,
+)
 from kvjax.serve.types import (
     LOADING,
     RUNNING,
@@ -136,20 +144,14 @@ def schedule(
     held_before, n_prior = sums(held, 1)  # (n_prior: waiting requests ahead in the queue)
     room = available
     if is_trt is not True:  # preempting every later request frees its blocks
-        held_run = jnp.sum(jnp.where(running, held, 0))
-        room = available + jnp.where(can_preempt, held_run - held_before - held, 0)
+        room = preemption_room(available, running, held, held_before, can_preempt)
     if is_sgl is not False:
         # SGLang retracts until every kept request has retract_tokens free for its next decodes;
         # and keeps new_token_ratio x (the remaining output, capped) free for every request.
-        future = jnp.minimum(
-            jnp.maximum(req.max_tokens - req.generated, 0), params.sglang_reserve_cap
-        )
+        future = sglang_future(req, params)
         kept_before, w_reserve_before = sums(1, future)
         shortage = jnp.sum(demand) > available
-        sgl_headroom = jnp.where(
-            is_sgl & shortage, ceil_blocks((kept_before + 1) * params.sglang_retract_tokens), 0
-        )
-        demand_incl = demand_incl + sgl_headroom
+        demand_incl = demand_incl + sglang_retract_headroom(kept_before, is_sgl & shortage, params)
     fits = demand_incl <= room
     kept = running & fits
     preempt = running & ~fits & can_preempt
@@ -182,20 +184,16 @@ def schedule(
     guard = True
     if is_trt is not False:
         # TRT (GUARANTEED_NO_EVICT): every request holds a reservation for prompt + max_tokens.
-        full = ceil_blocks(req.prompt + req.max_tokens - jnp.where(hit > 0, hit_tokens, 0))
-        reserved_running = jnp.sum(
-            jnp.where(on_gpu(req), ceil_blocks(req.prompt + req.max_tokens - attached), 0)
-        )
+        full = trt_reservation(req, hit, hit_tokens)
         pinned_or_used = jnp.sum(jnp.where(~evict_ok, seg_blocks, 0))
         _, full_before = sums(0, full)
-        trt_ok = reserved_running + full_before + full <= pool - pinned_or_used
+        trt_ok = trt_admission_ok(req, attached, full, full_before, pool, pinned_or_used)
         guard = jnp.where(is_trt, trt_ok, guard)
     if is_sgl is not False:
-        ratio = state.new_token_ratio
-        run_reserve = jnp.sum(jnp.where(running | (req.status == LOADING), future, 0))
-        w_reserve = w_reserve_before + future
-        sgl_reserve = ceil_blocks(jnp.ceil(ratio * (run_reserve + w_reserve)).astype(jnp.int32))
-        guard = jnp.where(is_sgl, cum_blocks + sgl_reserve <= adm_available, guard)
+        sgl_ok = sglang_admission_ok(
+            state.new_token_ratio, req, future, w_reserve_before, cum_blocks, adm_available
+        )
+        guard = jnp.where(is_sgl, sgl_ok, guard)
     ok = (
         waiting
         & (swapped | (w_tok > 0))
