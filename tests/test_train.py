@@ -397,7 +397,9 @@ def test_evaluate_reads_both_checkpoint_kinds_train_ppo_writes(tmp_path, trainer
     err = capsys.readouterr().err
     assert "--seed-index" in err and len(err.strip().splitlines()) == 1
     # ... and with it (or a 1-seed file) the evaluation runs.
-    monkeypatch.setattr(evaluate, "baseline_policies", lambda include_oracle=True: {})
+    from train.agents import cache as cache_agent
+
+    monkeypatch.setattr(cache_agent, "baseline_policies", lambda include_oracle=True: {})
     out = tmp_path / "eval" / "table.md"
     assert evaluate.main([two, "--seed-index", "0", "--difficulty", "easy", "--num-scenarios",
                           "2", "--out", str(out)]) == 0

@@ -248,7 +248,8 @@ def test_ppo_cli_serve_bad_arguments_one_line_exit_2(argv, says, capsys, tmp_pat
 
 def test_serve_table_pairs_against_the_engine_default():
     """Hand-made results of 3 windows: the paired differences and the win share are exact."""
-    from train.evaluate import mean_ci, serve_table
+    from kvjax.stats import mean_ci
+    from train.agents.serve import serve_table
 
     def res(score):
         s = np.asarray(score, np.float64)
@@ -272,11 +273,12 @@ def test_evaluate_cli_on_a_serve_checkpoint(tmp_path, monkeypatch):
 
     from kvjax.serve.policies import make_policy as serve_policy
     from train import evaluate
+    from train.agents import serve as serve_agent
 
     trainer = make_trainer(CFG)
     path = str(tmp_path / "policy.msgpack")
     save_policy(path, jax.jit(trainer.init)(jax.random.PRNGKey(0)).train_state.params, CFG)
-    monkeypatch.setattr(evaluate, "serve_baselines", lambda env, include_offline=True: {
+    monkeypatch.setattr(serve_agent, "serve_baselines", lambda env, include_offline=True: {
         "engine_default": serve_policy("engine_default", env)})
     out = tmp_path / "eval.md"
     assert evaluate.main([path, "--num-scenarios", "2", "--out", str(out)]) == 0

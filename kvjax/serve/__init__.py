@@ -4,9 +4,12 @@
 
 Modules, one job each: types (pytrees, config, params), presets (scales and their constants),
 latency (iteration-latency model and its Vidur fit), workload (request streams), capacity
-(roofline load), ops (order statistics for XLA), engine (one iteration's rules), actions (the
-agent's interface and its validity rule), observations, metrics (score and serving metrics),
-env (the gymnax-style API), reference (the pure-Python oracle).
+(roofline load and the load <-> arrival-rate pair), traces and replay (trace workloads), ops
+(order statistics for XLA), engine/ (one iteration's rules, a module per phase), actions (the
+agent's interface and its validity rule), observations, metrics (score, SLOs and serving
+metrics), env (the gymnax-style API), policies, baselines and offline (the policies), reference
+(the pure-Python oracle), rollout (its episodes for the rollout engine), bench, leaderboard and
+sweep (documents and load sweeps), harness (what the generic harness needs: kvjax.registry).
 """
 
 from kvjax.serve.env import ENV_ID, ServeEnv, make, normalize_params, validate_params

@@ -13,6 +13,8 @@ import numpy as np
 import kvjax
 from kvjax.cache import rewards
 from kvjax.cache.env import KVCacheEnv
+from kvjax.stats import mean_ci
+from train.evaluate import EVAL_SEED, run_policies
 from train.networks import ActorCritic, dists
 
 # Training difficulty: a kvjax tier, or "medium+hard" (half the envs each).
@@ -104,15 +106,80 @@ class KVCacheAgent:
     @staticmethod
     def evaluate_checkpoint(a: argparse.Namespace, config, net_params, envs) -> tuple[str, dict]:
         """Every baseline and the learned policy on the held-out scenarios of each tier."""
-        from train import evaluate
         from train.ppo import make_policy
 
         env = envs[None]
         pols = {"ppo": make_policy(net_params, config, greedy=not a.sample, env=env)}
-        pols.update(evaluate.baseline_policies(include_oracle=not a.no_oracle))
-        res = evaluate.evaluate(pols, a.difficulty or ["hard", "medium"], a.num_scenarios,
-                                a.eval_seed, env)
-        return evaluate.table(res), evaluate.summary(res)
+        pols.update(baseline_policies(include_oracle=not a.no_oracle))
+        res = evaluate(pols, a.difficulty or ["hard", "medium"], a.num_scenarios, a.eval_seed,
+                       env)
+        return table(res), summary(res)
+
+
+# -- evaluation (python -m train.evaluate) ----------------------------------------------------
+def baseline_policies(include_oracle: bool = True) -> dict[str, Any]:
+    """name -> policy from kvjax.cache.policies (oracle last, when included)."""
+    from kvjax.cache import policies
+
+    names = [n for n in policies.POLICY_NAMES if include_oracle or n != "oracle"]
+    return {n: policies.POLICIES[n] for n in names}
+
+
+def evaluate(
+    policies: dict[str, Any], difficulties: list[str], num_scenarios: int,
+    eval_seed: int = EVAL_SEED, env: KVCacheEnv | None = None, progress: bool = True,
+) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """-> results[difficulty][policy] = rollout dict of per-scenario arrays."""
+    env = env or KVCacheEnv()
+    return {
+        diff: run_policies(
+            policies, env, env.default_params.replace(difficulty=kvjax.difficulty_index(diff)),
+            num_scenarios, eval_seed, progress, label=f"{diff:6s} ")
+        for diff in difficulties
+    }
+
+
+def table(results: dict[str, dict[str, dict[str, np.ndarray]]], learned: str = "ppo") -> str:
+    """Markdown comparison: mean total +- 95% CI, failures, and the learned policy's paired
+    difference to the best non-oracle baseline (and to the oracle)."""
+    lines = []
+    for diff, res in results.items():
+        n = len(next(iter(res.values()))["total"])
+        baselines = [p for p in res if p not in (learned, "oracle")]
+        best = max(baselines, key=lambda p: res[p]["total"].mean()) if baselines else None
+        lines += [f"### {diff} ({n} held-out scenarios)", "",
+                  "| policy | rubric total (mean ± 95% CI) | failures / episode | invalid |",
+                  "|---|---|---|---|"]
+        order = sorted(res, key=lambda p: -res[p]["total"].mean())
+        for p in order:
+            m, h = mean_ci(res[p]["total"])
+            f, _ = mean_ci(res[p]["total_failures_metric"])
+            tag = " (learned)" if p == learned else (" (reads the future)" if p == "oracle" else "")
+            tag += " (best baseline)" if p == best else ""
+            inv = int(np.sum(res[p].get("invalid_actions", 0)))
+            lines.append(f"| {p}{tag} | {m:.4f} ± {h:.4f} | {f:.3f} | {inv} |")
+        lines.append("")
+        if learned in res:
+            for ref in [best, "oracle"]:
+                if ref is None or ref not in res:
+                    continue
+                d, h = mean_ci(res[learned]["total"] - res[ref]["total"])
+                win = float(np.mean(res[learned]["total"] > res[ref]["total"]))
+                lines.append(f"- {learned} − {ref}: {d:+.4f} ± {h:.4f} (paired 95% CI); "
+                             f"{learned} better on {100 * win:.1f}% of scenarios")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def summary(results: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict[str, Any]:
+    """JSON-ready means and intervals of every rubric field."""
+    out: dict[str, Any] = {}
+    for diff, res in results.items():
+        out[diff] = {}
+        for p, r in res.items():
+            out[diff][p] = {k: dict(zip(("mean", "ci95"), mean_ci(v), strict=True))
+                            for k, v in r.items() if np.ndim(v) == 1}
+    return out
 
 
 def env_difficulties(config) -> np.ndarray:
@@ -122,4 +189,12 @@ def env_difficulties(config) -> np.ndarray:
     return np.full(config.num_envs, kvjax.difficulty_index(config.difficulty), np.int32)
 
 
-__all__ = ["TRAIN_DIFFICULTIES", "KVCacheAgent", "env_difficulties"]
+__all__ = [
+    "TRAIN_DIFFICULTIES",
+    "KVCacheAgent",
+    "baseline_policies",
+    "env_difficulties",
+    "evaluate",
+    "summary",
+    "table",
+]

@@ -11,10 +11,13 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import kvjax
 from kvjax.serve.env import ServeEnv
+from kvjax.stats import mean_ci
 from kvjax.validation import positive_int, real_arg
+from train.evaluate import run_policies
 from train.networks import ServeActorCritic, exponentials, request_rows, segment_rows
 
 
@@ -152,19 +155,82 @@ class ServeAgent:
     def evaluate_checkpoint(a: argparse.Namespace, config, net_params, envs) -> tuple[str, dict]:
         """The learned policy and every kv-serve-v0 policy on the same held-out windows of the
         training env, at each load."""
-        from train import evaluate
         from train.ppo import make_policy
 
         parts, js = [], {}
         for load, env in envs.items():
             pols = {"ppo": make_policy(net_params, config, greedy=not a.sample, env=env)}
-            pols.update(evaluate.serve_baselines(env, include_offline=not a.no_oracle))
-            res = evaluate.evaluate_serve(pols, env, env.default_params, a.num_scenarios,
-                                          a.eval_seed)
-            parts.append(evaluate.serve_table(
+            pols.update(serve_baselines(env, include_offline=not a.no_oracle))
+            res = run_policies(pols, env, env.default_params, a.num_scenarios, a.eval_seed)
+            parts.append(serve_table(
                 res, title=f"{config.preset}, {config.workload}, load {load:g} "))
-            js[f"load={load:g}"] = evaluate.serve_summary(res)
+            js[f"load={load:g}"] = serve_summary(res)
         return "\n".join(parts), js
 
 
-__all__ = ["ServeAgent"]
+# -- evaluation (python -m train.evaluate) ----------------------------------------------------
+SERVE_REFERENCE = "engine_default"
+SERVE_FUTURE_AWARE = ("belady_offline",)  # reads true output lengths / next uses: labelled
+
+
+def serve_baselines(env, include_offline: bool = True) -> dict[str, Any]:
+    """name -> policy for every kv-serve-v0 policy of SERVE_POLICY_NAMES."""
+    from kvjax.serve.policies import SERVE_POLICY_NAMES, make_policy
+
+    names = [n for n in SERVE_POLICY_NAMES if include_offline or n not in SERVE_FUTURE_AWARE]
+    return {n: make_policy(n, env) for n in names}
+
+
+def serve_table(res: dict[str, Any], learned: str = "ppo", title: str = "") -> str:
+    """Markdown: per policy the mean (± 95% CI) score, goodput, SLO attainment, hit rate,
+    p99 TTFT, preemptions/s and invalid commands, and the paired differences of score and
+    goodput against engine_default; then the learned policy against the best heuristic."""
+    n = len(next(iter(res.values()))["score"])
+    ref = res.get(SERVE_REFERENCE)
+    lines = [f"### {title}({n} held-out windows)", "",
+             "| policy | score | Δ score vs default (paired) | goodput req/s | Δ goodput vs "
+             "default (paired) | SLO attainment | hit rate | p99 TTFT s | preemptions/s | "
+             "invalid |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in sorted(res, key=lambda p: -res[p]["score"].mean()):
+        r = res[p]
+        tag = (" (learned)" if p == learned else
+               " (reads the future)" if p in SERVE_FUTURE_AWARE else "")
+        cells = [f"{p}{tag}", "{:.4f} ± {:.4f}".format(*mean_ci(r["score"]))]
+        cells.append("{:+.4f} ± {:.4f}".format(*mean_ci(r["score"] - ref["score"]))
+                     if ref is not None and p != SERVE_REFERENCE else "-")
+        cells.append("{:.3f} ± {:.3f}".format(*mean_ci(r["goodput"])))
+        cells.append("{:+.3f} ± {:.3f}".format(*mean_ci(r["goodput"] - ref["goodput"]))
+                     if ref is not None and p != SERVE_REFERENCE else "-")
+        cells += [f"{r['slo_attainment'].mean():.3f}", f"{r['hit_rate'].mean():.3f}",
+                  f"{r['p99_ttft'].mean():.2f}", f"{r['preemptions_per_s'].mean():.2f}",
+                  f"{int(np.sum(r['invalid_commands']))}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    heur = [p for p in res if p not in (learned, SERVE_REFERENCE, "random",
+                                        *SERVE_FUTURE_AWARE)]
+    best = max(heur, key=lambda p: res[p]["score"].mean()) if heur else None
+    if learned in res:
+        for other in [p for p in (SERVE_REFERENCE, best) if p in res]:
+            d, h = mean_ci(res[learned]["score"] - res[other]["score"])
+            win = float(np.mean(res[learned]["score"] > res[other]["score"]))
+            lines.append(f"- {learned} − {other}{' (best heuristic)' if other == best else ''}"
+                         f": score {d:+.4f} ± {h:.4f} (paired 95% CI); {learned} better on "
+                         f"{100 * win:.1f}% of windows")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def serve_summary(res: dict[str, Any]) -> dict[str, Any]:
+    """JSON-ready means and intervals of every episode metric, per policy."""
+    return {p: {k: dict(zip(("mean", "ci95"), mean_ci(v), strict=True))
+                for k, v in r.items() if np.ndim(v) == 1} for p, r in res.items()}
+
+
+__all__ = [
+    "SERVE_FUTURE_AWARE",
+    "SERVE_REFERENCE",
+    "ServeAgent",
+    "serve_baselines",
+    "serve_summary",
+    "serve_table",
+]
