@@ -50,7 +50,7 @@ def build_state(
             if row["target"] is None
             else row["target"]
         )
-        row.setdefault("priority", (cfg.priority_levels - 1) // 2)
+        row.setdefault("priority", cfg.default_priority)
         for k, v in row.items():
             fields[k][i] = v
     req = state.requests.replace(**{k: jnp.asarray(v) for k, v in fields.items()})

@@ -1,4 +1,4 @@
-"""`ServeEnv` (kv-serve-v0): the gymnax-1.0-style environment around serve/engine.py."""
+"""`ServeEnv` (kv-serve-v0): the gymnax-1.0-style environment around serve/engine/."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class ServeEnv(Environment):
         `command_mask` [num_command_ids] (observations.py). No true output lengths.
     Action: dict `request_priority` int32 [S], `segment_priority` int32 [G], `commands`
         int32 [A] (actions.py); all zeros = the engine default.
-    Step: the action, then `iterations_per_step` engine iterations (engine.py) - a control
+    Step: the action, then `iterations_per_step` engine iterations (engine/) - a control
         period of ~0.1-0.5 simulated seconds.
     Reward: the change of `metrics.score` - requests finished within both SLOs per request
         offered - so an episode's return is its goodput / offered rate.

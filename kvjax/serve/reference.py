@@ -3,7 +3,7 @@
 One scenario, written from the specification the way vLLM's scheduler is written - Python
 lists of requests, a running list in admission order, a waiting deque, loops that pop
 preemption victims from the tail of the running order and stop admitting at the first waiting
-request that fails - and independent of serve/engine.py's prefix-sum / order-matrix
+request that fails - and independent of serve/engine/'s prefix-sum / order-matrix
 formulation. It is the test oracle (tests/test_serve_reference.py) and the speed baseline.
 
     ref = ReferenceEngine.from_state(state, params, cfg)   # e.g. right after env.reset
@@ -34,8 +34,8 @@ The request stream is shared input: request attributes come from
 not the random draws). Times are np.float32 computed in the latency model's operation order,
 so the clocks agree with the JAX engine to float32 rounding of sums; integers agree exactly.
 
-Where docs/serving.md leaves a detail open, the reference follows engine.py (each such place
-is marked "engine.py:"): an offloaded request's place in the queue is fixed when the offload
+Where docs/serving.md leaves a detail open, the reference follows engine/ (each such place
+is marked "engine/:"): an offloaded request's place in the queue is fixed when the offload
 is commanded; several loads admitted in one iteration finish at link start + their cumulative
 bytes / PCIe; the segments touched for LRU and the evictable leaves an insert may take (see
 `touch_segments` and `insert_segments`). Readings taken where docs/serving.md could be read
@@ -584,7 +584,7 @@ class ReferenceEngine:
                 r.status, r.xfer_done, r.cpu_blocks = OFFLOADING, done, blocks
                 r.preemptions += 1
                 r.qkey = None
-                # engine.py: it holds its place at the head of the queue from now on.
+                # engine/: it holds its place at the head of the queue from now on.
                 self.running.remove(t)
                 self.waiting.insert(0, t)
                 self.preempt_counter += 1
@@ -664,7 +664,7 @@ class ReferenceEngine:
         """An arrival joins the queue behind the preempted and offloaded requests, among the
         arrivals in the order of (queue key, row): FIFO by stream index, a woken call at the
         stream pointer of its wake-up (reading: ties - woken calls and the stream request at
-        that index - by table row, engine.py's tie rule for every order)."""
+        that index - by table row, engine/'s tie rule for every order)."""
         keys = [
             (-1, -1) if self.rows[q].qkey is None else (self.rows[q].qkey, q) for q in self.waiting
         ]
@@ -800,7 +800,7 @@ class ReferenceEngine:
             )
             seqs = sum(1 for row in self.running)  # RUNNING (all kept) and LOADING
             # Unfinished prefills: every running request whose prefill this iteration does not
-            # complete. (TRT's stalled requests are included; engine.py counts the scheduled
+            # complete. (TRT's stalled requests are included; engine/ counts the scheduled
             # ones only, which decides the same: a stalled prefill needs no more blocks than a
             # new partial prefill, which takes all the tokens left, so neither is admitted.)
             partials = sum(
@@ -835,7 +835,7 @@ class ReferenceEngine:
                 hit_row = hit_row_of.get(row, -1)
                 hit = min(self.seg_tokens(hit_row), r.target - 1) if hit_row >= 0 else 0
                 # reading: a hit row that skips no token (target 1: only when prefix_len >
-                # prompt) is no hit - nothing attached, nothing subtracted (engine.py too).
+                # prompt) is no hit - nothing attached, nothing subtracted (engine/ too).
                 hit_row = hit_row if hit > 0 else -1
                 need = 0 if swapped else r.target - hit
                 tok = min(left, need)
@@ -885,7 +885,7 @@ class ReferenceEngine:
                     tokens[row] = tok
                     lookups += r.target
                     self.events["partial_admits"] += partial
-            # Loads start when the CPU->GPU link is free and queue on it (engine.py: each one
+            # Loads start when the CPU->GPU link is free and queue on it (engine/: each one
             # finishes at the start + the bytes of the loads up to it / PCIe).
             loads = [r for r in admitted if r.status == LOADING]
             if loads:
@@ -1082,7 +1082,7 @@ class ReferenceEngine:
 
     def touch_segments(self, plan: dict) -> None:
         """LRU: the rows requests on the GPU are attached to (this iteration's hits included)
-        get last access = the iteration's start time. engine.py: the attached row itself, not
+        get last access = the iteration's start time. engine/: the attached row itself, not
         its ancestors (they cannot be evicted before it)."""
         for r in self.live():
             if r.status in ON_GPU and r.attached >= 0:
@@ -1129,7 +1129,7 @@ class ReferenceEngine:
             for g, s in enumerate(self.segments)
             if s.valid and not s.on_gpu and s.key not in inserts
         ]
-        # engine.py: the evictable leaves as the insert phase starts (after this iteration's
+        # engine/: the evictable leaves as the insert phase starts (after this iteration's
         # admissions, evictions and progress), pins compared with the new clock.
         leaves = self.eviction_order(self.evictable(clock))
         free_rows = [("fresh_rows", g) for g in never] + [("stale_rows", g) for g in stale]
