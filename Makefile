@@ -21,7 +21,7 @@ XDIST := -n auto --dist worksteal
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(XDIST)
 
-# The quick loop while developing (tests/test_smoke.py): every module imports; every env makes,
+# The quick loop while developing (tests/harness/test_smoke.py): every module imports; every env makes,
 # steps, rolls out and trains one PPO update on tiny configs.
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest tests -m quick $(XDIST)
@@ -33,9 +33,12 @@ test-fast: $(STAMP)
 # Files kept in `ruff format` style (the rest of the tree predates it; add files as they are
 # formatted - never reformat kvjax/serve/ from here).
 FORMATTED := kvjax/validation.py kvjax/cache/gymnax_env.py kvjax/cache/gymnax_hook.py tests/conftest.py \
-	tests/test_validation.py tests/test_readme.py tests/test_gymnax_env.py \
-	scripts/adversarial_probe.py kvjax/serve tests/test_serve_*.py scripts/derive_serve_data.py \
-	kvjax/base.py kvjax/cache/layout.py tests/test_layout.py tests/test_bench.py
+	tests/harness/test_validation.py tests/harness/test_readme.py tests/cache/test_gymnax_env.py \
+	scripts/adversarial_probe.py kvjax/serve tests/serve scripts/derive_serve_data.py \
+	kvjax/base.py kvjax/cache/layout.py tests/cache/test_layout.py tests/harness/test_bench.py \
+	kvjax/registry.py kvjax/stats.py kvjax/xla.py tests/trees.py tests/harness/conftest.py \
+	tests/harness/test_registry.py tests/harness/test_stats.py tests/harness/test_smoke.py \
+	tests/harness/test_xla.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvjax train tests kv_cache_eviction

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import trees_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trees import trees_equal
 
 import kvjax
 from kvjax.cache import scenarios

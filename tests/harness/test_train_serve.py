@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import trees_equal
+from trees import trees_equal
 
 import kvjax
 from kvjax.serve import actions

@@ -13,9 +13,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-PUBLIC = ("kvjax", "kvjax.cache.viz", "kvjax.cache.policies", "kvjax.rollout", "train", "train.ppo",
-          "train.evaluate", "kvjax.serve", "kvjax.serve.policies", "kvjax.serve.sweep")
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+PUBLIC = ("kvjax", "kvjax.cache", "kvjax.cache.viz", "kvjax.cache.policies", "kvjax.rollout",
+          "train", "train.ppo", "train.evaluate", "kvjax.serve", "kvjax.serve.policies",
+          "kvjax.serve.sweep")
 NAMES = [p.stem for p in NOTEBOOKS]
 KERNEL = "kvjax-test-python"
 

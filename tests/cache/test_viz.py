@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_equal
 from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.image import AxesImage
+from trees import assert_trees_equal
 
 import kvjax
 from kvjax.cache import viz

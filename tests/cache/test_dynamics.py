@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import trees_equal
+from trees import trees_equal
 
 import kvjax
 from kvjax.cache import scenarios

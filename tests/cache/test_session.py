@@ -10,7 +10,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import trees_equal
+from trees import trees_equal
 
 import kvjax
 from kvjax.cache import reference

@@ -9,7 +9,7 @@ import numpy as np
 
 import kvjax
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 SMALL = 64
 
 

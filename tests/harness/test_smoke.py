@@ -17,12 +17,6 @@ from kvjax.rollout import rollout
 
 pytestmark = pytest.mark.quick
 
-# Tiny settings of each registered env (make keywords).
-TINY = {
-    "kv-cache-v0": dict(difficulty="hard", max_seqs=8, max_pending=4, episode_len=3),
-    "kv-serve-v0": dict(preset="toy", load=0.8, horizon=0.5, config=dict(max_requests=16)),
-}
-
 
 def _modules(package) -> list[str]:
     return [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
@@ -35,13 +29,12 @@ def test_every_module_imports(name):
     importlib.import_module(name)
 
 
-def test_every_registered_env_has_a_tiny_setting():
-    assert set(TINY) == set(registry.env_ids())
+def test_every_registered_env_has_a_tiny_setting(tiny_settings):
+    assert set(tiny_settings) == set(registry.env_ids())
 
 
-@pytest.mark.parametrize("env_id", list(TINY))
-def test_env_resets_steps_and_rolls_out(env_id):
-    env, params = kvjax.make(env_id, **TINY[env_id])
+def test_env_resets_steps_and_rolls_out(tiny_env):
+    env_id, env, params = tiny_env
     key = jax.random.PRNGKey(0)
     obs, state = jax.jit(env.reset)(key, params)
     policy = kvjax.make_policy(registry.policy_names(env_id)[0], env)  # keep, engine_default
@@ -58,11 +51,10 @@ def test_env_resets_steps_and_rolls_out(env_id):
     assert all(np.shape(v)[0] == 2 for v in res.values())
 
 
-@pytest.mark.parametrize("env_id", list(TINY))
-def test_one_tiny_ppo_update(env_id):
+def test_one_tiny_ppo_update(tiny_env):
     from train.ppo import PPOConfig, make_trainer
 
-    env, _ = kvjax.make(env_id, **TINY[env_id])
+    env_id, env, _ = tiny_env
     cfg = PPOConfig(env=env_id, num_envs=4, num_minibatches=2, num_steps=2, total_steps=8)
     trainer = make_trainer(dataclasses.replace(cfg, total_steps=trainer_steps(env, cfg)), env)
     runner, metrics = jax.jit(trainer.run, static_argnums=1)(trainer.init(jax.random.PRNGKey(0)), 1)

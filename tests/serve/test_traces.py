@@ -15,7 +15,7 @@ import pytest
 from kvjax import cli
 from kvjax.serve import traces
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "traces"
 
 

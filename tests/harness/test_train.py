@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import distrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import trees_equal
+from trees import trees_equal
 
 import kvjax
 from kvjax.cache.dynamics import apply_actions
@@ -29,6 +30,8 @@ from train.ppo import (
     save_checkpoint,
     save_policy,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # One update per `train` call; a constant learning rate (an annealed one would reach 0 within
 # the single scheduled update) and no entropy bonus, so a few updates show learning.
@@ -286,7 +289,7 @@ def test_data_parallel_matches_one_device(update, runner0):
     res = subprocess.run(
         [sys.executable, "-c", SHARDING_SCRIPT, json.dumps(CFG.to_dict())], env=env,
         capture_output=True, text=True, timeout=600,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     single, m = update(runner0)
@@ -332,7 +335,7 @@ def test_parts_dense_is_dense_split_by_input_part():
 def test_committed_checkpoint_loads_and_plays_valid_actions():
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    path = os.path.join(ROOT,
                         "train", "checkpoints", "ppo_medium_hard.msgpack")
     cfg, params = load_policy(path)
     env, eparams, states = _diverse_states(64)
