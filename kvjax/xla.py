@@ -17,7 +17,7 @@ different shapes of program, where the measurements disagree about what stops it
   [64, 64] ran 18x faster, and a toy vLLM iteration 1.26x (1.04x -> 1.31x in the same-process
   A/B of docs/serving-benchmarks.md).
 
-Both are the identity, bit for bit (tests/test_xla.py); `PLAIN` maps each to it.
+Both are the identity, bit for bit (tests/harness/test_xla.py); `PLAIN` maps each to it.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@
 
 The PureJaxRL wrapper stack runs with only the name changed:
 `LegacyStepAPIWrapper(LogWrapper(FlattenObservationWrapper(gymnax.make("kv-cache-flat-v0")[0])))`
-(tests/test_gymnax_env.py runs a PureJaxRL-style PPO loop on it).
+(tests/cache/test_gymnax_env.py runs a PureJaxRL-style PPO loop on it).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `kvjax.cache.dynamics` states the rules of docs/dynamics.md; the few operations whose fastest form
 depends on the layout or on an XLA CPU quirk live here, each named for what it computes and each
-with a plain-`jnp` form (`PLAIN`) that `tests/test_layout.py` proves equal on both layouts:
+with a plain-`jnp` form (`PLAIN`) that `tests/cache/test_layout.py` proves equal on both layouts:
 
 * one scenario (what `jax.vmap` hands the step): slots [S], queue [P], scalars [];
 * batch-trailing (the rollout engine's `episodes_trailing`): slots [S, *batch], queue
@@ -165,7 +165,7 @@ def _plain_pick(table, index, n):
     return jnp.where(ok, got, jnp.zeros((), table.dtype))
 
 
-# The plain-jnp meaning of each idiom (what tests/test_layout.py checks them against).
+# The plain-jnp meaning of each idiom (what tests/cache/test_layout.py checks them against).
 PLAIN = {
     "prefix_sum": lambda x: jnp.cumsum(x.astype(jnp.float32), axis=0),
     "once": lambda x: x,

@@ -2,7 +2,7 @@
 the literature's rules, each a pure function `policy(key, state, params, cfg) -> action`
 (policies.make_policy binds `cfg`). No Python loop runs over rows; the only loop is over the
 `max_commands` command slots. Every command they emit is allowed by `actions.command_mask` of
-the state they see (tests/test_serve_policies.py).
+the state they see (tests/serve/test_policies.py).
 
 - `priority_by_role`: Dynamo-style retention priorities from a fixed role table (ROLE_TABLE).
 - `ttl_pin`: Continuum-style - pin a session's cached history while its next call waits in a

@@ -355,7 +355,7 @@ def document(
         "every fresh admission - including re-admissions after a recompute preemption, which hit "
         "their prefix again. The reference (no preemption) can therefore show a lower hit rate "
         "than a policy that preempts; it bounds the hits of requests' lookups at unchanged "
-        "admission times (tests/test_serve_leaderboard.py).",
+        "admission times (tests/serve/test_leaderboard.py).",
         "",
     ]
     if notes:

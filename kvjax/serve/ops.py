@@ -9,7 +9,7 @@ in that order is one matrix-vector product with it. That costs O(n^2) per order,
 cheap for the toy preset's 64 rows but dominates at 512 (h100-llama3-8b ran 0.1x the pure-Python
 reference with it), so above SORT_ABOVE rows an `Order` is a sorted permutation instead
 (`lax.sort` over the keys, then cumulative sums in sorted order: O(n log n)). `order` picks the
-form; tests/test_serve_ops.py proves the forms equal.
+form; tests/serve/test_ops.py proves the forms equal.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One scenario, written from the specification the way vLLM's scheduler is written
 lists of requests, a running list in admission order, a waiting deque, loops that pop
 preemption victims from the tail of the running order and stop admitting at the first waiting
 request that fails - and independent of serve/engine/'s prefix-sum / order-matrix
-formulation. It is the test oracle (tests/test_serve_reference.py) and the speed baseline.
+formulation. It is the test oracle (tests/serve/test_reference.py) and the speed baseline.
 
     ref = ReferenceEngine.from_state(state, params, cfg)   # e.g. right after env.reset
     ref = ReferenceEngine(params, cfg, Stream(seed, params, cfg))  # or an idle engine at time 0
