@@ -19,7 +19,7 @@ demo: $(STAMP)
 XDIST := -n auto --dist worksteal
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests $(XDIST)
+	$(BIN)/python -m pytest tests $(XDIST) --durations=30
 
 # The quick loop while developing (tests/harness/test_smoke.py): every module imports; every env makes,
 # steps, rolls out and trains one PPO update on tiny configs.
