@@ -29,6 +29,18 @@ def engine_is(params: ServeParams, cfg: ServeConfig, engine: int):
     return cfg.engine == ENGINES[engine]
 
 
+def may_apply(is_engine) -> bool:
+    """Whether an engine's rules have to be traced: its `engine_is` flag is traced (a config
+    with engine=None) or statically True. False only for a static config of another engine,
+    whose rules are then left out of the program."""
+    return is_engine is not False
+
+
+def surely(is_engine) -> bool:
+    """Whether an engine's rules certainly apply: a static config of that engine."""
+    return is_engine is True
+
+
 def running_order_keys(req: RequestTable, params: ServeParams, cfg: ServeConfig):
     """Keys of the running order (first = scheduled first, last = first victim): retention
     priority (higher first), then the engine's rule - vLLM and TRT: order of admission (the
@@ -38,7 +50,7 @@ def running_order_keys(req: RequestTable, params: ServeParams, cfg: ServeConfig)
     # Priority and (SGLang) decoded tokens packed in one key: each key costs an [S, S] compare.
     fewest = 0xFFFF - jnp.minimum(req.generated, 0xFFFF)
     retention = ((cfg.priority_levels - 1) - req.priority) * 0x10000
-    if sgl is False:  # a static vLLM or TRT engine: no SGLang keys to compare
+    if not may_apply(sgl):  # a static vLLM or TRT engine: no SGLang keys to compare
         return (retention, req.run_key)
     return (retention + jnp.where(sgl, fewest, 0), jnp.where(sgl, req.prompt, 0), req.run_key)
 

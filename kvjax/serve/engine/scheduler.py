@@ -23,11 +23,13 @@ from kvjax.serve.engine.blocks import (
 )
 from kvjax.serve.engine.rules import (
     engine_is,
+    may_apply,
     preemption_room,
     running_order_keys,
     sglang_admission_ok,
     sglang_future,
     sglang_retract_headroom,
+    surely,
     trt_admission_ok,
     trt_reservation,
 )
@@ -143,9 +145,9 @@ def schedule(
     demand_incl = demand_before + demand
     held_before, n_prior = sums(held, 1)  # (n_prior: waiting requests ahead in the queue)
     room = available
-    if is_trt is not True:  # preempting every later request frees its blocks
+    if not surely(is_trt):  # preempting every later request frees its blocks
         room = preemption_room(available, running, held, held_before, can_preempt)
-    if is_sgl is not False:
+    if may_apply(is_sgl):
         # SGLang retracts until every kept request has retract_tokens free for its next decodes;
         # and keeps new_token_ratio x (the remaining output, capped) free for every request.
         future = sglang_future(req, params)
@@ -182,14 +184,14 @@ def schedule(
     reserve = jnp.asarray(cfg.reserve_levels, jnp.float32)[state.reserve_level]
     agent_reserve = jnp.ceil(reserve * pool.astype(jnp.float32)).astype(jnp.int32)
     guard = True
-    if is_trt is not False:
+    if may_apply(is_trt):
         # TRT (GUARANTEED_NO_EVICT): every request holds a reservation for prompt + max_tokens.
         full = trt_reservation(req, hit, hit_tokens)
         pinned_or_used = jnp.sum(jnp.where(~evict_ok, seg_blocks, 0))
         _, full_before = sums(0, full)
         trt_ok = trt_admission_ok(req, attached, full, full_before, pool, pinned_or_used)
         guard = jnp.where(is_trt, trt_ok, guard)
-    if is_sgl is not False:
+    if may_apply(is_sgl):
         sgl_ok = sglang_admission_ok(
             state.new_token_ratio, req, future, w_reserve_before, cum_blocks, adm_available
         )
