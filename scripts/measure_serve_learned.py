@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 import kvjax
+from kvjax import stats
 from kvjax.serve import leaderboard, sweep
 from kvjax.serve.policies import make_policy as make_serve_policy
 from kvjax.serve.sweep import format_capacity as fmt_cap
@@ -49,7 +50,7 @@ def pooled_diff(a: dict, b: dict) -> tuple[float, float]:
     n = len(ga)
     resid = (ga - ra * da) / max(da.mean(), 1e-12) - (gb - rb * db) / max(db.mean(), 1e-12)
     se = math.sqrt((resid**2).sum() / (n * (n - 1))) if n > 1 else 0.0
-    return float(ra - rb), float(sweep.Z95 * se)
+    return float(ra - rb), float(stats.Z95 * se)
 
 
 def pm(mc, fmt: str = "{:+.3f} ± {:.3f}") -> str:
@@ -173,15 +174,15 @@ def markdown(a, runners: dict, caps: dict, config, wall: float) -> str:
         hr = leaderboard.headroom(d[n], d[REFERENCE]) if n not in (DEFAULT, REFERENCE) else None
         hr_s = {DEFAULT: "0", REFERENCE: "1"}.get(n, pm(hr, "{:.2f} ± {:.2f}"))
         L.append(
-            f"| {n} | {pm(sweep.mean_ci(g[n]), '{:.3f} ± {:.3f}')} | "
-            f"{'-' if n == DEFAULT else pm(sweep.mean_ci(d[n]))} | {hr_s} | "
+            f"| {n} | {pm(stats.mean_ci(g[n]), '{:.3f} ± {:.3f}')} | "
+            f"{'-' if n == DEFAULT else pm(stats.mean_ci(d[n]))} | {hr_s} | "
             f"{pm(sweep.ratio_ci(r[n]['good'], r[n]['decided']), '{:.3f} ± {:.3f}')} | "
             f"{np.mean(r[n]['p99_ttft']):.2f} | {np.mean(r[n]['preemptions_per_s']):.2f} | "
             f"{np.mean(r[n]['hit_rate']):.3f} |"
         )
     hp = leaderboard.headroom(d[LEARNED], d[REFERENCE])
     hh = leaderboard.headroom(d[heur], d[REFERENCE])
-    diff = sweep.mean_ci(g[LEARNED] - g[heur])
+    diff = stats.mean_ci(g[LEARNED] - g[heur])
     win = float(np.mean(g[LEARNED] > g[heur]))
     L.append("")
     L.append(
@@ -191,7 +192,7 @@ def markdown(a, runners: dict, caps: dict, config, wall: float) -> str:
     L.append(
         f"- Share of the default -> unlimited-KV goodput gap closed at load {x:g}: ppo "
         f"{pm(hp, '{:.2f} ± {:.2f}')}, {heur} {pm(hh, '{:.2f} ± {:.2f}')} "
-        f"(reference − default {pm(sweep.mean_ci(d[REFERENCE]))} req/s)."
+        f"(reference − default {pm(stats.mean_ci(d[REFERENCE]))} req/s)."
     )
     return "\n".join(L) + "\n"
 

@@ -34,7 +34,7 @@ from kvjax.serve import env as serve_env
 from kvjax.serve.policies import SERVE_POLICY_NAMES, label, make_policy
 from kvjax.serve.presets import PRESETS
 from kvjax.serve.rollout import episode_until_truncated
-from kvjax.serve.sweep import Z95, mean_ci
+from kvjax.stats import Z95, mean_ci
 
 WORKLOADS = ("synthetic", "azure-conv", "azure-code", "mooncake-conv", "agentic")
 LOADS = (0.6, 0.9, 1.1)

@@ -56,8 +56,8 @@ from kvjax.serve.capacity import arrival_rate_at
 from kvjax.serve.env import ServeEnv
 from kvjax.serve.rollout import play_until_truncated
 from kvjax.serve.types import EMPTY, ServeConfig, ServeParams, ServeState
+from kvjax.stats import Z95, mean_ci
 
-Z95 = 1.96
 # Requests behind the stream pointer are counted in chunks (while the chunk's last arrival is
 # still before the deadline), at most BEHIND_CHUNK x BEHIND_CHUNKS of them.
 BEHIND_CHUNK = 256
@@ -251,13 +251,6 @@ class LoadRunner:
     @property
     def evaluated(self) -> tuple[float, ...]:
         return tuple(sorted(self._cache))
-
-
-def mean_ci(x: np.ndarray) -> tuple[float, float]:
-    """Mean and the half-width of its normal 95% interval over scenarios."""
-    x = np.asarray(x, np.float64)
-    half = Z95 * x.std(ddof=1) / math.sqrt(x.size) if x.size > 1 else 0.0
-    return float(x.mean()), float(half)
 
 
 def ratio_ci(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
