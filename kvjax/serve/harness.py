@@ -17,6 +17,51 @@ from kvjax.serve.workload import ALIASES
 from kvjax.validation import fail, real_arg
 
 WORKLOAD_NAMES = sorted(WORKLOADS + tuple(ALIASES))
+_POSITIVE = real_arg(0.0, None, lo_open=True)
+# kv-serve-v0's CLI options: name -> (argparse keywords, what it sets); every default is None, the
+# command fills it in (the defaults named in COMMAND_OPTIONS).
+OPTIONS = {
+    "preset": (dict(choices=list(PRESETS)), "deployment: model, GPU, pool"),
+    "presets": (dict(nargs="+", choices=list(PRESETS)), "presets to time"),
+    "engine": (dict(choices=list(ENGINES)), "the engine's scheduling rules"),
+    "load": (dict(type=_POSITIVE), "offered load, a fraction of the preset's roofline capacity"),
+    "loads": (dict(type=_POSITIVE, nargs="+"), "offered loads of the settings"),
+    "workload": (
+        {},
+        f"{', '.join(WORKLOAD_NAMES)}, a bundled trace ({', '.join(TRACE_NAMES)}) or a trace file",
+    ),
+    "workloads": (dict(nargs="+"), "workloads of the settings"),
+    "horizon": (dict(type=_POSITIVE), "simulated seconds per episode"),
+    "policies": (dict(nargs="+"), "policies to rank"),
+    "set": (
+        dict(nargs="+", metavar="NAME=NUMBER"),
+        "ServeParams overrides, e.g. gpu_pool_tokens=40000",
+    ),
+    "extra": (
+        dict(action=argparse.BooleanOptionalAction),
+        "also the settings where the pool binds",
+    ),
+}
+# command -> its options and the default each stands for.
+COMMAND_OPTIONS = {
+    "eval": {
+        "preset": "toy",
+        "engine": "vllm",
+        "load": 0.8,
+        "workload": "synthetic",
+        "horizon": "the preset's",
+    },
+    "bench": {"presets": "toy h100-llama3-8b", "engine": "vllm", "load": 0.8},
+    "leaderboard": {
+        "preset": "h100-llama3-8b",
+        "horizon": 60,
+        "workloads": "every workload",
+        "loads": "the standard set",
+        "policies": "every policy but random",
+        "set": "none",
+        "extra": "on",
+    },
+}
 # `kvjax eval`'s scenario when an option is not given.
 EVAL_DEFAULTS = {"preset": "toy", "engine": "vllm", "workload": "synthetic", "load": 0.8}
 
@@ -47,108 +92,10 @@ class KVServeHarness(Harness):
     # -- the CLI -------------------------------------------------------------------------------
     def add_options(self, parser: argparse.ArgumentParser, command: str) -> list[str]:
         g = parser.add_argument_group(f"{self.env_id} (--env {self.env_id})")
-        positive = real_arg(0.0, None, lo_open=True)
-        if command == "eval":
-            g.add_argument(
-                "--preset",
-                choices=list(PRESETS),
-                default=None,
-                help="deployment: model, GPU, pool (default: toy)",
-            )
-            g.add_argument(
-                "--engine",
-                choices=list(ENGINES),
-                default=None,
-                help="the engine's scheduling rules (default: vllm)",
-            )
-            g.add_argument(
-                "--load",
-                type=positive,
-                default=None,
-                help="offered load, a fraction of the preset's roofline capacity (default: 0.8)",
-            )
-            g.add_argument(
-                "--workload",
-                default=None,
-                help=f"{', '.join(WORKLOAD_NAMES)}, a bundled trace "
-                f"({', '.join(TRACE_NAMES)}) or a trace file (default: "
-                "synthetic)",
-            )
-            g.add_argument(
-                "--horizon",
-                type=positive,
-                default=None,
-                help="simulated seconds per episode (default: the preset's)",
-            )
-            return ["preset", "engine", "load", "workload", "horizon"]
-        if command == "bench":
-            g.add_argument(
-                "--presets",
-                nargs="+",
-                choices=list(PRESETS),
-                default=None,
-                help="presets to time (default: toy h100-llama3-8b)",
-            )
-            g.add_argument(
-                "--engine",
-                choices=list(ENGINES),
-                default=None,
-                help="the engine's scheduling rules (default: vllm)",
-            )
-            g.add_argument(
-                "--load",
-                type=positive,
-                default=None,
-                help="offered load, a fraction of roofline capacity (default: 0.8)",
-            )
-            return ["presets", "engine", "load"]
-        if command == "leaderboard":
-            g.add_argument(
-                "--preset",
-                choices=list(PRESETS),
-                default=None,
-                help="deployment (default: h100-llama3-8b)",
-            )
-            g.add_argument(
-                "--horizon",
-                type=positive,
-                default=None,
-                help="simulated seconds per window (default: 60)",
-            )
-            g.add_argument(
-                "--workloads",
-                nargs="+",
-                default=None,
-                help="workloads of the settings (default: every workload)",
-            )
-            g.add_argument(
-                "--loads",
-                type=positive,
-                nargs="+",
-                default=None,
-                help="offered loads of the settings",
-            )
-            g.add_argument(
-                "--policies",
-                nargs="+",
-                default=None,
-                help="policies to rank (default: every policy but random)",
-            )
-            g.add_argument(
-                "--set",
-                nargs="+",
-                default=None,
-                metavar="NAME=NUMBER",
-                help="ServeParams overrides, e.g. gpu_pool_tokens=40000",
-            )
-            g.add_argument(
-                "--extra",
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help="also the settings where the pool binds (default: on)",
-            )
-            return ["preset", "horizon", "workloads", "loads", "policies", "set", "extra"]
-        return []
+        for name, default in COMMAND_OPTIONS.get(command, {}).items():
+            kwargs, what = OPTIONS[name]
+            g.add_argument(f"--{name}", default=None, help=f"{what} (default: {default})", **kwargs)
+        return list(COMMAND_OPTIONS.get(command, {}))
 
     def scenario(self, args: argparse.Namespace) -> dict[str, Any]:
         out = {k: getattr(args, k, None) or v for k, v in EVAL_DEFAULTS.items()}
