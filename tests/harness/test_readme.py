@@ -46,7 +46,7 @@ def test_every_python_block_runs_and_the_rollout_one_liner_too():
 
 def test_every_dotted_kvjax_name_in_the_readme_resolves():
     names = set(re.findall(r"\bkvjax(?:\.[A-Za-z_]\w*)+", README))
-    assert "kvjax.rollout.rollout" in names and "kvjax.cache.policies.make_policy" in names
+    assert "kvjax.rollout.rollout" in names and "kvjax.make_policy" in names
     for dotted in sorted(names):
         obj = kvjax
         for part in dotted.split(".")[1:]:
