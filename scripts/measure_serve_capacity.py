@@ -34,6 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import kvjax  # noqa: E402
 from kvjax.serve import sweep  # noqa: E402
+from kvjax.serve.env import parse_overrides  # noqa: E402
 from kvjax.serve.policies import SERVE_POLICY_NAMES, make_policy  # noqa: E402
 from kvjax.serve.sweep import format_capacity as fmt_cap  # noqa: E402
 
@@ -41,21 +42,8 @@ BASELINES = tuple(n for n in SERVE_POLICY_NAMES if n != "random")
 GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
-def parse_set(items: list[str]) -> dict[str, float]:
-    out = {}
-    for kv in items:
-        name, sep, value = kv.partition("=")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise SystemExit(f"--set takes NAME=NUMBER, got {kv!r}")
-    return out
-
-
 def run(args) -> dict:
-    over = parse_set(args.set)
+    over = parse_overrides(args.set)
     results = {}
     pairs = [(w, p) for w in args.workloads for p in args.policies]
     bar = tqdm(pairs, desc="capacity")
@@ -91,7 +79,7 @@ def markdown(args, results: dict, wall: float, load_avg: tuple) -> str:
     cmd = "python scripts/measure_serve_capacity.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:]
     )
-    overrides = f", overrides {parse_set(args.set)}" if args.set else ""
+    overrides = f", overrides {parse_overrides(args.set)}" if args.set else ""
     fewer = (
         f"; agentic: {args.agentic_scenarios} scenarios"
         if args.agentic_scenarios and "agentic" in args.workloads

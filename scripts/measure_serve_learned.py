@@ -10,7 +10,7 @@ On the checkpoint's own setting (preset, workload, `--set` overrides, horizon): 
 engine_default, the heuristic, the PPO policy (greedy) and the unlimited-KV reference (the
 engine default on the same windows with a 2^26-token pool, kvjax.serve.leaderboard.
 reference_setting) - runs on the same held-out scenarios at every load (kvjax.serve.sweep.
-LoadRunner, common random numbers; seed = train.evaluate's EVAL_SEED, never a training seed).
+LoadRunner, common random numbers; seed = train.heldout's EVAL_SEED, never a training seed).
 Reports capacity at `target` SLO attainment (sweep.capacity), the paired attainment differences
 at the grid loads, and at `--load` the paired goodput differences against the default with the
 normalised headroom (leaderboard.headroom: (policy - default) / (reference - default), delta
@@ -34,7 +34,7 @@ from kvjax import stats
 from kvjax.serve import leaderboard, sweep
 from kvjax.serve.policies import make_policy as make_serve_policy
 from kvjax.serve.sweep import format_capacity as fmt_cap
-from train.evaluate import EVAL_SEED
+from train.heldout import EVAL_SEED
 from train.ppo import load_policy
 from train.ppo import make_policy as make_ppo_policy
 

@@ -28,29 +28,9 @@ import os
 import sys
 from typing import Any
 
-import jax
-import numpy as np
-
 from kvjax import registry
 from kvjax.validation import ArgumentParser, check_writable_file, fail, positive_int, seed_arg
-
-EVAL_SEED = 1_000_003  # never a training seed
-
-
-def run_policies(policies: dict[str, Any], env, params, num_scenarios: int,
-                 eval_seed: int = EVAL_SEED, progress: bool = True,
-                 label: str = "") -> dict[str, dict[str, np.ndarray]]:
-    """-> results[policy] = the rollout engine's per-scenario results (numpy [num_scenarios]);
-    every policy plays the same held-out scenarios (scenario i: fold_in(PRNGKey(eval_seed), i))."""
-    from kvjax.rollout import rollout
-
-    key = jax.random.PRNGKey(eval_seed)
-    out = {}
-    for name, pol in policies.items():
-        if progress:
-            print(f"[evaluate] {label}{name}", file=sys.stderr, flush=True)
-        out[name] = rollout(pol, key, num_scenarios, params, env, progress=progress)
-    return out
+from train.heldout import EVAL_SEED
 
 
 def build_parser() -> ArgumentParser:

@@ -58,7 +58,7 @@ from kvjax.validation import (
     seed_arg,
 )
 from train import checkpoint
-from train.agents import agent_class, make_agent
+from train.agents import agent_class, learned_policy, make_agent
 from train.agents.cache import TRAIN_DIFFICULTIES
 
 # The allowed values of PPOConfig's real-valued hyperparameters (all finite).
@@ -462,12 +462,7 @@ def make_policy(net_params, config: PPOConfig, greedy: bool = True, env=None):
     env does; greedy = the most likely action of each head / row). `env` defaults to
     `make_env(config)`."""
     env = env or make_env(config)
-    agent = make_agent(env, config.hidden, config.attention)
-
-    def policy(key, state, params):
-        return agent.sample(net_params, agent.observe(state, params), key, greedy)[0]
-
-    return policy
+    return learned_policy(make_agent(env, config.hidden, config.attention), net_params, greedy)
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -494,21 +489,6 @@ def _plot(rows: list[dict[str, Any]], path: str,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def parse_set(items: list[str]) -> dict[str, float]:
-    """`["horizon=60", ...]` -> {"horizon": 60.0} (ValueError naming the bad item); the names
-    are checked by kvjax.make."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            out[name] = float(value) if sep and name else float("nan")
-        except ValueError:
-            out[name] = float("nan")
-        if not np.isfinite(out[name]):
-            raise ValueError(f"--set {item!r}: want NAME=NUMBER (a finite number)")
-    return out
 
 
 def force_cpu_devices(n: int) -> None:

@@ -281,6 +281,26 @@ def workload_source(name: str) -> tuple[int, replay.ReplayTrace | None]:
     )
 
 
+def parse_overrides(items) -> dict[str, float]:
+    """`["horizon=60", "gpu_pool_tokens=40000"]` (the CLIs' --set) -> {"horizon": 60.0, ...}:
+    ServeParams overrides for `make`. ValueError naming the item unless it is NAME=NUMBER with
+    a ServeParams field and a finite number."""
+    fields = sorted(f.name for f in dataclasses.fields(ServeParams))
+    out = {}
+    for item in items:
+        name, sep, value = str(item).partition("=")
+        try:
+            number = float(value) if sep and name else math.nan
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise ValueError(f"--set {item!r}: want NAME=NUMBER (a finite number)")
+        if name not in fields:
+            raise ValueError(f"--set {item!r}: unknown ServeParams field; allowed: {fields}")
+        out[name] = number
+    return out
+
+
 def make(
     preset: str = "toy",
     engine: str = "vllm",

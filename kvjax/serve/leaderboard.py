@@ -398,18 +398,7 @@ __all__ = [
 def setting_from_args(preset, workloads, loads, overrides) -> Setting:
     """A Setting from CLI values (None: the defaults); overrides are NAME=NUMBER strings
     (ValueError naming the ServeParams fields)."""
-    from kvjax.serve.types import ServeParams
-
-    fields = sorted(f.name for f in dataclasses.fields(ServeParams))
-    over = []
-    for item in overrides or ():
-        name, _, value = item.partition("=")
-        if name not in fields:
-            raise ValueError(f"--set {item!r}: unknown ServeParams field; allowed: {fields}")
-        try:
-            over.append((name, float(value)))
-        except ValueError:
-            raise ValueError(f"--set {item!r}: the value must be a number") from None
+    over = tuple(serve_env.parse_overrides(overrides or ()).items())
     return Setting(
         preset=preset or PRESET,
         workloads=tuple(workloads or WORKLOADS),

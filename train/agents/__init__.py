@@ -48,6 +48,17 @@ def make_agent(env: Any, hidden: int = 16, attention: bool = False):
     return agent_class(env_id)(env, hidden, attention)
 
 
+def learned_policy(agent, net_params, greedy: bool = True):
+    """A kvjax policy `policy(key, state, params) -> action` from trained weights: it observes
+    the state as the env does and samples the agent's action (greedy: the most likely action of
+    each head / row)."""
+
+    def policy(key, state, params):
+        return agent.sample(net_params, agent.observe(state, params), key, greedy)[0]
+
+    return policy
+
+
 def __getattr__(name: str):  # the agent classes by name, imported on first use
     if name in ("KVCacheAgent", "ServeAgent"):
         module = "cache" if name == "KVCacheAgent" else "serve"
@@ -55,4 +66,4 @@ def __getattr__(name: str):  # the agent classes by name, imported on first use
     raise AttributeError(f"module 'train.agents' has no attribute {name!r}")
 
 
-__all__ = ["KVCacheAgent", "ServeAgent", "agent_class", "make_agent"]
+__all__ = ["KVCacheAgent", "ServeAgent", "agent_class", "learned_policy", "make_agent"]

@@ -14,7 +14,7 @@ import kvjax
 from kvjax.cache import rewards
 from kvjax.cache.env import KVCacheEnv
 from kvjax.stats import mean_ci
-from train.evaluate import EVAL_SEED, run_policies
+from train.heldout import EVAL_SEED, run_policies
 from train.networks import ActorCritic, dists
 
 # Training difficulty: a kvjax tier, or "medium+hard" (half the envs each).
@@ -106,10 +106,11 @@ class KVCacheAgent:
     @staticmethod
     def evaluate_checkpoint(a: argparse.Namespace, config, net_params, envs) -> tuple[str, dict]:
         """Every baseline and the learned policy on the held-out scenarios of each tier."""
-        from train.ppo import make_policy
+        from train.agents import learned_policy, make_agent
 
         env = envs[None]
-        pols = {"ppo": make_policy(net_params, config, greedy=not a.sample, env=env)}
+        agent = make_agent(env, config.hidden, config.attention)
+        pols = {"ppo": learned_policy(agent, net_params, greedy=not a.sample)}
         pols.update(baseline_policies(include_oracle=not a.no_oracle))
         res = evaluate(pols, a.difficulty or ["hard", "medium"], a.num_scenarios, a.eval_seed,
                        env)

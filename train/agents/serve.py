@@ -17,7 +17,7 @@ import kvjax
 from kvjax.serve.env import ServeEnv
 from kvjax.stats import mean_ci
 from kvjax.validation import positive_int, real_arg
-from train.evaluate import run_policies
+from train.heldout import run_policies
 from train.networks import ServeActorCritic, exponentials, request_rows, segment_rows
 
 
@@ -129,12 +129,13 @@ class ServeAgent:
 
     @staticmethod
     def config_options(a: argparse.Namespace) -> dict[str, Any]:
-        from train.ppo import PPOConfig, parse_set
+        from kvjax.serve.env import parse_overrides
+        from train.ppo import PPOConfig
 
         return {"preset": a.preset or PPOConfig.preset,
                 "workload": a.workload or PPOConfig.workload,
                 "load": a.load or PPOConfig.load,
-                "serve_params": parse_set(a.set or []),
+                "serve_params": parse_overrides(a.set or []),
                 "num_steps": a.num_steps or PPOConfig.num_steps}
 
     @staticmethod
@@ -155,11 +156,12 @@ class ServeAgent:
     def evaluate_checkpoint(a: argparse.Namespace, config, net_params, envs) -> tuple[str, dict]:
         """The learned policy and every kv-serve-v0 policy on the same held-out windows of the
         training env, at each load."""
-        from train.ppo import make_policy
+        from train.agents import learned_policy, make_agent
 
         parts, js = [], {}
         for load, env in envs.items():
-            pols = {"ppo": make_policy(net_params, config, greedy=not a.sample, env=env)}
+            agent = make_agent(env, config.hidden, config.attention)
+            pols = {"ppo": learned_policy(agent, net_params, greedy=not a.sample)}
             pols.update(serve_baselines(env, include_offline=not a.no_oracle))
             res = run_policies(pols, env, env.default_params, a.num_scenarios, a.eval_seed)
             parts.append(serve_table(
