@@ -115,6 +115,10 @@ def check_env_options(args: argparse.Namespace) -> None:
     env fills its defaults and checks its own options (Harness.check_args)."""
     if args.command not in GENERIC_COMMANDS:
         return
+    if args.command != "eval":  # demo, bench, leaderboard: the env's own documents
+        has = [i for i in registry.env_ids() if registry.harness(i).provides(args.command)]
+        if args.env not in has:
+            raise ValueError(f"{args.env} has no {args.command}; envs with one: {has}")
     dests = args._env_dests
     mine = set(dests[args.env])
     for other, names in dests.items():

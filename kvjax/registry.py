@@ -121,6 +121,10 @@ class Harness:
     def leaderboard(self, args: argparse.Namespace) -> int:
         raise ValueError(f"{self.env_id} has no leaderboard")
 
+    def provides(self, command: str) -> bool:
+        """Whether this env has its own `command` (demo, bench, leaderboard)."""
+        return getattr(type(self), command) is not getattr(Harness, command)
+
     def commands(self) -> dict[str, tuple[Any, Any]]:
         """Subcommands only this env has: name -> (add_parser(subparsers), run(args) -> int)."""
         return {}

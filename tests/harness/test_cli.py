@@ -232,3 +232,12 @@ def test_every_flag_has_a_help_line_and_policies_are_listed_once(capsys):
     text = capsys.readouterr().out
     assert text.count("random") == 2  # once per env: kv-cache-v0's and kv-serve-v0's policy
     assert "kv-serve-v0 (--env kv-serve-v0)" in text and "--difficulty" in text
+
+
+def test_a_command_the_env_lacks_is_one_line_and_exit_2(capsys):
+    from kvjax import registry
+
+    assert registry.harness("kv-cache-v0").provides("demo")
+    assert not registry.harness("kv-serve-v0").provides("demo")
+    line = _one_line_exit_2(lambda: cli.main(["demo", "--env", "kv-serve-v0"]), capsys)
+    assert "kv-serve-v0 has no demo" in line and "kv-cache-v0" in line
