@@ -78,7 +78,7 @@ class Harness:
     env_id: str = ""
     summary: str = ""  # one line for `--env` help
     policy_names: tuple[str, ...] = ()
-    default_policy: str = ""  # what `kvjax eval` runs when --policy is not given
+    default_policy: str = ""  # the env's reference baseline (the one its docs compare against)
     ppo_agent: str = ""  # "module:Class" of the env's PPO agent (train/agents/), if it has one
 
     def make(self, **kwargs: Any):
@@ -101,9 +101,21 @@ class Harness:
     def check_args(self, args: argparse.Namespace) -> None:
         """Fill `command`-specific defaults into `args` and check them (ValueError)."""
 
-    def describe(self, scenario: dict[str, Any], params: Any) -> str:
-        """One line naming the scenario `kvjax eval` ran (after the policy's name)."""
-        return ", ".join(f"{k} {v}" for k, v in scenario.items())
+    def eval_header(
+        self,
+        policy: str,
+        scenario: dict[str, Any],
+        params: Any,
+        num_scenarios: int,
+        seed: int,
+        seconds: float,
+    ) -> str:
+        """The line `kvjax eval` prints above its results."""
+        setting = ", ".join(f"{k} {v}" for k, v in scenario.items())
+        return (
+            f"{policy} on {self.env_id} ({setting}), {num_scenarios:,} scenarios "
+            f"(seed {seed}, {seconds:.1f} s)"
+        )
 
     def record(self, scenario: dict[str, Any], params: Any) -> dict[str, Any]:
         """The scenario's fields of `kvjax eval --json`'s record."""

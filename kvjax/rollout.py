@@ -144,8 +144,8 @@ def rollout(
     micro-batches per device) is one device call, which bounds memory; the last is padded.
     `mesh`: a 1-D Mesh over the batch axis (default: all devices). For a given micro-batch size,
     results are bit-identical for any chunk size and device count."""
-    check_rollout_args(policy, key, num_scenarios, params, env, chunk_size, micro_batch)
     env = env or registry.make(registry.DEFAULT_ENV_ID)[0]
+    check_rollout_args(policy, key, num_scenarios, params, env, chunk_size, micro_batch)
     mesh = mesh or default_mesh()
     n_dev = mesh.devices.size
     micro = int(micro_batch or default_micro_batch(num_scenarios, policy, env))
@@ -192,7 +192,7 @@ def check_rollout_args(policy, key, num_scenarios, params, env, chunk_size, micr
             continue
         if isinstance(v, bool) or not isinstance(v, int | np.integer) or not 1 <= v <= INT32_MAX:
             raise ValueError(f"{name} must be an int in [1, {INT32_MAX}], got {v!r}")
-    (env or registry.make(registry.DEFAULT_ENV_ID)[0]).check_params(params)
+    env.check_params(params)
     if np.shape(key) not in ((2,), ()):
         raise ValueError(f"key must be one PRNG key (shape (2,) or a typed key), got shape "
                          f"{np.shape(key)}")

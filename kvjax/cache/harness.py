@@ -70,12 +70,6 @@ class KVCacheHarness(Harness):
         return (f"{label(policy)} on {scenario['difficulty']}, {num_scenarios:,} scenarios "
                 f"(seed {seed}, {seconds:.1f} s incl. compile)")
 
-    def record(self, scenario: dict[str, Any], params: Any) -> dict[str, Any]:
-        return dict(scenario)
-
-    def format_result(self, name: str, mean: float, ci95: float) -> str:
-        return f"  {name:<26} {mean:+.4f} ± {ci95:.4f}"
-
     def demo(self, args: argparse.Namespace) -> int:
         """Every baseline on every tier: the leaderboard table, a plot, the throughput."""
         import numpy as np

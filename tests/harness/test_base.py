@@ -19,15 +19,23 @@ def test_fields_are_typed_by_their_defaults():
     assert float(s.horizon) == 30.0 and int(s.max_num_seqs) == 8
 
 
-def test_normalized_params_have_one_signature():
-    _, params = kvjax.make("kv-cache-v0", difficulty="hard")
-    a = normalize_params(params)
-    b = normalize_params(params.replace(difficulty=1))
-    sig = lambda p: [(x.dtype, x.shape) for x in jax_leaves(p)]  # noqa: E731
-    assert sig(a) == sig(b)
-
-
-def jax_leaves(tree):
+def test_normalized_params_compile_one_program_whatever_numbers_the_caller_passed():
+    """Python ints, Python floats and numpy 64-bit scalars for the same fields give one
+    signature, so a jitted function traces once."""
+    import chex
     import jax
 
-    return jax.tree_util.tree_leaves(tree)
+    _, params = kvjax.make("kv-cache-v0", difficulty="hard")
+    variants = [
+        params,
+        params.replace(difficulty=1, kv_cache_bytes=2**31, step_seconds=1),
+        params.replace(difficulty=np.int64(0), kv_cache_bytes=np.float64(1e9)),
+    ]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def total(p):
+        return p.kv_cache_bytes * p.difficulty + p.step_seconds
+
+    for p in variants:
+        total(normalize_params(p))

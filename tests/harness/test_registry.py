@@ -63,9 +63,15 @@ def test_a_registered_package_is_found_by_its_entry_point():
     try:
         assert registry.harness("toy-v0") is TOY
         assert registry.make("toy-v0", a=1) == (("env", {"a": 1}), "params")
-        # The default CLI hooks: no options, no scenario keywords.
+        # The default CLI hooks: no options, no scenario keywords, a generic eval header and
+        # record, and no documents of its own.
         p = argparse.ArgumentParser()
         assert TOY.add_options(p, "eval") == [] and TOY.scenario(argparse.Namespace()) == {}
+        assert TOY.eval_header("only", {"n": 1}, None, 8, 0, 1.25) == (
+            "only on toy-v0 (n 1), 8 scenarios (seed 0, 1.2 s)"
+        )
+        assert TOY.record({"n": 1}, None) == {"n": 1}
+        assert not any(TOY.provides(c) for c in ("demo", "bench", "leaderboard"))
     finally:
         registry._ENTRY_POINTS.pop("toy-v0")
         registry.harness.cache_clear()
