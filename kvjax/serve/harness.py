@@ -99,7 +99,6 @@ class KVServeHarness(Harness):
 
     def scenario(self, args: argparse.Namespace) -> dict[str, Any]:
         out = {k: getattr(args, k, None) or v for k, v in EVAL_DEFAULTS.items()}
-        serve_env.workload_source(out["workload"])  # a ValueError for an unknown workload
         if getattr(args, "horizon", None) is not None:
             out["horizon"] = args.horizon
         return out
